@@ -1,0 +1,166 @@
+"""Torch checkpoints that carry their own metadata, so later commands need no repeated flags.
+
+A checkpoint is a plain dict (loadable with ``weights_only=True``): the state dict plus the
+architecture, the class names, the input spec and provenance. It is written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alfk_cli import __version__
+from alfk_cli.atomic import atomic_output
+from alfk_cli.errors import AlfkError
+from alfk_cli.models import ROTATION_CLASSES, InputSpec, TapNet, build_model, get_arch
+
+FORMAT = "alfk-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    arch: str
+    classes: list[str]  # class names in logit order; the rotation head has ROTATION_CLASSES
+    head: str  # "classifier" (task model) or "rotation" (self-supervised pretraining)
+    input: InputSpec
+    state_dict: dict[str, torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)  # hyper-parameters, metrics, provenance
+    path: Path | None = None
+    sha256: str = ""
+
+    def build(self) -> TapNet:
+        model = build_model(self.arch, len(self.classes))
+        model.load_state_dict(self.state_dict)
+        return model
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: TapNet,
+    arch: str,
+    classes: list[str],
+    head: str = "classifier",
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Write ``model`` with its metadata to ``path`` atomically (temporary name, then rename)."""
+    spec = get_arch(arch)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "alfk_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "arch": arch,
+        "classes": list(classes),
+        "head": head,
+        "input": asdict(spec.input),
+        "info": dict(info or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    with atomic_output(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpoint:
+    """Read a checkpoint; ``arch`` (when given) must match the one it was made for."""
+    path = Path(path)
+    if not path.is_file():
+        raise AlfkError(f"checkpoint {path} does not exist")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise AlfkError(
+            f"cannot read checkpoint {path}: not an alfk checkpoint ({type(exc).__name__})"
+        ) from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise AlfkError(f"{path} is not an alfk checkpoint")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise AlfkError(
+            f"{path} has checkpoint format {raw.get('format_version')}; this alfk reads {FORMAT_VERSION}"
+        )
+    if arch is not None and raw["arch"] != arch:
+        raise AlfkError(f"checkpoint {path} was made for {raw['arch']}, not {arch}")
+    inp = raw["input"]
+    return Checkpoint(
+        arch=raw["arch"],
+        classes=list(raw["classes"]),
+        head=raw["head"],
+        input=InputSpec(inp["size"], inp["channels"], tuple(inp["mean"]), tuple(inp["std"])),
+        state_dict=raw["state_dict"],
+        info=dict(raw.get("info", {})),
+        path=path,
+        sha256=file_sha256(path),
+    )
+
+
+def init_from(model: TapNet, ckpt: Checkpoint) -> list[str]:
+    """Load every weight of ``ckpt`` into ``model`` except a classifier that does not fit.
+
+    The classifier is skipped when its shape differs or when it is a rotation head (a 4-class
+    task must not inherit the rotation classifier). Returns the names that were skipped.
+    """
+    own = model.state_dict()
+    skip_head = ckpt.head == "rotation"
+    skipped, load = [], {}
+    for name, tensor in ckpt.state_dict.items():
+        is_head = name.startswith("classifier.")
+        if name not in own:
+            raise AlfkError(
+                f"checkpoint {ckpt.path} does not fit this {ckpt.arch} model (unexpected {name})"
+            )
+        if is_head and (skip_head or own[name].shape != tensor.shape):
+            skipped.append(name)
+            continue
+        if own[name].shape != tensor.shape:
+            raise AlfkError(f"checkpoint {ckpt.path} does not fit: {name} is {tuple(tensor.shape)}")
+        load[name] = tensor
+    missing = [
+        k for k in own if k not in load and k not in skipped and not k.startswith("classifier.")
+    ]
+    if missing:
+        raise AlfkError(f"checkpoint {ckpt.path} lacks {missing[0]} for a {ckpt.arch} model")
+    model.load_state_dict(load, strict=False)
+    return skipped
+
+
+def task_model(ckpt: Checkpoint, classes: list[str], seed: int = 0) -> TapNet:
+    """The task model for ``classes`` from any checkpoint.
+
+    A task checkpoint with the same classes is used as is; a rotation-pretrained one (or one
+    with other classes) keeps its trunk and gets a fresh, seeded classifier for ``classes``.
+    """
+    if ckpt.head == "classifier" and ckpt.classes == list(classes):
+        return ckpt.build()
+    if ckpt.head == "classifier":
+        raise AlfkError(
+            f"checkpoint {ckpt.path} was trained on classes {','.join(ckpt.classes)}, "
+            f"but the images have {','.join(classes)}"
+        )
+    model = build_model(ckpt.arch, len(classes), seed=seed)
+    init_from(model, ckpt)
+    return model
+
+
+__all__ = [
+    "ROTATION_CLASSES",
+    "Checkpoint",
+    "file_sha256",
+    "init_from",
+    "load_checkpoint",
+    "save_checkpoint",
+    "task_model",
+]

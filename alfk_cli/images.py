@@ -1,0 +1,211 @@
+"""Find images under a folder, label them by class sub-folder, and load them for a network.
+
+Layout rules: a folder whose top level holds only sub-folders is *labelled* (the first-level
+sub-folder is the class, images may sit at any depth below it); a folder with images at its top
+level is *unlabelled* (images at any depth, label -1). Hidden files and folders are ignored.
+Files that are not images, or that PIL cannot read, are reported and skipped (``strict`` makes
+that an error).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from alfk_cli.errors import AlfkError
+from alfk_cli.models import InputSpec
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+# Decoding every image once for training is far faster than re-decoding each epoch; above this
+# many bytes of decoded pixels, stream from disk instead.
+PRELOAD_LIMIT_BYTES = 1 << 30
+
+
+@dataclass
+class ImageSet:
+    """Images found under ``root``: POSIX paths relative to it, labels, and what was skipped."""
+
+    root: Path
+    paths: list[str]
+    labels: np.ndarray  # int64, -1 where unknown
+    classes: list[str]  # class names in label order; empty for an unlabelled folder
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def absolute(self, i: int) -> Path:
+        return self.root / self.paths[i]
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every non-hidden file under ``root``, sorted, following the folder structure only."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return found
+
+
+def _check(path: Path) -> str | None:
+    """None when PIL can open and verify ``path``, else the reason it cannot."""
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return "not an image file"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        return f"unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+    return None
+
+
+def scan_images(
+    root: str | os.PathLike,
+    classes: Sequence[str] | None = None,
+    strict: bool = False,
+    verify: bool = True,
+    threads: int = 8,
+) -> ImageSet:
+    """Find the images under ``root``.
+
+    ``classes`` fixes the class order (e.g. the validation set's); a labelled folder with a class
+    outside it is an error. ``verify`` opens every file with PIL to catch corrupt ones early.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise AlfkError(f"folder {root} does not exist")
+    if not root.is_dir():
+        raise AlfkError(f"{root} is not a folder")
+    top = [p for p in root.iterdir() if not p.name.startswith(".")]
+    labelled = bool(top) and all(p.is_dir() for p in top)
+    files = _walk(root)
+    if verify:
+        with ThreadPoolExecutor(max(1, threads)) as pool:
+            reasons = list(pool.map(_check, files))
+    else:
+        reasons = [
+            None if f.suffix.lower() in IMAGE_EXTENSIONS else "not an image file" for f in files
+        ]
+    skipped = [
+        (f.relative_to(root).as_posix(), r)
+        for f, r in zip(files, reasons, strict=False)
+        if r is not None
+    ]
+    good = [
+        f.relative_to(root).as_posix() for f, r in zip(files, reasons, strict=False) if r is None
+    ]
+    if strict and skipped:
+        path, reason = skipped[0]
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise AlfkError(f"{root / path}: {reason}{more}")
+    if not good:
+        raise AlfkError(f"no images found in {root}")
+
+    if not labelled:
+        return ImageSet(root, good, np.full(len(good), -1, dtype=np.int64), [], skipped)
+    found = sorted({p.split("/", 1)[0] for p in good})
+    if classes is None:
+        classes = found
+    classes = list(classes)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise AlfkError(
+            f"{root} has class folder {unknown[0]!r}, which is not among the classes {','.join(classes)}"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[p.split("/", 1)[0]] for p in good], dtype=np.int64)
+    return ImageSet(root, good, labels, classes, skipped)
+
+
+def check_same_classes(data: ImageSet, val: ImageSet) -> None:
+    """Training data and validation set must name the same classes."""
+    for s in (data, val):
+        if not s.labelled:
+            raise AlfkError(f"{s.root} has no class sub-folders; it needs one folder per class")
+    if data.classes != val.classes:
+        only_d = sorted(set(data.classes) - set(val.classes))
+        only_v = sorted(set(val.classes) - set(data.classes))
+        detail = "; ".join(
+            x
+            for x in (
+                f"only in {data.root}: {','.join(only_d)}" if only_d else "",
+                f"only in {val.root}: {','.join(only_v)}" if only_v else "",
+            )
+            if x
+        )
+        raise AlfkError(f"class folders differ between {data.root} and {val.root} ({detail})")
+
+
+def load_image(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
+    """Decode one image into a uint8 tensor [C, size, size] (no normalisation yet)."""
+    with Image.open(path) as im:
+        im = im.convert("L" if spec.channels == 1 else "RGB")
+        if im.size != (spec.size, spec.size):
+            im = im.resize((spec.size, spec.size), Image.BILINEAR)
+        arr = np.asarray(im, dtype=np.uint8)
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
+
+
+def normalizer(spec: InputSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 [B, C, H, W] -> normalised float32, on whatever device the batch is on."""
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+
+    def apply(batch: torch.Tensor) -> torch.Tensor:
+        x = batch.float().div_(255.0)
+        return (x - mean.to(x.device)) / std.to(x.device)
+
+    return apply
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items are ``(uint8 image, label, row index, ok)``; an image that fails to decode comes
+    back as zeros with ``ok=False`` so the caller can drop it and report it, instead of a
+    worker process dying with a traceback."""
+
+    def __init__(self, images: ImageSet, spec: InputSpec, rows: Sequence[int] | None = None):
+        self.images = images
+        self.spec = spec
+        self.rows = list(range(len(images))) if rows is None else list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        try:
+            img, ok = load_image(self.images.absolute(row), self.spec), True
+        except (OSError, ValueError, UnidentifiedImageError):
+            img, ok = (
+                torch.zeros(self.spec.channels, self.spec.size, self.spec.size, dtype=torch.uint8),
+                False,
+            )
+        return img, int(self.images.labels[row]), row, ok
+
+
+def preload(images: ImageSet, spec: InputSpec, workers: int = 2) -> tuple[torch.Tensor, np.ndarray]:
+    """Decode every image once: (uint8 [N, C, H, W], ok mask). Used when it fits in memory."""
+    ds = ImageDataset(images, spec)
+    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers)
+    out = torch.empty(len(ds), spec.channels, spec.size, spec.size, dtype=torch.uint8)
+    ok = np.zeros(len(ds), dtype=bool)
+    for img, _, rows, good in loader:
+        out[rows] = img
+        ok[rows.numpy()] = good.numpy()
+    return out, ok
+
+
+def fits_in_memory(n: int, spec: InputSpec) -> bool:
+    return n * spec.channels * spec.size * spec.size <= PRELOAD_LIMIT_BYTES

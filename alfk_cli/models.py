@@ -1,0 +1,231 @@
+"""Architectures with named feature taps (the timm ``feature_info`` idea, kept small).
+
+Every network is a sequence of named *stages*; a tap is the output of a stage, taken after its
+non-linearity (ALGORITHM.md §1). ``TapNet.forward_taps`` runs the stages once and returns the
+logits plus the requested tap tensors, so descriptors need no hooks. When asked, the earliest
+requested tap is cut from the graph and made a leaf that requires grad: a backward pass from the
+loss then stops there and computes activation gradients only (ALGORITHM.md §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from alfk_cli.errors import AlfkError
+
+ROTATION_CLASSES = ("0", "90", "180", "270")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the network eats: images are resized to ``size`` and normalised per channel."""
+
+    size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    build: Callable[[int], TapNet]
+    input: InputSpec
+    tap_dims: dict[str, int]  # tap name -> channels (= its length after global average pooling)
+    presets: dict[str, tuple[str, ...]]  # paper presets, named by total length L
+    default_preset: str
+    train_defaults: dict[str, float] = field(default_factory=dict)
+
+
+class TapNet(nn.Module):
+    """A chain of named stages followed by a linear classifier (``self.classifier``)."""
+
+    def __init__(
+        self, stages: Sequence[tuple[str, nn.Module]], head: nn.Module, classifier: nn.Linear
+    ):
+        super().__init__()
+        self.stage_names = [name for name, _ in stages]
+        self.stages = nn.ModuleDict(stages)
+        self.head = head  # pooling / flattening / dropout between the last stage and the classifier
+        self.classifier = classifier
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_taps(x, ())[0]
+
+    def forward_taps(
+        self, x: torch.Tensor, taps: Sequence[str], leaf_first_tap: bool = False
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the network; return logits and the requested stage outputs, in ``taps`` order.
+
+        ``leaf_first_tap`` detaches the earliest requested tap and marks it as requiring grad,
+        so ``autograd.grad(loss, taps)`` with frozen parameters computes activation gradients
+        from the loss back to that tap and no further.
+        """
+        unknown = [t for t in taps if t not in self.stages]
+        if unknown:
+            raise AlfkError(
+                f"unknown tap {unknown[0]!r}; this model has {', '.join(self.stage_names)}"
+            )
+        wanted = set(taps)
+        got: dict[str, torch.Tensor] = {}
+        h = x
+        for name in self.stage_names:
+            h = self.stages[name](h)
+            if name in wanted:
+                if leaf_first_tap and not got:
+                    h = h.detach().requires_grad_(True)
+                got[name] = h
+        return self.classifier(self.head(h)), [got[t] for t in taps]
+
+
+def pool(t: torch.Tensor) -> torch.Tensor:
+    """Global average pooling φ: [B, C, H, W] -> [B, C]; vectors pass through unchanged."""
+    return t.mean(dim=(2, 3)) if t.dim() == 4 else t
+
+
+# --- LeNet (PyTorch MNIST example layout, as in the paper's code) -------------------------------
+
+
+class _LeNetConv(nn.Module):
+    def __init__(self, cin: int, cout: int, dropout2d: float = 0.0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size=5)
+        self.drop = nn.Dropout2d(dropout2d) if dropout2d else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.max_pool2d(self.drop(self.conv(x)), 2))
+
+
+def build_lenet(num_classes: int) -> TapNet:
+    stages = [
+        ("conv1", _LeNetConv(1, 10)),
+        ("conv2", _LeNetConv(10, 20, dropout2d=0.5)),
+        ("fc1", nn.Sequential(nn.Flatten(), nn.Linear(320, 50), nn.ReLU())),
+    ]
+    return TapNet(stages, nn.Dropout(0.5), nn.Linear(50, num_classes))
+
+
+# --- ResNets (torchvision BasicBlock and ImageNet stem) -----------------------------------------
+
+
+def _resnet_layer(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
+    down = None
+    if stride != 1 or cin != cout:
+        down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+    layers = [BasicBlock(cin, cout, stride, down)]
+    layers += [BasicBlock(cout, cout) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+def build_resnet(blocks: Sequence[int], in_channels: int, num_classes: int) -> TapNet:
+    stem = nn.Sequential(
+        nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+    )
+    widths = (64, 128, 256, 512)
+    stages: list[tuple[str, nn.Module]] = [("stem", stem)]
+    cin = 64
+    for i, (w, n) in enumerate(zip(widths, blocks, strict=False)):
+        stages.append((f"layer{i + 1}", _resnet_layer(cin, w, n, 1 if i == 0 else 2)))
+        cin = w
+    net = TapNet(
+        stages, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(512, num_classes)
+    )
+    for m in net.modules():  # torchvision's initialisation
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+_RESNET_TAPS = {"stem": 64, "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+ARCHS: dict[str, ArchSpec] = {
+    "lenet": ArchSpec(
+        name="lenet",
+        build=build_lenet,
+        input=InputSpec(28, 1, (0.1307,), (0.3081,)),
+        tap_dims={"conv1": 10, "conv2": 20, "fc1": 50},
+        presets={"L20": ("conv2",), "L80": ("conv1", "conv2", "fc1")},
+        default_preset="L80",
+        train_defaults={"lr": 0.05, "momentum": 0.5, "weight_decay": 0.0, "batch_size": 25},
+    ),
+    "resnet10": ArchSpec(
+        name="resnet10",
+        build=lambda d: build_resnet((1, 1, 1, 1), 3, d),
+        input=InputSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        tap_dims=_RESNET_TAPS,
+        presets={"L256": ("layer3",), "L768": ("layer3", "layer4")},
+        default_preset="L768",
+        train_defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128},
+    ),
+    "resnet18": ArchSpec(
+        name="resnet18",
+        build=lambda d: build_resnet((2, 2, 2, 2), 3, d),
+        input=InputSpec(224, 3, *_IMAGENET),
+        tap_dims=_RESNET_TAPS,
+        presets={"L512": ("layer4",), "L768": ("layer3", "layer4")},
+        default_preset="L768",
+        train_defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64},
+    ),
+}
+
+
+def get_arch(name: str) -> ArchSpec:
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise AlfkError(
+            f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}"
+        ) from None
+
+
+def resolve_taps(arch: str, taps: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A preset name (``L80``), a comma-separated list of tap names, or None for the default."""
+    spec = get_arch(arch)
+    if taps is None or taps == "":
+        return spec.presets[spec.default_preset]
+    if isinstance(taps, str):
+        if taps in spec.presets:
+            return spec.presets[taps]
+        taps = [t.strip() for t in taps.split(",") if t.strip()]
+    names = tuple(taps)
+    bad = [t for t in names if t not in spec.tap_dims]
+    if bad or not names:
+        raise AlfkError(
+            f"unknown tap {bad[0] if bad else '(none)'!r} for {arch}; presets: "
+            f"{', '.join(spec.presets)}; taps: {', '.join(spec.tap_dims)}"
+        )
+    if len(set(names)) != len(names):
+        raise AlfkError(f"taps repeat a name: {','.join(names)}")
+    return names
+
+
+def scale_dims(arch: str, taps: Sequence[str]) -> list[int]:
+    spec = get_arch(arch)
+    return [spec.tap_dims[t] for t in taps]
+
+
+def build_model(arch: str, num_classes: int, seed: int | None = None) -> TapNet:
+    """A freshly initialised network; ``seed`` makes the initial weights reproducible."""
+    spec = get_arch(arch)
+    if seed is None:
+        return spec.build(num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.build(num_classes)

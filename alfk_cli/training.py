@@ -1,0 +1,259 @@
+"""Supervised training, evaluation and rotation self-supervised pretraining (ALGORITHM.md §7-8).
+
+Both trainers keep the epoch with the best held-out accuracy (never a test set) and return its
+weights. Images are decoded once into memory when they fit (``images.fits_in_memory``), else
+streamed from disk by a DataLoader.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+
+from alfk_cli.devices import autocast
+from alfk_cli.errors import AlfkError
+from alfk_cli.images import ImageDataset, ImageSet, fits_in_memory, normalizer, preload
+from alfk_cli.models import InputSpec, TapNet
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 0.05
+    momentum: float = 0.5
+    weight_decay: float = 0.0
+    batch_size: int = 25
+    seed: int = 0
+    workers: int = 2
+    # learning rate ×0.1 at these fractions of the run (MNIST: every 15 of 50 epochs)
+    milestones: tuple[float, ...] = (0.3, 0.6, 0.9)
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int  # 1-based
+    best_accuracy: float
+    per_class: list[float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # images that failed to decode
+
+
+class ImageSource:
+    """Batches of (uint8 images, labels, rows) from an ImageSet, preloaded when it fits."""
+
+    def __init__(
+        self, images: ImageSet, spec: InputSpec, rows: Sequence[int] | None = None, workers: int = 2
+    ):
+        self.images, self.spec, self.workers = images, spec, workers
+        rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.cache: torch.Tensor | None = None
+        self.bad: list[str] = []
+        if fits_in_memory(len(rows), spec):
+            sub = ImageSet(
+                images.root, [images.paths[r] for r in rows], images.labels[rows], images.classes
+            )
+            self.cache, ok = preload(sub, spec, workers)
+            self.bad = [sub.paths[i] for i in np.flatnonzero(~ok)]
+            keep = np.flatnonzero(ok)
+            self.cache, rows = self.cache[torch.from_numpy(keep)], rows[keep]
+        self.rows = rows
+        self.labels = torch.from_numpy(images.labels[rows])
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = (
+            torch.randperm(len(self.rows), generator=generator)
+            if shuffle
+            else torch.arange(len(self.rows))
+        )
+        if self.cache is not None:
+            for s in range(0, len(order), batch_size):
+                idx = order[s : s + batch_size]
+                yield self.cache[idx], self.labels[idx]
+            return
+        ds = ImageDataset(self.images, self.spec, self.rows[order.numpy()])
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=self.workers)
+        for img, label, rows, ok in loader:
+            if not ok.all():
+                self.bad.extend(self.images.paths[r] for r in rows[~ok].tolist())
+            yield img[ok], label[ok]
+
+
+def milestones(epochs: int, fractions: Sequence[float]) -> list[int]:
+    return sorted({m for f in fractions if 0 < (m := round(epochs * f)) < epochs})
+
+
+@torch.no_grad()
+def predict(
+    model: TapNet, source: ImageSource, device: torch.device, batch_size: int = 256
+) -> torch.Tensor:
+    """Logits of every image of ``source`` in row order (float32, on the CPU)."""
+    model.eval().to(device)
+    norm = normalizer(source.spec)
+    out = []
+    for img, _ in source.batches(batch_size):
+        with autocast(device):
+            out.append(model(norm(img.to(device))).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, model.num_classes)
+
+
+def accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> tuple[float, list[float]]:
+    """Overall accuracy and per-class accuracy (NaN for a class with no images)."""
+    hit = logits.argmax(1) == labels
+    per = [
+        hit[labels == c].float().mean().item() if (labels == c).any() else math.nan
+        for c in range(num_classes)
+    ]
+    return (hit.float().mean().item() if len(hit) else math.nan), per
+
+
+def _fit(
+    model: TapNet,
+    train_src: ImageSource,
+    held_src: ImageSource,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: Progress | None,
+    description: str,
+    transform=None,
+) -> TrainResult:
+    """The shared loop: SGD with step decay, evaluation after every epoch, best epoch kept."""
+    if len(train_src) == 0:
+        raise AlfkError("no readable training images")
+    model.to(device)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones(cfg.epochs, cfg.milestones), gamma=0.1
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    norm = normalizer(train_src.spec)
+    steps = math.ceil(len(train_src) / cfg.batch_size)
+    task = progress.add_task(description, total=cfg.epochs * steps, status="") if progress else None
+    best: tuple[float, int, dict, list[float]] = (-1.0, 0, {}, [])
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        total, n = 0.0, 0
+        for img, label in train_src.batches(cfg.batch_size, shuffle=True, generator=gen):
+            x, y = norm(img.to(device)), label.to(device)
+            if transform is not None:
+                x, y = transform(x, y)
+            with autocast(device):
+                loss = F.cross_entropy(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, n = total + loss.item() * len(y), n + len(y)
+            if task is not None:
+                progress.advance(task)
+        sched.step()
+        acc, per = evaluate(model, held_src, device, transform)
+        history.append({"epoch": epoch, "loss": total / max(n, 1), "accuracy": acc})
+        if acc > best[0]:
+            best = (acc, epoch, copy.deepcopy(model.state_dict()), per)
+        if task is not None:
+            progress.update(
+                task,
+                status=f"loss {total / max(n, 1):.3f} held-out acc {acc:.3f} (best {best[0]:.3f})",
+            )
+    model.load_state_dict(best[2])
+    return TrainResult(best[1], best[0], best[3], history, train_src.bad + held_src.bad)
+
+
+def evaluate(
+    model: TapNet, source: ImageSource, device: torch.device, transform=None
+) -> tuple[float, list[float]]:
+    """Accuracy on ``source``; ``transform`` maps (x, y) batches as in training (rotations)."""
+    model.eval()
+    norm = normalizer(source.spec)
+    logits, labels = [], []
+    with torch.no_grad():
+        for img, label in source.batches(256):
+            x, y = norm(img.to(device)), label.to(device)
+            if transform is not None:
+                x, y = transform(x, y)
+            with autocast(device):
+                logits.append(model(x).float().cpu())
+            labels.append(y.cpu())
+    if not logits:
+        raise AlfkError("no readable held-out images")
+    return accuracy(torch.cat(logits), torch.cat(labels), model.num_classes)
+
+
+def train_classifier(
+    model: TapNet,
+    data: ImageSet,
+    val: ImageSet,
+    spec: InputSpec,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Supervised training on ``data``; the epoch with the best accuracy on ``val`` is kept."""
+    return _fit(
+        model,
+        ImageSource(data, spec, workers=cfg.workers),
+        ImageSource(val, spec, workers=cfg.workers),
+        cfg,
+        device,
+        progress,
+        "train",
+    )
+
+
+def rotate_batch(
+    x: torch.Tensor, _y: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B images -> 4B: each at 0°, 90°, 180° and 270°, labelled by rotation index (RotNet)."""
+    xs = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
+    ys = torch.arange(4, device=x.device).repeat_interleave(len(x))
+    return xs, ys
+
+
+def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into (train rows, held-out rows); at least one of each when n ≥ 2."""
+    perm = np.random.default_rng(seed).permutation(n)
+    k = min(max(1, round(n * fraction)), n - 1) if n >= 2 else 0
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def pretrain_rotation(
+    model: TapNet,
+    images: ImageSet,
+    spec: InputSpec,
+    cfg: TrainConfig,
+    device: torch.device,
+    holdout: float = 0.1,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Rotation self-supervision on any folder (labels ignored); ``model`` has a 4-way head.
+
+    Reports rotation accuracy on a held-out slice of the images and keeps the best epoch there.
+    """
+    if model.num_classes != 4:
+        raise AlfkError("rotation pretraining needs a model with a 4-way head")
+    if len(images) < 2:
+        raise AlfkError(
+            f"rotation pretraining needs at least 2 images, {images.root} has {len(images)}"
+        )
+    train_rows, held_rows = split_holdout(len(images), holdout, cfg.seed)
+    train_src = ImageSource(images, spec, train_rows, cfg.workers)
+    held_src = ImageSource(images, spec, held_rows, cfg.workers)
+    return _fit(
+        model, train_src, held_src, cfg, device, progress, "pretrain", transform=rotate_batch
+    )

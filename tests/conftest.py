@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny image folders made with PIL, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_images(
+    folder: Path, n: int, size: int = 28, mode: str = "L", seed: int = 0, prefix: str = "img"
+) -> list[Path]:
+    """``n`` random images of ``size``² pixels under ``folder``."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    shape = (size, size) if mode == "L" else (size, size, 3)
+    paths = []
+    for i in range(n):
+        p = folder / f"{prefix}{i:04d}.png"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(p)
+        paths.append(p)
+    return paths
+
+
+def make_labelled(root: Path, classes: list[str], per_class: int, **kw) -> Path:
+    for j, c in enumerate(classes):
+        write_images(root / c, per_class, seed=j, **kw)
+    return root
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``alfk ARGS`` in-process through the real entry point (error handling included)."""
+    from alfk_cli.cli import main
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        old = sys.argv
+        sys.argv = ["alfk", *map(str, args)]
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        finally:
+            sys.argv = old
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
