@@ -74,25 +74,6 @@ def _accuracy_table(
     return table
 
 
-def _train_config(
-    arch: str, epochs, lr, momentum, weight_decay, batch_size, seed, workers, **extra
-):
-    from alfk_cli.models import get_arch
-    from alfk_cli.training import TrainConfig
-
-    d = get_arch(arch).train_defaults
-    return TrainConfig(
-        epochs=epochs,
-        lr=d["lr"] if lr is None else lr,
-        momentum=d["momentum"] if momentum is None else momentum,
-        weight_decay=d["weight_decay"] if weight_decay is None else weight_decay,
-        batch_size=int(d["batch_size"]) if batch_size is None else batch_size,
-        seed=seed,
-        workers=workers,
-        **extra,
-    )
-
-
 @app.command(epilog="Example: alfk train --data labeled/ --val val/ --init init.pt --out model.pt")
 def train(
     data: Annotated[
@@ -129,7 +110,7 @@ def train(
     from alfk_cli.images import check_same_classes, scan_images
     from alfk_cli.models import build_model, get_arch
     from alfk_cli.progress import make_progress
-    from alfk_cli.training import train_classifier
+    from alfk_cli.training import default_config, train_classifier
 
     dev = resolve_device(device)
     start = load_checkpoint(init, arch) if init else None
@@ -140,7 +121,7 @@ def train(
     _report_skipped(data_set.skipped, data, quiet)
     _report_skipped(val_set.skipped, val, quiet)
     check_same_classes(data_set, val_set)
-    cfg = _train_config(arch, epochs, lr, momentum, weight_decay, batch_size, seed, workers)
+    cfg = default_config(arch, epochs, lr, momentum, weight_decay, batch_size, seed, workers)
     model = build_model(arch, len(data_set.classes), seed=seed)
     if start is not None:
         skipped = init_from(model, start)
@@ -215,56 +196,258 @@ def pretrain(
     quiet: Quiet = False,
 ) -> None:
     """Rotation self-supervised pretraining (RotNet) of the task network on unlabelled images."""
-    from alfk_cli.checkpoint import ROTATION_CLASSES, save_checkpoint
+    from alfk_cli.checkpoint import ROTATION_CLASSES
     from alfk_cli.devices import resolve_device
     from alfk_cli.images import scan_images
-    from alfk_cli.models import build_model, get_arch
     from alfk_cli.progress import make_progress
-    from alfk_cli.training import pretrain_rotation
+    from alfk_cli.training import ROTNET_MILESTONES, default_config, pretrain_checkpoint
 
     dev = resolve_device(device)
-    spec = get_arch(arch).input
     found = scan_images(images, strict=strict)
     _report_skipped(found.skipped, images, quiet)
-    # RotNet schedule: ×0.1 at 3/8 and 6/8 of the run (MNIST: epochs 3 and 6 of 8)
-    cfg = _train_config(
-        arch,
-        epochs,
-        lr,
-        momentum,
-        weight_decay,
-        batch_size,
-        seed,
-        workers,
-        milestones=(3 / 8, 6 / 8),
+    cfg = default_config(
+        arch, epochs, lr, momentum, weight_decay, batch_size, seed, workers, ROTNET_MILESTONES
     )
-    model = build_model(arch, len(ROTATION_CLASSES), seed=seed)
     _say(quiet, f"rotation pretraining {arch} on {len(found)} images, device {dev}")
     with make_progress(quiet) as progress:
-        result = pretrain_rotation(model, found, spec, cfg, dev, holdout, progress)
+        result = pretrain_checkpoint(found, out, arch, cfg, dev, holdout, progress)
     _report_skipped(result.skipped, images, quiet)
-    info = {
-        "task": "pretrain",
-        "images": str(images),
-        "epochs": cfg.epochs,
-        "lr": cfg.lr,
-        "batch_size": cfg.batch_size,
-        "seed": seed,
-        "best_epoch": result.best_epoch,
-        "rotation_accuracy": result.best_accuracy,
-        "images_count": len(found),
-    }
-    save_checkpoint(out, model.cpu(), arch, list(ROTATION_CLASSES), "rotation", info)
     if not quiet:
-        stderr.print(
-            _accuracy_table(
-                f"held-out rotation accuracy, epoch {result.best_epoch} of {cfg.epochs}",
-                [f"{c}°" for c in ROTATION_CLASSES],
-                result.best_accuracy,
-                result.per_class,
-            )
-        )
+        title = f"held-out rotation accuracy, epoch {result.best_epoch} of {cfg.epochs}"
+        labels = [f"{c}°" for c in ROTATION_CLASSES]
+        stderr.print(_accuracy_table(title, labels, result.best_accuracy, result.per_class))
     _say(quiet, f"wrote {out}")
+
+
+Kernel = Annotated[
+    str,
+    typer.Option(
+        "--kernel",
+        "-k",
+        help="sum (R_z+R_g, default), product (R_z·R_g, the paper's PFK) or pcc (R_z).",
+    ),
+]
+PseudoLabel = Annotated[
+    str | None,
+    typer.Option(
+        "--pseudo-label",
+        help="Labels for a pool's g: p_yz (default), yhat, true, mc_trace or mc_mi.",
+    ),
+]
+Taps = Annotated[
+    str | None,
+    typer.Option("--taps", help="A preset (L80, L768, ...) or comma-separated tap names."),
+]
+Exclude = Annotated[
+    Path | None,
+    typer.Option("--exclude", help="File of pool images to leave out (one path per line)."),
+]
+
+
+def _embed_summary(s, quiet: bool) -> None:
+    for note in s.notes:
+        _say(quiet, f"note: {note}")
+    rate = f", {s.images_per_second:.0f} images/s" if s.computed else ""
+    acc = (
+        f", pseudo-label accuracy {100 * s.pseudo_accuracy:.1f}%"
+        if s.pseudo_accuracy is not None
+        else ""
+    )
+    _say(
+        quiet,
+        f"{s.out}: {s.images} images ({s.computed} computed, {s.reused} reused, {s.resumed} resumed), "
+        f"{len(s.skipped)} skipped, {s.seconds:.1f} s{rate}; pseudo-labels {s.pseudo_label}{acc}",
+    )
+
+
+@app.command(
+    epilog="Example: alfk embed --model init.pt --images unlabeled/ --reference val.h5 --out pool.h5"
+)
+def embed(
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Checkpoint (pretrained or trained).")
+    ],
+    images: Annotated[Path, typer.Option("--images", "-i", help="Image folder to embed.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Feature store (HDF5) to write.")],
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", "-r", help="Validation store (same model and taps), for p_yz."),
+    ] = None,
+    taps: Taps = None,
+    pseudo_label: PseudoLabel = None,
+    mc_samples: Annotated[
+        int, typer.Option("--mc-samples", min=2, help="K for mc_trace and mc_mi.")
+    ] = 32,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1)] = None,
+    workers: Workers = 2,
+    device: Device = "auto",
+    seed: Seed = 0,
+    strict: Strict = False,
+    quiet: Quiet = False,
+) -> None:
+    """Compute multi-scale features z and Fisher scores g for every image into a feature store.
+
+    A labelled folder (class sub-folders) with no --reference is a validation set: g uses the
+    true labels. A pool uses a pseudo-label estimator. An interrupted run resumes when re-run
+    with the same arguments.
+    """
+    from alfk_cli.embedding import embed_folder
+    from alfk_cli.progress import make_progress
+
+    with make_progress(quiet) as progress:
+        summary = embed_folder(
+            model,
+            images,
+            out,
+            reference=reference,
+            taps=taps,
+            pseudo_label=pseudo_label,
+            mc_samples=mc_samples,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            seed=seed,
+            strict=strict,
+            quiet=quiet,
+            progress=progress,
+        )
+    _report_skipped(summary.skipped, images, quiet)
+    _embed_summary(summary, quiet)
+
+
+@app.command(epilog="Example: alfk score --val val.h5 --pool pool.h5 --P 1250 --out scores.h5")
+def score(
+    val: Annotated[Path, typer.Option("--val", "-v", help="Validation feature store.")],
+    pool: Annotated[
+        Path, typer.Option("--pool", "-p", help="Pool feature store (same model and taps).")
+    ],
+    P: Annotated[int, typer.Option("--P", "-P", min=1, help="How many pool images to select.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Scores file (HDF5) to write.")],
+    kernel: Kernel = "sum",
+    exclude: Exclude = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Find misclassified validation images, pick k-center centres among them, and select the P
+    pool images with the highest Fisher-kernel similarity (rank-major, no duplicates)."""
+    from alfk_cli.pipeline import score_stores
+
+    scores, notes = score_stores(
+        val, pool, P, out, kernel=kernel, exclude=exclude, seed=seed, device=device
+    )
+    for note in notes:
+        _say(quiet, f"note: {note}")
+    _say(
+        quiet,
+        f"selected {len(scores.selected)} images with {len(scores.centers)} centres "
+        f"({scores.attrs.get('misclassified')} misclassified validation images); wrote {out}",
+    )
+
+
+@app.command(
+    epilog="Examples: alfk select --val val/ --pool unlabeled/ --P 1250 > to_label.txt  |  "
+    "alfk select --scores scores.h5 --format csv"
+)
+def select(
+    P: Annotated[
+        int | None, typer.Option("--P", "-P", min=1, help="How many images to select.")
+    ] = None,
+    val: Annotated[
+        Path | None, typer.Option("--val", "-v", help="Validation folder (class sub-folders).")
+    ] = None,
+    pool: Annotated[
+        Path | None, typer.Option("--pool", "-p", help="Unlabelled pool folder.")
+    ] = None,
+    scores: Annotated[
+        Path | None,
+        typer.Option("--scores", "-s", help="Print a scores file of 'alfk score' instead."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Task checkpoint [default: newest in the work folder, else pretrain one].",
+        ),
+    ] = None,
+    arch: Annotated[
+        str, typer.Option("--arch", help="Architecture to pretrain when there is no checkpoint.")
+    ] = "lenet",
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            "--workdir", "-w", help="Cache folder [default: .alfk/<pool name> beside the pool]."
+        ),
+    ] = None,
+    exclude: Exclude = None,
+    kernel: Kernel = "sum",
+    pseudo_label: PseudoLabel = None,
+    taps: Taps = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="txt (paths), csv or jsonl.")] = "txt",
+    seed: Seed = 0,
+    device: Device = "auto",
+    workers: Workers = 2,
+    strict: Strict = False,
+    quiet: Quiet = False,
+) -> None:
+    """Print the P pool images to label next, one per line, in selection order.
+
+    With --val and --pool it runs every stage that is out of date (pretrain when no model is
+    given or cached, embed of new images only, score) in the work folder.
+    """
+    from alfk_cli.scores import FORMATS
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"use one of {', '.join(FORMATS)}", param_hint="--format")
+    if scores is not None:
+        if val is not None or pool is not None:
+            raise typer.BadParameter(
+                "give either --scores or --val and --pool", param_hint="--scores"
+            )
+        from alfk_cli.scores import read_scores
+
+        result = read_scores(scores).head(P)
+    else:
+        if val is None or pool is None or P is None:
+            raise typer.BadParameter("needs --val DIR, --pool DIR and --P N (or --scores FILE)")
+        from alfk_cli.pipeline import run_select
+        from alfk_cli.progress import make_progress
+
+        with make_progress(quiet) as progress:
+            result, notes, report = run_select(
+                val,
+                pool,
+                P,
+                model=model,
+                arch=arch,
+                workdir=workdir,
+                exclude=exclude,
+                kernel=kernel,
+                pseudo_label=pseudo_label,
+                taps=taps,
+                seed=seed,
+                device=device,
+                workers=workers,
+                strict=strict,
+                quiet=quiet,
+                progress=progress,
+            )
+        if report.pretrained:
+            _say(quiet, f"no checkpoint given or cached: pretrained {report.checkpoint}")
+        for s in report.embeds:
+            _report_skipped(s.skipped, Path(s.out), quiet)
+            _embed_summary(s, quiet)
+        for note in notes:
+            _say(quiet, f"note: {note}")
+        _say(
+            quiet,
+            f"selected {len(result.selected)} of the pool in {report.seconds:.1f} s (work folder {report.workdir})",
+        )
+    out = sys.stdout
+    for line in result.lines(fmt):
+        out.write(line + "\n")
+    out.flush()
 
 
 def _version(value: bool) -> None:

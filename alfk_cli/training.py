@@ -257,3 +257,65 @@ def pretrain_rotation(
     return _fit(
         model, train_src, held_src, cfg, device, progress, "pretrain", transform=rotate_batch
     )
+
+
+ROTNET_MILESTONES = (3 / 8, 6 / 8)  # ×0.1 at epochs 3 and 6 of 8 (RotNet on MNIST)
+
+
+def default_config(
+    arch: str,
+    epochs: int,
+    lr: float | None = None,
+    momentum: float | None = None,
+    weight_decay: float | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    workers: int = 2,
+    milestones: tuple[float, ...] | None = None,
+) -> TrainConfig:
+    """A TrainConfig with the architecture's defaults for every value left as None."""
+    from alfk_cli.models import get_arch
+
+    d = get_arch(arch).train_defaults
+    cfg = TrainConfig(
+        epochs=epochs,
+        lr=d["lr"] if lr is None else lr,
+        momentum=d["momentum"] if momentum is None else momentum,
+        weight_decay=d["weight_decay"] if weight_decay is None else weight_decay,
+        batch_size=int(d["batch_size"]) if batch_size is None else batch_size,
+        seed=seed,
+        workers=workers,
+    )
+    if milestones is not None:
+        cfg.milestones = milestones
+    return cfg
+
+
+def pretrain_checkpoint(
+    images: ImageSet,
+    out,
+    arch: str,
+    cfg: TrainConfig,
+    device: torch.device,
+    holdout: float = 0.1,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Rotation-pretrain a fresh ``arch`` network on ``images`` and save it to ``out``."""
+    from alfk_cli.checkpoint import save_checkpoint
+    from alfk_cli.models import ROTATION_CLASSES, build_model, get_arch
+
+    model = build_model(arch, len(ROTATION_CLASSES), seed=cfg.seed)
+    result = pretrain_rotation(model, images, get_arch(arch).input, cfg, device, holdout, progress)
+    info = {
+        "task": "pretrain",
+        "images": str(images.root),
+        "images_count": len(images),
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "best_epoch": result.best_epoch,
+        "rotation_accuracy": result.best_accuracy,
+    }
+    save_checkpoint(out, model.cpu(), arch, list(ROTATION_CLASSES), "rotation", info)
+    return result

@@ -221,10 +221,7 @@ def resolve_class_names(spec: str, n_classes: int) -> list[str]:
     """``digits`` (0, 1, ...), ``fashion`` (0-tshirt, ...), or a comma-separated list."""
     if spec == "digits":
         return [str(i) for i in range(n_classes)]
-    if spec == "fashion":
-        names = FASHION_NAMES
-    else:
-        names = [s.strip() for s in spec.split(",")]
+    names = FASHION_NAMES if spec == "fashion" else [s.strip() for s in spec.split(",")]
     if len(names) != n_classes:
         raise BuildError(f"--class-names: {len(names)} names given for {n_classes} classes")
     for n in names:

@@ -261,7 +261,7 @@ def test_directory_source_with_train_and_t10k(tmp_path):
         mbf.write_idx(src / f"{prefix}labels-idx1-ubyte.gz", labels)
     out = tmp_path / "out"
     argv = ["--source", str(src), "--out", str(out), "--val-per-class", "5", "--rare", "2"]
-    assert mbf.main(argv + ["--imbalance", "8", "--class-names", "a,b,c", "--workers", "1"]) == 0
+    assert mbf.main([*argv, "--imbalance", "8", "--class-names", "a,b,c", "--workers", "1"]) == 0
     assert [len(_pngs(out / "val" / c)) for c in "abc"] == [5, 5, 5]
     assert [len(_pngs(out / "test" / c)) for c in "abc"] == [10, 10, 10]  # all of t10k
     assert not (out / "labeled").exists()

@@ -71,7 +71,7 @@ def test_empty_missing_and_file_arguments(tmp_path):
 def test_class_mapping_and_mismatch(tmp_path):
     a = make_labelled(tmp_path / "a", ["x", "y"], 1)
     b = make_labelled(tmp_path / "b", ["x", "z"], 1)
-    with pytest.raises(AlfkError, match="only in .*a: y; only in .*b: z"):
+    with pytest.raises(AlfkError, match=r"only in .*a: y; only in .*b: z"):
         check_same_classes(scan_images(a), scan_images(b))
     mapped = scan_images(a, classes=["y", "x"])
     assert list(mapped.labels) == [1, 0]

@@ -1,0 +1,225 @@
+"""Stages composed: score two feature stores, and the nightly ``select`` orchestrator.
+
+``score_stores`` is ``alfk score``; ``run_select`` is ``alfk select --val DIR --pool DIR``: it
+pretrains (only when no checkpoint is given or found), embeds the validation set and the pool into
+the work folder, scores and returns the selection, reusing every cached stage whose inputs are
+unchanged (a pool that gained images embeds only the new ones).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from alfk_cli import acquisition
+from alfk_cli.atomic import check_writable_dir
+from alfk_cli.embedding import EmbedSummary, embed_folder
+from alfk_cli.errors import AlfkError
+from alfk_cli.images import scan_images
+from alfk_cli.scores import Scores, read_scores, write_scores
+from alfk_cli.store import FeatureStore, check_compatible, open_store
+from alfk_cli.workdir import default_workdir, locked, newest_checkpoint, read_exclude
+
+
+@dataclass
+class SelectReport:
+    """What the orchestrator did, for the summary on stderr."""
+
+    workdir: Path
+    checkpoint: Path
+    pretrained: bool
+    embeds: list[EmbedSummary] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _same_files(pool: FeatureStore, pool_root: Path, val: FeatureStore) -> np.ndarray:
+    """Pool rows that are validation images (the same file reached through both folders)."""
+    val_root = Path(val.image_root).resolve()
+    val_files = {(val_root / p).resolve() for p in val.paths}
+    return np.array(
+        [i for i, p in enumerate(pool.paths) if (pool_root / p).resolve() in val_files],
+        dtype=np.int64,
+    )
+
+
+def score_stores(
+    val_path: str | os.PathLike,
+    pool_path: str | os.PathLike,
+    P: int,
+    out: str | os.PathLike,
+    kernel: str = "sum",
+    exclude: str | os.PathLike | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    image_root: str | None = None,
+) -> tuple[Scores, list[str]]:
+    """Select P pool images against the validation store and write the scores file ``out``.
+
+    ``exclude`` names a file of image paths (already labelled or already sent) removed before the
+    search; validation images found in the pool are always removed. ``image_root`` overrides the
+    pool folder used to print paths (default: the one recorded in the pool store). Returns the
+    scores and notes for the user (e.g. the no-misclassified fallback).
+    """
+    check_writable_dir(out)
+    notes: list[str] = []
+    with open_store(val_path) as val, open_store(pool_path) as pool:
+        check_compatible(val, pool)
+        if (np.asarray(val.labels[:]) < 0).any():
+            raise AlfkError(
+                f"{val.path} has images without labels; the validation store needs class sub-folders"
+            )
+        root = image_root if image_root is not None else pool.image_root
+        pool_paths = pool.paths
+        drop = set(_same_files(pool, Path(root), val).tolist())
+        if drop:
+            notes.append(f"left out {len(drop)} pool image(s) that are also validation images")
+        if exclude is not None:
+            excluded = read_exclude(exclude, root, pool_paths)
+            notes.append(f"excluded {len(excluded)} pool image(s) listed in {exclude}")
+            drop.update(excluded)
+        sel = acquisition.select(
+            val,
+            pool,
+            P,
+            kernel=kernel,
+            exclude=np.array(sorted(drop), dtype=np.int64) if drop else None,
+            seed=seed,
+            device=device,
+        )
+        if sel.fallback:
+            notes.append(
+                "no validation image is misclassified: the whole validation set served as centres"
+            )
+        classes = val.classes
+        rows = np.asarray(sel.selected)
+        order = np.argsort(rows)
+        logits = np.empty((len(rows), len(classes)), dtype=np.float32)
+        logits[order] = pool.logits[rows[order]] if len(rows) else logits[:0]
+        predicted = [classes[c] for c in logits.argmax(1)]
+        val_paths = val.paths
+        center_paths = [os.path.join(val.image_root, val_paths[c]) for c in sel.center]
+        attrs = {
+            "val_store": str(val_path),
+            "pool_store": str(pool_path),
+            "val_store_sha256": val.sha256,
+            "pool_store_sha256": pool.sha256,
+            "checkpoint_sha256": pool.checkpoint_sha256,
+            "seed": seed,
+            "excluded": len(drop),
+            "misclassified": len(acquisition.misclassified(val.logits[:], val.labels[:])),
+        }
+        write_scores(out, sel, [pool_paths[r] for r in rows], predicted, center_paths, root, attrs)
+    return read_scores(out), notes
+
+
+def run_select(
+    val_dir: str | os.PathLike,
+    pool_dir: str | os.PathLike,
+    P: int,
+    model: str | os.PathLike | None = None,
+    arch: str = "lenet",
+    workdir: str | os.PathLike | None = None,
+    exclude: str | os.PathLike | None = None,
+    kernel: str = "sum",
+    pseudo_label: str | None = None,
+    taps: str | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    workers: int = 2,
+    strict: bool = False,
+    quiet: bool = False,
+    progress: Progress | None = None,
+    pretrain_epochs: int = 8,
+) -> tuple[Scores, list[str], SelectReport]:
+    """The nightly acquisition: P pool image paths in selection order, plus notes and a report."""
+    t0 = time.perf_counter()
+    if P < 1:
+        raise AlfkError("--P must be at least 1")
+    pool_arg = str(pool_dir)
+    wd = Path(workdir) if workdir is not None else default_workdir(pool_dir)
+    # Fail fast, before any model pass, on what can be checked from the folders alone.
+    pool_scan = scan_images(pool_dir, strict=strict, verify=False)
+    if P > len(pool_scan):
+        raise AlfkError(f"P={P} is more than the {len(pool_scan)} images in {pool_dir}")
+    if not scan_images(val_dir, verify=False).labelled:
+        raise AlfkError(f"{val_dir} has no class sub-folders; the validation set must be labelled")
+    try:
+        wd.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AlfkError(f"cannot create work folder {wd}: {exc.strerror}") from None
+    with locked(wd):
+        report = SelectReport(wd, Path(), False)
+        ckpt = Path(model) if model is not None else newest_checkpoint(wd)
+        if ckpt is None:
+            ckpt = wd / "init.pt"
+            _pretrain(
+                pool_dir, ckpt, arch, pretrain_epochs, seed, device, workers, strict, progress
+            )
+            report.pretrained = True
+        report.checkpoint = ckpt
+        val_store, pool_store = wd / "val.h5", wd / "pool.h5"
+        common = dict(
+            taps=taps,
+            workers=workers,
+            device=device,
+            seed=seed,
+            strict=strict,
+            quiet=quiet,
+            progress=progress,
+        )
+        report.embeds.append(embed_folder(ckpt, val_dir, val_store, reuse=val_store, **common))
+        report.embeds.append(
+            embed_folder(
+                ckpt,
+                pool_dir,
+                pool_store,
+                reference=val_store,
+                pseudo_label=pseudo_label,
+                reuse=pool_store,
+                **common,
+            )
+        )
+        scores, notes = score_stores(
+            val_store,
+            pool_store,
+            P,
+            wd / "scores.h5",
+            kernel=kernel,
+            exclude=exclude,
+            seed=seed,
+            device=device,
+            image_root=pool_arg,
+        )
+    report.seconds = time.perf_counter() - t0
+    return scores, notes, report
+
+
+def _pretrain(
+    pool_dir,
+    out: Path,
+    arch: str,
+    epochs: int,
+    seed: int,
+    device: str,
+    workers: int,
+    strict: bool,
+    progress: Progress | None,
+) -> None:
+    from alfk_cli.devices import resolve_device
+    from alfk_cli.training import ROTNET_MILESTONES, default_config, pretrain_checkpoint
+
+    cfg = default_config(arch, epochs, seed=seed, workers=workers, milestones=ROTNET_MILESTONES)
+    pretrain_checkpoint(
+        scan_images(pool_dir, strict=strict),
+        out,
+        arch,
+        cfg,
+        resolve_device(device),
+        progress=progress,
+    )

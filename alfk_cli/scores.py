@@ -1,0 +1,165 @@
+"""The scores file written by ``alfk score`` and read by ``alfk select --scores``.
+
+It is self-contained: besides the row indices into the pool store (``selected``) it keeps the
+selected images' paths, predicted classes and matched centres, so printing a selection never
+needs the (large) pool store again. Written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from alfk_cli import __version__
+from alfk_cli.acquisition import Selection
+from alfk_cli.atomic import atomic_output
+from alfk_cli.errors import AlfkError
+
+KIND = "alfk-scores"
+SCHEMA_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+FORMATS = ("txt", "csv", "jsonl")
+
+
+@dataclass
+class Scores:
+    """A selection in order: pool rows, their paths (relative to ``image_root``), scores,
+    predicted class names, and the validation row (centre) each one matched."""
+
+    selected: np.ndarray
+    score: np.ndarray
+    center: np.ndarray
+    centers: np.ndarray
+    paths: list[str]
+    predicted: list[str]
+    center_paths: list[str]  # the validation image each selected image matched
+    image_root: str
+    attrs: dict
+
+    def printed_paths(self) -> list[str]:
+        """Paths as the user typed the pool folder, joined with each image's path inside it."""
+        return [os.path.join(self.image_root, p) for p in self.paths]
+
+    def head(self, n: int | None) -> Scores:
+        """The first ``n`` of the selection (selection order is rank order)."""
+        if n is None:
+            return self
+        if n > len(self.selected):
+            raise AlfkError(
+                f"--P {n} is more than the {len(self.selected)} images this scores file holds"
+            )
+        return Scores(
+            self.selected[:n],
+            self.score[:n],
+            self.center[:n],
+            self.centers,
+            self.paths[:n],
+            self.predicted[:n],
+            self.center_paths[:n],
+            self.image_root,
+            self.attrs,
+        )
+
+    def lines(self, fmt: str = "txt") -> Iterator[str]:
+        """The selection as text lines: ``txt`` paths only; ``csv`` and ``jsonl`` add the rank,
+        the kernel score, the predicted class and the matched validation image."""
+        if fmt not in FORMATS:
+            raise AlfkError(f"unknown format {fmt!r}; use {', '.join(FORMATS)}")
+        paths = self.printed_paths()
+        if fmt == "txt":
+            yield from paths
+            return
+        rows = (
+            {"path": p, "rank": i + 1, "score": float(s), "predicted": c, "center": v}
+            for i, (p, s, c, v) in enumerate(
+                zip(paths, self.score, self.predicted, self.center_paths)
+            )
+        )
+        if fmt == "jsonl":
+            yield from (json.dumps(r) for r in rows)
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(
+            buf, ["path", "rank", "score", "predicted", "center"], lineterminator="\n"
+        )
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "score": f"{r['score']:.6g}"})
+        yield from buf.getvalue().splitlines()
+
+
+def write_scores(
+    out: str | os.PathLike,
+    sel: Selection,
+    paths: list[str],
+    predicted: list[str],
+    center_paths: list[str],
+    image_root: str,
+    attrs: dict,
+) -> None:
+    """Write ``sel`` to ``out`` with, per selected image, its path inside the pool, its predicted
+    class and the path of the validation image it matched."""
+    with atomic_output(out) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["kind"] = KIND
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["alfk_version"] = __version__
+        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        f.attrs["image_root"] = image_root
+        f.attrs["kernel"] = sel.kernel
+        f.attrs["P"] = len(sel.selected)
+        f.attrs["fallback"] = bool(sel.fallback)
+        f.attrs["k_used"] = int(sel.k_used)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+        f["selected"] = np.asarray(sel.selected, dtype=np.int64)
+        f["score"] = np.asarray(sel.score, dtype=np.float32)
+        f["center"] = np.asarray(sel.center, dtype=np.int64)
+        f["centers"] = np.asarray(sel.centers, dtype=np.int64)
+        for name, values in (
+            ("paths", paths),
+            ("predicted", predicted),
+            ("center_paths", center_paths),
+        ):
+            f.create_dataset(name, data=np.array(values, dtype=object), dtype=_STR)
+
+
+def read_scores(path: str | os.PathLike) -> Scores:
+    path = Path(path)
+    if not path.is_file():
+        raise AlfkError(f"scores file {path} does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise AlfkError(f"{path} is not an HDF5 scores file") from None
+    with f:
+        if f.attrs.get("kind") != KIND:
+            raise AlfkError(f"{path} is not an alfk scores file")
+        version = int(f.attrs.get("schema_version", -1))
+        if version != SCHEMA_VERSION:
+            raise AlfkError(
+                f"{path} has scores schema_version {version}; this alfk reads {SCHEMA_VERSION}"
+            )
+        return Scores(
+            selected=f["selected"][:],
+            score=f["score"][:],
+            center=f["center"][:],
+            centers=f["centers"][:],
+            paths=_strings(f["paths"]),
+            predicted=_strings(f["predicted"]),
+            center_paths=_strings(f["center_paths"]),
+            image_root=str(f.attrs["image_root"]),
+            attrs={k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()},
+        )
+
+
+def _strings(ds: h5py.Dataset) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in ds[:]]
