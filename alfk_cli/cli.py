@@ -289,7 +289,7 @@ def embed(
 
     A labelled folder (class sub-folders) with no --reference is a validation set: g uses the
     true labels. A pool uses a pseudo-label estimator. An interrupted run resumes when re-run
-    with the same arguments.
+    with the same arguments; an existing --out is updated, recomputing only new or changed images.
     """
     from alfk_cli.embedding import embed_folder
     from alfk_cli.progress import make_progress
@@ -310,6 +310,7 @@ def embed(
             strict=strict,
             quiet=quiet,
             progress=progress,
+            reuse=out,  # rows of unchanged images in an existing --out are kept, not recomputed
         )
     _report_skipped(summary.skipped, images, quiet)
     _embed_summary(summary, quiet)
@@ -448,6 +449,147 @@ def select(
     for line in result.lines(fmt):
         out.write(line + "\n")
     out.flush()
+
+
+def _csv_list(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise typer.BadParameter(f"give a comma-separated list of {what}")
+    return items
+
+
+@app.command(
+    epilog="Example: alfk simulate --pool unlabeled/ --val val/ --test test/ --imbalance 10 "
+    "--strategies random,fk:p_yz --rounds 10 --P 125 --seeds 0,1,2 --out results/"
+)
+def simulate(
+    pool: Annotated[
+        Path, typer.Option("--pool", "-p", help="Labelled pool (class sub-folders, labels hidden).")
+    ],
+    val: Annotated[Path, typer.Option("--val", "-v", help="Validation folder (picks epochs).")],
+    test: Annotated[Path, typer.Option("--test", "-t", help="Test folder (reported only).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results folder (resumable).")],
+    strategies: Annotated[
+        str,
+        typer.Option(
+            "--strategies",
+            "-s",
+            help="Comma-separated: random, entropy, margin, varR, bald, coreset, pcc, "
+            "fk[:ESTIMATOR[:KERNEL]] (estimators p_yz, yhat, true, mc_trace, mc_mi; "
+            "kernels sum, product, pcc).",
+        ),
+    ] = "random,fk:p_yz",
+    rounds: Annotated[int, typer.Option("--rounds", "-B", min=1, help="Rounds B.")] = 10,
+    P: Annotated[int, typer.Option("--P", "-P", min=1, help="Images labelled per round.")] = 125,
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0",
+    imbalance: Annotated[
+        float | None,
+        typer.Option(
+            "--imbalance",
+            "-r",
+            help="Bias the pool: keep floor(non-rare / R) rare images (default: no bias).",
+        ),
+    ] = None,
+    rare: Annotated[
+        str, typer.Option("--rare", help="Rare classes, by folder name or index.")
+    ] = "5,6,7,8,9",
+    arch: Annotated[str, typer.Option("--arch", help="lenet, resnet10 or resnet18.")] = "lenet",
+    taps: Taps = None,
+    init: Annotated[
+        str,
+        typer.Option("--init", help="pretrain (rotation self-supervision on the pool) or random."),
+    ] = "pretrain",
+    epochs: Annotated[
+        int, typer.Option("--epochs", min=1, help="Fine-tuning epochs per round.")
+    ] = 50,
+    pretrain_epochs: Annotated[int, typer.Option("--pretrain-epochs", min=1)] = 8,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", min=1, help="Validate every N epochs (and the last).")
+    ] = 1,
+    mc_samples: Annotated[
+        int, typer.Option("--mc-samples", min=2, help="K for varR, bald, mc_trace, mc_mi.")
+    ] = 32,
+    device: Device = "auto",
+    workers: Workers = 2,
+    plot: Annotated[
+        bool, typer.Option("--plot/--no-plot", help="Write OUT/curves.png (needs matplotlib).")
+    ] = True,
+    quiet: Quiet = False,
+) -> None:
+    """Simulate active learning rounds with an oracle on a labelled pool; write learning curves.
+
+    One result row per (strategy, seed, round) goes to OUT/results.csv and OUT/results.jsonl.
+    Re-running with the same arguments resumes after the last finished round.
+    """
+    from alfk_cli.simulate import simulate as run_simulation
+
+    try:
+        seed_list = [int(s) for s in _csv_list(seeds, "seeds")]
+    except ValueError:
+        raise typer.BadParameter("seeds must be integers", param_hint="--seeds") from None
+    rows = run_simulation(
+        pool,
+        val,
+        test,
+        out,
+        _csv_list(strategies, "strategies"),
+        rounds,
+        P,
+        seed_list,
+        arch=arch,
+        taps=taps,
+        init=init,
+        epochs=epochs,
+        pretrain_epochs=pretrain_epochs,
+        eval_every=eval_every,
+        imbalance=imbalance,
+        rare=_csv_list(rare, "rare classes"),
+        mc_samples=mc_samples,
+        device=device,
+        workers=workers,
+        progress=(lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False)),
+    )
+    _say(quiet, f"{len(rows)} result rows in {out / 'results.csv'}")
+    if plot:
+        from alfk_cli.plot import plot_results
+
+        try:
+            png = plot_results(rows, out / "curves.png", rare=_csv_list(rare, "rare classes"))
+            _say(quiet, f"wrote {png}")
+        except AlfkError as exc:
+            stderr.print(f"[yellow]warning:[/] {exc}; no plot written")
+
+
+@app.command(epilog="Example: alfk plot --results results/ --out curves.png")
+def plot(
+    results: Annotated[
+        Path,
+        typer.Option("--results", help="Results folder of 'alfk simulate' (or its .csv/.jsonl)."),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="PNG to write [default: RESULTS/curves.png].")
+    ] = None,
+    rare: Annotated[
+        str | None, typer.Option("--rare", help="Rare class names for the panel title.")
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Plot mean ± std learning curves (test and rare-class accuracy) from simulation results."""
+    from alfk_cli.plot import plot_results, summary_table
+    from alfk_cli.simulate import read_results
+
+    rows = read_results(results)
+    if rare is None and results.is_dir() and (results / "config.json").is_file():
+        import json
+
+        rare = ",".join(json.loads((results / "config.json").read_text()).get("rare", []))
+    if out is None:
+        out = (results if results.is_dir() else results.parent) / "curves.png"
+    rare_list = _csv_list(rare, "rare classes") if rare else None
+    png = plot_results(rows, out, rare=rare_list)
+    if not quiet:
+        stderr.print(summary_table(rows, rare_list), markup=False)
+    _say(quiet, f"wrote {png}")
 
 
 def _version(value: bool) -> None:

@@ -84,6 +84,26 @@ class EmbedSummary:
         return self.computed / self.seconds if self.seconds > 0 else 0.0
 
 
+def trusted_files(*stores: str | os.PathLike | None) -> dict[str, tuple[int, int]]:
+    """(size, mtime_ns) of every image in existing complete stores: files that decoded before."""
+    trusted: dict[str, tuple[int, int]] = {}
+    for path in stores:
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            with open_store(path) as st:
+                if "size" in st.file and "mtime_ns" in st.file:
+                    trusted.update(
+                        zip(
+                            st.paths,
+                            zip(st.file["size"][:].tolist(), st.file["mtime_ns"][:].tolist()),
+                        )
+                    )
+        except AlfkError:
+            continue
+    return trusted
+
+
 def _file_stats(images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
     sizes = np.empty(len(images), dtype=np.int64)
     mtimes = np.empty(len(images), dtype=np.int64)
@@ -194,6 +214,7 @@ def embed_folder(
     progress: Progress | None = None,
     reuse: str | os.PathLike | None = None,
     mc_config: MCConfig | None = None,
+    images: ImageSet | None = None,
 ) -> EmbedSummary:
     """Embed every image under ``images_dir`` into the feature store ``out`` (z, g, logits, labels).
 
@@ -203,7 +224,8 @@ def embed_folder(
     (an earlier version of) the same folder; rows of images whose relative path, size and mtime
     are unchanged are copied when everything else matches. ``progress``: a rich Progress to add a
     task to; without one a progress bar is shown on stderr unless ``quiet``. ``mc_config``
-    overrides the Monte-Carlo settings (``mc_samples`` sets K).
+    overrides the Monte-Carlo settings (``mc_samples`` sets K). ``images``: the folder already
+    scanned by the caller (``scan_images(images_dir)``), to avoid walking it twice.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -227,7 +249,8 @@ def embed_folder(
         tap_names = resolve_taps(arch, list(tap_names))
         dims = scale_dims(arch, tap_names)
 
-        images = scan_images(images_dir, strict=strict)
+        if images is None:
+            images = scan_images(images_dir, strict=strict, trusted=trusted_files(out, reuse))
         if ref is None and images.labelled and method in (None, "true"):
             method, classes, class_source = "true", list(images.classes), str(images_dir)
         else:
@@ -304,6 +327,23 @@ def embed_folder(
         if ref is not None:
             ref.close()
 
+    stored_pseudo = _up_to_date(out, fingerprint)
+    if stored_pseudo is not None:  # same checkpoint, options, reference and files: nothing to do
+        return EmbedSummary(
+            out=out,
+            images=len(images),
+            skipped=list(images.skipped),
+            seconds=time.perf_counter() - t0,
+            computed=0,
+            reused=len(images),
+            resumed=0,
+            pseudo_label=method,
+            classes=list(classes),
+            taps=tuple(tap_names),
+            device=str(dev),
+            pseudo_accuracy=_pseudo_accuracy(stored_pseudo, labels, method),
+            notes=[f"{out} is up to date"],
+        )
     bs = batch_size or DEFAULT_BATCH.get(arch, 64)
     writer = StoreWriter.open(out, header, fingerprint, chunk_rows=bs)
     notes: list[str] = []
@@ -341,13 +381,7 @@ def embed_folder(
             if prog is not None and task is not None:
                 rate = computed / max(time.perf_counter() - t_compute, 1e-9)
                 prog.update(task, status=f"{rate:.0f} img/s")
-        pseudo = writer.file["pseudo"][:]
-        known = labels >= 0
-        accuracy = (
-            float((pseudo[known] == labels[known]).mean())
-            if known.any() and method != "true"
-            else None
-        )
+        accuracy = _pseudo_accuracy(writer.file["pseudo"][:], labels, method)
         writer.finish()
     except BaseException:
         if prev is not None:
@@ -369,6 +403,27 @@ def embed_folder(
         pseudo_accuracy=accuracy,
         notes=notes,
     )
+
+
+def _pseudo_accuracy(pseudo: np.ndarray, labels: np.ndarray, method: str) -> float | None:
+    """How often the pseudo-labels equal the known labels (None when there are none to compare)."""
+    known = labels >= 0
+    if method == "true" or not known.any():
+        return None
+    return float((pseudo[known] == labels[known]).mean())
+
+
+def _up_to_date(out: Path, fingerprint: str) -> np.ndarray | None:
+    """The stored pseudo-labels when ``out`` is a complete store with this exact fingerprint."""
+    if not out.is_file():
+        return None
+    try:
+        with open_store(out) as existing:
+            if existing.get_attr("fingerprint") != fingerprint:
+                return None
+            return existing.pseudo[:]
+    except AlfkError:
+        return None
 
 
 def _compute(

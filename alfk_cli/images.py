@@ -70,17 +70,31 @@ def _check(path: Path) -> str | None:
     return None
 
 
+def _unchanged(path: Path, root: Path, trusted: dict[str, tuple[int, int]]) -> bool:
+    known = trusted.get(path.relative_to(root).as_posix())
+    if known is None:
+        return False
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return (st.st_size, st.st_mtime_ns) == known
+
+
 def scan_images(
     root: str | os.PathLike,
     classes: Sequence[str] | None = None,
     strict: bool = False,
     verify: bool = True,
     threads: int = 8,
+    trusted: dict[str, tuple[int, int]] | None = None,
 ) -> ImageSet:
     """Find the images under ``root``.
 
     ``classes`` fixes the class order (e.g. the validation set's); a labelled folder with a class
-    outside it is an error. ``verify`` opens every file with PIL to catch corrupt ones early.
+    outside it is an error. ``verify`` opens every file with PIL to catch corrupt ones early,
+    except files listed in ``trusted`` (relative path -> (size, mtime_ns)) whose size and mtime
+    are unchanged: they decoded fine when they were last embedded.
     """
     root = Path(root)
     if not root.exists():
@@ -91,8 +105,11 @@ def scan_images(
     labelled = bool(top) and all(p.is_dir() for p in top)
     files = _walk(root)
     if verify:
+        check = (
+            _check if not trusted else lambda f: None if _unchanged(f, root, trusted) else _check(f)
+        )
         with ThreadPoolExecutor(max(1, threads)) as pool:
-            reasons = list(pool.map(_check, files))
+            reasons = list(pool.map(check, files))
     else:
         reasons = [
             None if f.suffix.lower() in IMAGE_EXTENSIONS else "not an image file" for f in files

@@ -8,6 +8,9 @@ unchanged (a pool that gained images embeds only the new ones).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -18,9 +21,9 @@ from rich.progress import Progress
 
 from alfk_cli import acquisition
 from alfk_cli.atomic import check_writable_dir
-from alfk_cli.embedding import EmbedSummary, embed_folder
+from alfk_cli.embedding import EmbedSummary, embed_folder, trusted_files
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import scan_images
+from alfk_cli.images import ImageSet, scan_images
 from alfk_cli.scores import Scores, read_scores, write_scores
 from alfk_cli.store import FeatureStore, check_compatible, open_store
 from alfk_cli.workdir import default_workdir, locked, newest_checkpoint, read_exclude
@@ -38,14 +41,23 @@ class SelectReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _same_files(pool: FeatureStore, pool_root: Path, val: FeatureStore) -> np.ndarray:
-    """Pool rows that are validation images (the same file reached through both folders)."""
-    val_root = Path(val.image_root).resolve()
-    val_files = {(val_root / p).resolve() for p in val.paths}
-    return np.array(
-        [i for i, p in enumerate(pool.paths) if (pool_root / p).resolve() in val_files],
-        dtype=np.int64,
-    )
+def _same_files(pool_paths: list[str], pool_root: str, val: FeatureStore) -> np.ndarray:
+    """Pool rows that are validation images: the validation folder lies inside the pool folder
+    (e.g. ``--pool data/ --val data/val``), so the same file is reachable through both."""
+    pool_abs, val_abs = Path(pool_root).resolve(), Path(val.image_root).resolve()
+    try:
+        prefix = val_abs.relative_to(pool_abs).as_posix()
+    except ValueError:  # the folders are disjoint, or the pool lies inside the validation folder
+        prefix = None
+    if prefix is None:
+        inside = pool_abs.is_relative_to(val_abs)
+        sub = pool_abs.relative_to(val_abs).as_posix() + "/" if inside else None
+        val_set = set(val.paths)
+        rows = [i for i, p in enumerate(pool_paths) if sub is not None and sub + p in val_set]
+    else:
+        val_set = {f"{prefix}/{p}" if prefix != "." else p for p in val.paths}
+        rows = [i for i, p in enumerate(pool_paths) if p in val_set]
+    return np.array(rows, dtype=np.int64)
 
 
 def score_stores(
@@ -58,25 +70,48 @@ def score_stores(
     seed: int = 0,
     device: str = "cpu",
     image_root: str | None = None,
+    reuse: bool = False,
 ) -> tuple[Scores, list[str]]:
     """Select P pool images against the validation store and write the scores file ``out``.
 
     ``exclude`` names a file of image paths (already labelled or already sent) removed before the
     search; validation images found in the pool are always removed. ``image_root`` overrides the
-    pool folder used to print paths (default: the one recorded in the pool store). Returns the
-    scores and notes for the user (e.g. the no-misclassified fallback).
+    pool folder used to print paths (default: the one recorded in the pool store). ``reuse``
+    returns an existing ``out`` made from the same stores and options instead of recomputing.
+    Returns the scores and notes for the user (e.g. the no-misclassified fallback).
     """
     check_writable_dir(out)
     notes: list[str] = []
     with open_store(val_path) as val, open_store(pool_path) as pool:
         check_compatible(val, pool)
+        root = image_root if image_root is not None else pool.image_root
+        # Everything the selection depends on; an existing scores file with the same key is reused.
+        key = json.dumps(
+            {
+                "val": val.get_attr("fingerprint"),
+                "pool": pool.get_attr("fingerprint"),
+                "P": P,
+                "kernel": kernel,
+                "seed": seed,
+                "image_root": root,
+                "val_root": val.image_root,
+                "exclude": hashlib.sha256(Path(exclude).read_bytes()).hexdigest()
+                if exclude and Path(exclude).is_file()
+                else None,
+            },
+            sort_keys=True,
+        )
+        if reuse and Path(out).is_file():
+            with contextlib.suppress(AlfkError):
+                cached = read_scores(out)
+                if cached.attrs.get("cache_key") == key:
+                    return cached, [f"{out} is up to date"]
         if (np.asarray(val.labels[:]) < 0).any():
             raise AlfkError(
                 f"{val.path} has images without labels; the validation store needs class sub-folders"
             )
-        root = image_root if image_root is not None else pool.image_root
         pool_paths = pool.paths
-        drop = set(_same_files(pool, Path(root), val).tolist())
+        drop = set(_same_files(pool_paths, root, val).tolist())
         if drop:
             notes.append(f"left out {len(drop)} pool image(s) that are also validation images")
         if exclude is not None:
@@ -107,8 +142,9 @@ def score_stores(
         attrs = {
             "val_store": str(val_path),
             "pool_store": str(pool_path),
-            "val_store_sha256": val.sha256,
-            "pool_store_sha256": pool.sha256,
+            "val_store_fingerprint": val.get_attr("fingerprint"),
+            "pool_store_fingerprint": pool.get_attr("fingerprint"),
+            "cache_key": key,
             "checkpoint_sha256": pool.checkpoint_sha256,
             "seed": seed,
             "excluded": len(drop),
@@ -144,10 +180,13 @@ def run_select(
     pool_arg = str(pool_dir)
     wd = Path(workdir) if workdir is not None else default_workdir(pool_dir)
     # Fail fast, before any model pass, on what can be checked from the folders alone.
-    pool_scan = scan_images(pool_dir, strict=strict, verify=False)
+    # Each folder is walked once; files unchanged since the cached stores are not re-verified.
+    val_store, pool_store = wd / "val.h5", wd / "pool.h5"
+    pool_scan = scan_images(pool_dir, strict=strict, trusted=trusted_files(pool_store))
     if P > len(pool_scan):
         raise AlfkError(f"P={P} is more than the {len(pool_scan)} images in {pool_dir}")
-    if not scan_images(val_dir, verify=False).labelled:
+    val_scan = scan_images(val_dir, strict=strict, trusted=trusted_files(val_store))
+    if not val_scan.labelled:
         raise AlfkError(f"{val_dir} has no class sub-folders; the validation set must be labelled")
     try:
         wd.mkdir(parents=True, exist_ok=True)
@@ -158,12 +197,9 @@ def run_select(
         ckpt = Path(model) if model is not None else newest_checkpoint(wd)
         if ckpt is None:
             ckpt = wd / "init.pt"
-            _pretrain(
-                pool_dir, ckpt, arch, pretrain_epochs, seed, device, workers, strict, progress
-            )
+            _pretrain(pool_scan, ckpt, arch, pretrain_epochs, seed, device, workers, progress)
             report.pretrained = True
         report.checkpoint = ckpt
-        val_store, pool_store = wd / "val.h5", wd / "pool.h5"
         common = dict(
             taps=taps,
             workers=workers,
@@ -173,7 +209,9 @@ def run_select(
             quiet=quiet,
             progress=progress,
         )
-        report.embeds.append(embed_folder(ckpt, val_dir, val_store, reuse=val_store, **common))
+        report.embeds.append(
+            embed_folder(ckpt, val_dir, val_store, reuse=val_store, images=val_scan, **common)
+        )
         report.embeds.append(
             embed_folder(
                 ckpt,
@@ -182,6 +220,7 @@ def run_select(
                 reference=val_store,
                 pseudo_label=pseudo_label,
                 reuse=pool_store,
+                images=pool_scan,
                 **common,
             )
         )
@@ -195,31 +234,24 @@ def run_select(
             seed=seed,
             device=device,
             image_root=pool_arg,
+            reuse=True,
         )
     report.seconds = time.perf_counter() - t0
     return scores, notes, report
 
 
 def _pretrain(
-    pool_dir,
+    images: ImageSet,
     out: Path,
     arch: str,
     epochs: int,
     seed: int,
     device: str,
     workers: int,
-    strict: bool,
     progress: Progress | None,
 ) -> None:
     from alfk_cli.devices import resolve_device
     from alfk_cli.training import ROTNET_MILESTONES, default_config, pretrain_checkpoint
 
     cfg = default_config(arch, epochs, seed=seed, workers=workers, milestones=ROTNET_MILESTONES)
-    pretrain_checkpoint(
-        scan_images(pool_dir, strict=strict),
-        out,
-        arch,
-        cfg,
-        resolve_device(device),
-        progress=progress,
-    )
+    pretrain_checkpoint(images, out, arch, cfg, resolve_device(device), progress=progress)

@@ -276,3 +276,67 @@ def test_usage_errors(cli, world):
         cli("select", "--val", "val", "--pool", "pool", "--P", "3", "--format", "xml").exit_code
         == 2
     )
+
+
+def test_unchanged_embed_leaves_the_store_untouched(cli, world):
+    args = ("embed", "--model", "init.pt", "--images", "val", "--out", "val.h5", "--device", "cpu")
+    assert cli(*args).exit_code == 0
+    before = Path("val.h5").stat().st_mtime_ns
+    r = cli(*args)
+    assert r.exit_code == 0 and "val.h5 is up to date" in r.stderr and "0 computed" in r.stderr
+    assert Path("val.h5").stat().st_mtime_ns == before
+    # a changed image is recomputed, the rest reused
+    write_images(Path("val") / "a", 1, seed=99)  # overwrites val/a/img0000.png with new pixels
+    r = cli(*args)
+    assert r.exit_code == 0 and "1 computed" in r.stderr
+
+
+def test_scores_are_cached_until_an_input_changes(cli, world):
+    args = [
+        "select",
+        "--val",
+        "val",
+        "--pool",
+        "pool",
+        "--P",
+        "5",
+        "--model",
+        "init.pt",
+        "--device",
+        "cpu",
+    ]
+    assert cli(*args).exit_code == 0
+    scores = world / ".alfk" / "pool" / "scores.h5"
+    before = scores.stat().st_mtime_ns
+    r = cli(*args)
+    assert "scores.h5 is up to date" in r.stderr and scores.stat().st_mtime_ns == before
+    r = cli(*args[:-5], "6", *args[-4:])  # another P
+    assert r.exit_code == 0 and len(r.stdout.split()) == 6 and scores.stat().st_mtime_ns != before
+    sent = r.stdout.split()[0]
+    Path("sent.txt").write_text(sent + "\n")
+    r = cli(*args, "--exclude", "sent.txt")  # a new exclusion list
+    assert r.exit_code == 0 and "scores.h5 is up to date" not in r.stderr
+    assert sent not in r.stdout.split() and len(r.stdout.split()) == 5
+
+
+def test_pool_inside_validation_folder_and_disjoint_folders(cli, world):
+    # pool lies inside the validation folder's tree: its images under val/a are validation images
+    make_labelled(Path("data"), ["a", "b", "c"], 4)
+    write_images(Path("data") / "a" / "extra", 3, seed=50, prefix="x")
+    r = cli(
+        "select",
+        "--val",
+        "data",
+        "--pool",
+        "data/a",
+        "--P",
+        "3",
+        "--model",
+        "init.pt",
+        "--device",
+        "cpu",
+        "--workdir",
+        "wd2",
+    )
+    # every image under data/a is a validation image: nothing is left to select
+    assert r.exit_code == 1 and "exceeds the 0 available" in r.stderr

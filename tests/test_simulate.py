@@ -1,0 +1,210 @@
+"""The oracle simulation harness end to end on tiny random-pixel folders (a CI smoke test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alfk_cli import simulate as sim
+from alfk_cli.errors import AlfkError
+from conftest import make_labelled
+
+CLASSES = ["0", "1", "2", "3"]
+RARE = ("2", "3")
+TIMING = ("select_seconds", "train_seconds")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("simdata")
+    return {
+        "pool": make_labelled(root / "pool", CLASSES, 30, prefix="p"),
+        "val": make_labelled(root / "val", CLASSES, 5, prefix="v"),
+        "test": make_labelled(root / "test", CLASSES, 5, prefix="t"),
+    }
+
+
+def run(folders, out, strategies=("random", "fk:p_yz"), **kw):
+    args = {
+        "rounds": 2,
+        "P": 5,
+        "seeds": [0],
+        "init": "random",
+        "epochs": 1,
+        "imbalance": 2,
+        "rare": RARE,
+        "mc_samples": 3,
+        "device": "cpu",
+        "workers": 0,
+    }
+    args.update(kw)
+    return sim.simulate(
+        folders["pool"], folders["val"], folders["test"], out, list(strategies), **args
+    )
+
+
+def without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_biased_rows_keeps_floor_nonrare_over_r():
+    labels = np.repeat(np.arange(4), [30, 30, 30, 30])
+    rows = sim.biased_rows(labels, [2, 3], 7, seed=3)
+    kept = labels[rows]
+    assert (kept < 2).sum() == 60
+    assert np.isin(kept, [2, 3]).sum() == 60 // 7
+    assert len(set(rows.tolist())) == len(rows) and (np.diff(rows) > 0).all()
+    assert np.array_equal(rows, sim.biased_rows(labels, [2, 3], 7, seed=3))  # seeded
+    assert not np.array_equal(rows, sim.biased_rows(labels, [2, 3], 7, seed=4))
+    assert len(sim.biased_rows(labels, [2, 3], None, 0)) == 120
+    assert len(sim.biased_rows(labels, [2, 3], 1, 0)) == 120
+
+
+def test_parse_strategy():
+    assert sim.parse_strategy("fk") == sim.Strategy("fk", "fk", "p_yz", "sum")
+    assert sim.parse_strategy("pcc") == sim.Strategy("pcc", "fk", "p_yz", "pcc")
+    assert sim.parse_strategy("fk:mc_mi:product").kernel == "product"
+    assert sim.parse_strategy("fk::pcc").estimator == "p_yz"
+    for bad in ("fk:nope", "fk:p_yz:cosine", "uncertainty", "random:x"):
+        with pytest.raises(AlfkError):
+            sim.parse_strategy(bad)
+
+
+def test_simulate_end_to_end_and_resume(folders, tmp_path, monkeypatch):
+    out = tmp_path / "res"
+    rows = run(folders, out)
+    assert [(r["strategy"], r["round"]) for r in rows] == [
+        ("random", 1),
+        ("random", 2),
+        ("fk:p_yz", 1),
+        ("fk:p_yz", 2),
+    ]
+    for name in ("results.csv", "results.jsonl", "config.json"):
+        assert (out / name).is_file()
+    assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == rows
+    assert without_timing(sim.read_results(out / "results.csv")) == without_timing(rows)
+    for r in rows:
+        assert r["labels"] == 5 * r["round"]
+        assert sum(r["batch_histogram"]) == 5 and len(r["batch_histogram"]) == 4
+        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["rare_accuracy"] <= 1
+        assert all(0 <= a <= 1 for a in r["per_class"])
+        assert 1 <= r["best_epoch"] <= 1
+        if r["strategy"] == "random":
+            assert r["pseudo_label_accuracy"] is None and r["model_passes"] == 0
+        else:
+            assert 0 <= r["pseudo_label_accuracy"] <= 1
+            # 2·(M + N'): 20 validation images, pool of 60 + 30 minus those labelled
+            assert r["model_passes"] == 2 * (20 + 90 - 5 * (r["round"] - 1))
+    for strategy in ("random", "fk-p_yz"):
+        run_dir = out / "runs" / strategy / "0"
+        r1 = json.loads((run_dir / "round_1.json").read_text())["labelled_rows"]
+        r2 = json.loads((run_dir / "round_2.json").read_text())["labelled_rows"]
+        assert r2[:5] == r1 and len(set(r2)) == 10  # no pool row selected twice
+        # rows index the pool folder; the biased pool keeps 60 common + 30 rare images
+        assert all(0 <= r < 120 for r in r2)
+
+    # resume: drop the last round of one strategy; only that round is recomputed
+    (out / "runs" / "fk-p_yz" / "0" / "round_2.json").unlink()
+    (out / "runs" / "fk-p_yz" / "0" / "round_2.pt").unlink()
+    calls = []
+    real_fit = sim.fit
+
+    def counting_fit(*a, **k):
+        calls.append(1)
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(sim, "fit", counting_fit)
+    again = run(folders, out)
+    assert len(calls) == 1
+    assert without_timing(again) == without_timing(rows)
+    assert again[:3] == rows[:3]  # finished rounds are read back, not recomputed
+    calls.clear()
+    assert without_timing(run(folders, out)) == without_timing(rows)
+    assert calls == []
+
+    with pytest.raises(AlfkError, match="choose another --out"):
+        run(folders, out, P=4)
+
+
+def test_every_strategy_runs_one_round(folders, tmp_path):
+    strategies = [
+        "entropy",
+        "margin",
+        "varR",
+        "bald",
+        "coreset",
+        "pcc",
+        "fk:yhat:product",
+        "fk:true",
+        "fk:mc_trace",
+        "fk:mc_mi:pcc",
+    ]
+    rows = run(folders, tmp_path / "all", strategies, rounds=1, imbalance=None)
+    assert [r["strategy"] for r in rows] == strategies
+    by = {r["strategy"]: r for r in rows}
+    assert by["fk:true"]["pseudo_label_accuracy"] == 1.0
+    assert by["entropy"]["model_passes"] == 120
+    assert by["varR"]["model_passes"] == 3 * 120
+    assert by["fk:mc_trace"]["model_passes"] == 2 * (20 + 120) + 3 * (1 + 4) * 120
+    for r in rows:
+        assert sum(r["batch_histogram"]) == 5
+
+
+def test_pretrain_init_is_cached(folders, tmp_path):
+    out = tmp_path / "pre"
+    rows = run(
+        folders, out, ["random"], rounds=1, init="pretrain", pretrain_epochs=1, epochs=3,
+        eval_every=2,
+    )  # fmt: skip
+    assert len(rows) == 1 and (out / "cache" / "pretrain_seed0.pt").is_file()
+    assert rows[0]["best_epoch"] in (2, 3)  # validated at epoch 2 and at the last
+
+
+def test_plot_and_tables(folders, tmp_path):
+    pytest.importorskip("matplotlib")
+    from alfk_cli.plot import labels_to_reach, plot_results, summary_table
+
+    rows = [
+        {"strategy": s, "seed": seed, "round": b, "labels": 5 * b, "test_accuracy": acc,
+         "rare_accuracy": acc / 2}
+        for s, base in (("random", 0.5), ("fk", 0.7))
+        for seed in (0, 1)
+        for b, acc in ((1, base + 0.01 * seed), (2, base + 0.2))
+    ]  # fmt: skip
+    png = plot_results(rows, tmp_path / "c.png", rare=RARE)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert labels_to_reach(rows, 0.7) == {"random": 10.0, "fk": 5.0}
+    assert labels_to_reach(rows, 0.705) == {"random": None, "fk": 7.5}
+    partial = [r for r in rows if (r["strategy"], r["seed"], r["round"]) != ("fk", 0, 2)]
+    assert labels_to_reach(partial, 0.705) == {"random": None, "fk": None}  # seed 0 never does
+    table = summary_table(rows, RARE)
+    assert "| fk |" in table and "5 labels" in table
+    assert "90.0 ± 0.0 (45.0)" in table  # fk at 10 labels: test 90%, rare 45%
+
+
+def test_cli_simulate_and_plot(folders, tmp_path, cli):
+    out = tmp_path / "cli"
+    res = cli(
+        "simulate", "--pool", folders["pool"], "--val", folders["val"], "--test", folders["test"],
+        "--strategies", "random,entropy", "--rounds", "1", "--P", "4", "--seeds", "0,1",
+        "--init", "random", "--epochs", "1", "--imbalance", "3", "--rare", "2,3",
+        "--device", "cpu", "--workers", "0", "--out", out,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    assert "random seed 1 round 1" in res.stderr and res.stdout == ""
+    rows = sim.read_results(out)
+    assert len(rows) == 4 and (out / "results.csv").is_file()
+    assert (out / "curves.png").is_file()
+    res = cli("plot", "--results", out, "--out", tmp_path / "p.png")
+    assert res.exit_code == 0, res.stderr
+    assert (tmp_path / "p.png").is_file() and "| entropy |" in res.stderr
+    res = cli(
+        "simulate", "--pool", folders["pool"], "--val", folders["val"], "--test", folders["test"],
+        "--strategies", "random", "--rounds", "1", "--P", "4", "--out", out, "--device", "cpu",
+    )  # fmt: skip
+    assert res.exit_code == 1 and "choose another --out" in res.stderr
+    res = cli("simulate", "--help")
+    assert res.exit_code == 0 and "Example:" in res.stdout
