@@ -6,6 +6,7 @@ stdout carries data only; progress, tables and warnings go to stderr. Expected f
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -617,6 +618,9 @@ def main() -> None:
     except KeyboardInterrupt:
         stderr.print("error: interrupted", markup=False)
         sys.exit(130)
+    except BrokenPipeError:  # e.g. `alfk select ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

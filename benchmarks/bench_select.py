@@ -53,8 +53,19 @@ def main() -> None:
     root = args.root
     if not (root / "val").is_dir():
         subprocess.run(
-            [sys.executable, str(REPO / "examples" / "make_biased_folders.py"), "--source", "fashion-mnist",
-             "--imbalance", "1", "--test-per-class", "0", "--out", str(root), "--force"],
+            [
+                sys.executable,
+                str(REPO / "examples" / "make_biased_folders.py"),
+                "--source",
+                "fashion-mnist",
+                "--imbalance",
+                "1",
+                "--test-per-class",
+                "0",
+                "--out",
+                str(root),
+                "--force",
+            ],
             check=True,
         )
     alfk = [sys.executable, "-m", "alfk_cli.cli"]
@@ -64,20 +75,93 @@ def main() -> None:
     work.mkdir()
     n_val = sum(1 for p in (root / "val").rglob("*.png"))
     n_pool = sum(1 for p in (root / "unlabeled").rglob("*.png"))
-    print(f"Fashion-MNIST: {n_val} validation images, {n_pool} pool images, P={args.P}, device {args.device}")
+    print(
+        f"Fashion-MNIST: {n_val} validation images, {n_pool} pool images, P={args.P}, device {args.device}"
+    )
     init = work / "init.pt"
-    timed([*alfk, "pretrain", "--images", str(root / "unlabeled"), "--out", str(init), "--epochs",
-           str(args.pretrain_epochs), "-q", *dev], f"pretrain ({args.pretrain_epochs} epoch)")
-    w, r = timed([*alfk, "embed", "--model", str(init), "--images", str(root / "val"), "--out",
-                  str(work / "val.h5"), "-q", *dev], "embed validation")
+    timed(
+        [
+            *alfk,
+            "pretrain",
+            "--images",
+            str(root / "unlabeled"),
+            "--out",
+            str(init),
+            "--epochs",
+            str(args.pretrain_epochs),
+            "-q",
+            *dev,
+        ],
+        f"pretrain ({args.pretrain_epochs} epoch)",
+    )
+    w, r = timed(
+        [
+            *alfk,
+            "embed",
+            "--model",
+            str(init),
+            "--images",
+            str(root / "val"),
+            "--out",
+            str(work / "val.h5"),
+            "-q",
+            *dev,
+        ],
+        "embed validation",
+    )
     print(f"{'':<44} {n_val / w:8.0f} images/s (whole command)")
-    w, r = timed([*alfk, "embed", "--model", str(init), "--images", str(root / "unlabeled"), "--reference",
-                  str(work / "val.h5"), "--out", str(work / "pool.h5"), "-q", *dev], "embed pool (p_yz)")
+    w, _r = timed(
+        [
+            *alfk,
+            "embed",
+            "--model",
+            str(init),
+            "--images",
+            str(root / "unlabeled"),
+            "--reference",
+            str(work / "val.h5"),
+            "--out",
+            str(work / "pool.h5"),
+            "-q",
+            *dev,
+        ],
+        "embed pool (p_yz)",
+    )
     print(f"{'':<44} {n_pool / w:8.0f} images/s (whole command)")
-    timed([*alfk, "score", "--val", str(work / "val.h5"), "--pool", str(work / "pool.h5"), "--P", str(args.P),
-           "--out", str(work / "scores.h5"), "-q", "--device", args.device], "score (sum kernel)")
-    sel = [*alfk, "select", "--val", str(root / "val"), "--pool", str(root / "unlabeled"), "--P", str(args.P),
-           "--model", str(init), "--workdir", str(work / "wd"), "-q", *dev]
+    timed(
+        [
+            *alfk,
+            "score",
+            "--val",
+            str(work / "val.h5"),
+            "--pool",
+            str(work / "pool.h5"),
+            "--P",
+            str(args.P),
+            "--out",
+            str(work / "scores.h5"),
+            "-q",
+            "--device",
+            args.device,
+        ],
+        "score (sum kernel)",
+    )
+    sel = [
+        *alfk,
+        "select",
+        "--val",
+        str(root / "val"),
+        "--pool",
+        str(root / "unlabeled"),
+        "--P",
+        str(args.P),
+        "--model",
+        str(init),
+        "--workdir",
+        str(work / "wd"),
+        "-q",
+        *dev,
+    ]
     cold, _ = timed(sel, "select cold (embed val + pool, score)")
     warm, _ = timed(sel, "select warm (nothing changed)")
     print(f"warm / cold = {warm / cold:.3f}")

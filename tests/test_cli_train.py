@@ -16,10 +16,12 @@ def folders(tmp_path):
 
 def test_help_lists_commands_and_examples(cli):
     r = cli("--help")
-    assert r.exit_code == 0 and "pretrain" in r.stdout and "train" in r.stdout
-    for cmd in ("train", "pretrain"):
+    assert r.exit_code == 0
+    for cmd in ("pretrain", "train", "embed", "score", "select", "simulate", "plot"):
+        assert f" {cmd} " in r.stdout
+    for cmd in ("train", "pretrain", "embed", "score", "select", "simulate", "plot"):
         h = cli(cmd, "--help")
-        assert h.exit_code == 0 and f"Example: alfk {cmd}" in h.stdout
+        assert h.exit_code == 0 and "Example" in h.stdout and f"alfk {cmd} --" in h.stdout
 
 
 def test_train_writes_checkpoint_with_metadata(cli, folders, tmp_path):
