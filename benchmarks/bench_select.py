@@ -94,7 +94,7 @@ def main() -> None:
         ],
         f"pretrain ({args.pretrain_epochs} epoch)",
     )
-    w, r = timed(
+    w, _ = timed(
         [
             *alfk,
             "embed",
