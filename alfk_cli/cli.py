@@ -437,8 +437,8 @@ def select(
             )
         if report.pretrained:
             _say(quiet, f"no checkpoint given or cached: pretrained {report.checkpoint}")
-        for s in report.embeds:
-            _report_skipped(s.skipped, Path(s.out), quiet)
+        for folder, s in zip((val, pool), report.embeds):
+            _report_skipped(s.skipped, folder, quiet)
             _embed_summary(s, quiet)
         for note in notes:
             _say(quiet, f"note: {note}")

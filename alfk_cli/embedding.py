@@ -160,8 +160,7 @@ def _reusable_rows(
     empty = np.empty(0, dtype=np.int64)
     if reuse is None:
         return None, empty, empty
-    if not reuse.exists():
-        notes.append(f"nothing reused: {reuse} does not exist")
+    if not reuse.exists():  # a first run: nothing to say
         return None, empty, empty
     try:
         prev = open_store(reuse)

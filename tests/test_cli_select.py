@@ -340,3 +340,32 @@ def test_pool_inside_validation_folder_and_disjoint_folders(cli, world):
     )
     # every image under data/a is a validation image: nothing is left to select
     assert r.exit_code == 1 and "exceeds the 0 available" in r.stderr
+
+
+def test_unreadable_pool_files_are_listed_under_the_pool_and_skipped(cli, world):
+    Path("pool/day1/broken.png").write_bytes(b"junk")
+    Path("pool/notes.txt").write_text("not an image")
+    r = cli(
+        "select",
+        "--val",
+        "val",
+        "--pool",
+        "pool",
+        "--P",
+        "3",
+        "--model",
+        "init.pt",
+        "--device",
+        "cpu",
+    )
+    assert r.exit_code == 0, r.stderr
+    assert (
+        "pool/day1/broken.png: unreadable image" in r.stderr
+        and "pool/notes.txt: not an image file" in r.stderr
+    )
+    assert "pool.h5/" not in r.stderr
+    assert all("broken" not in p for p in r.stdout.split())
+    strict = cli(
+        "select", "--val", "val", "--pool", "pool", "--P", "3", "--model", "init.pt", "--strict"
+    )
+    assert strict.exit_code == 1 and "not an image file (and 1 more)" in strict.stderr
