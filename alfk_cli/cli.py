@@ -437,6 +437,8 @@ def select(
             )
         if report.pretrained:
             _say(quiet, f"no checkpoint given or cached: pretrained {report.checkpoint}")
+        else:
+            _say(quiet, f"model {report.checkpoint}")
         for folder, s in zip((val, pool), report.embeds):
             _report_skipped(s.skipped, folder, quiet)
             _embed_summary(s, quiet)
