@@ -23,6 +23,7 @@ from alfk_cli import __version__
 from alfk_cli.acquisition import Selection
 from alfk_cli.atomic import atomic_output
 from alfk_cli.errors import AlfkError
+from alfk_cli.store import open_hdf5
 
 KIND = "alfk-scores"
 SCHEMA_VERSION = 1
@@ -134,13 +135,7 @@ def write_scores(
 
 def read_scores(path: str | os.PathLike) -> Scores:
     path = Path(path)
-    if not path.is_file():
-        raise AlfkError(f"scores file {path} does not exist")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise AlfkError(f"{path} is not an HDF5 scores file") from None
-    with f:
+    with open_hdf5(path, "scores file") as f:
         if f.attrs.get("kind") != KIND:
             raise AlfkError(f"{path} is not an alfk scores file")
         version = int(f.attrs.get("schema_version", -1))

@@ -480,17 +480,22 @@ class FeatureStore:
         return self._sha256
 
 
+def open_hdf5(path: Path, what: str) -> h5py.File:
+    """Open ``path`` read-only; a one-line AlfkError naming ``what`` when it cannot be."""
+    if not path.exists():
+        raise AlfkError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise AlfkError(f"{what} {path} is not a file")
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        raise AlfkError(f"{path} is not an HDF5 file (not an alfk {what})") from None
+
+
 def open_store(path: str | os.PathLike) -> FeatureStore:
     """Open a complete schema-1 feature store read-only; AlfkError (one line) on anything else."""
     path = Path(path)
-    if not path.exists():
-        raise AlfkError(f"feature store {path} does not exist")
-    if not path.is_file():
-        raise AlfkError(f"feature store {path} is not a file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError:
-        raise AlfkError(f"{path} is not an HDF5 file (not an alfk feature store)") from None
+    f = open_hdf5(path, "feature store")
     try:
         if "schema_version" not in f.attrs:
             raise AlfkError(f"{path} is not an alfk feature store (no schema_version)")

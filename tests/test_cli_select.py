@@ -25,6 +25,22 @@ def world(tmp_path, monkeypatch):
     return tmp_path
 
 
+# alfk select on the fixture's folders, P = 5, with the fixture's checkpoint
+SELECT_5 = (
+    "select",
+    "--val",
+    "val",
+    "--pool",
+    "pool",
+    "--P",
+    "5",
+    "--model",
+    "init.pt",
+    "--device",
+    "cpu",
+)
+
+
 def _lines(r):
     return [ln for ln in r.stdout.splitlines() if ln]
 
@@ -51,19 +67,7 @@ def test_select_prints_p_distinct_existing_paths(cli, world):
 
 
 def test_rerun_with_nothing_changed_does_no_model_pass(cli, world, monkeypatch):
-    args = (
-        "select",
-        "--val",
-        "val",
-        "--pool",
-        "pool",
-        "--P",
-        "5",
-        "--model",
-        "init.pt",
-        "--device",
-        "cpu",
-    )
+    args = SELECT_5
     first = cli(*args)
     assert first.exit_code == 0, first.stderr
 
@@ -78,19 +82,7 @@ def test_rerun_with_nothing_changed_does_no_model_pass(cli, world, monkeypatch):
 
 
 def test_pool_that_gained_images_embeds_only_new_ones(cli, world):
-    args = (
-        "select",
-        "--val",
-        "val",
-        "--pool",
-        "pool",
-        "--P",
-        "5",
-        "--model",
-        "init.pt",
-        "--device",
-        "cpu",
-    )
+    args = SELECT_5
     assert cli(*args).exit_code == 0
     write_images(Path("pool") / "day3", 6, seed=12)
     r = cli(*args)
