@@ -370,7 +370,7 @@ def select(
         typer.Option(
             "--model",
             "-m",
-            help="Task checkpoint [default: newest in the work folder, else pretrain one].",
+            help="Task checkpoint (default: newest in the work folder, else pretrain one).",
         ),
     ] = None,
     arch: Annotated[
@@ -379,7 +379,7 @@ def select(
     workdir: Annotated[
         Path | None,
         typer.Option(
-            "--workdir", "-w", help="Cache folder [default: .alfk/<pool name> beside the pool]."
+            "--workdir", "-w", help="Cache folder (default: .alfk/<pool name> beside the pool)."
         ),
     ] = None,
     exclude: Exclude = None,
@@ -570,7 +570,7 @@ def plot(
         typer.Option("--results", help="Results folder of 'alfk simulate' (or its .csv/.jsonl)."),
     ],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="PNG to write [default: RESULTS/curves.png].")
+        Path | None, typer.Option("--out", "-o", help="PNG to write (default: RESULTS/curves.png).")
     ] = None,
     rare: Annotated[
         str | None, typer.Option("--rare", help="Rare class names for the panel title.")
