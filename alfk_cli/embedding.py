@@ -35,10 +35,9 @@ from rich.progress import Progress
 from alfk_cli import __version__
 from alfk_cli.atomic import check_writable_dir
 from alfk_cli.checkpoint import load_checkpoint, task_model
-from alfk_cli.descriptors import describe_batch
 from alfk_cli.devices import resolve_device
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import ImageDataset, ImageSet, normalizer, scan_images
+from alfk_cli.images import ImageDataset, ImageSet, scan_images
 from alfk_cli.models import resolve_taps, scale_dims
 from alfk_cli.progress import make_progress
 from alfk_cli.pseudolabels import (
@@ -46,9 +45,7 @@ from alfk_cli.pseudolabels import (
     MCConfig,
     NearestReference,
     check_method,
-    image_keys,
-    mc_labels,
-    yhat,
+    describe_images,
 )
 from alfk_cli.store import (
     SCHEMA_VERSION,
@@ -455,7 +452,6 @@ def _compute(
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )
-    norm = normalizer(spec)
     label_t = torch.from_numpy(labels)
     done = 0
     t0 = time.perf_counter()
@@ -465,17 +461,10 @@ def _compute(
             raise AlfkError(f"cannot decode image {images.absolute(bad)}")
         rows_np = rows.numpy().astype(np.int64)
         img = img.to(dev, non_blocking=True)
-        x = norm(img)
-        if method == "true":
-            z, g, logits, used = describe_batch(model, x, taps, labels=label_t[rows].to(dev))
-        elif method == "yhat":
-            z, g, logits, used = describe_batch(model, x, taps, label_fn=yhat)
-        elif method == "p_yz":
-            z, g, logits, used = describe_batch(model, x, taps, label_fn=labeler)
-        else:
-            keys = image_keys(seed, [images.paths[r] for r in rows_np])
-            est = mc_labels(method, model, img, spec, taps, keys, mc_cfg)
-            z, g, logits, used = describe_batch(model, x, taps, labels=est)
+        z, g, logits, used = describe_images(
+            model, img, spec, taps, method, labels=label_t[rows].to(dev), reference=labeler,
+            names=[images.paths[r] for r in rows_np], seed=seed, mc_cfg=mc_cfg,
+        )  # fmt: skip
         writer.write_rows(
             rows_np,
             z.float().cpu().numpy(),

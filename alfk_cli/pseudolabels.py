@@ -340,3 +340,36 @@ __all__ = [
     "rotate",
     "yhat",
 ]
+
+
+def describe_images(
+    model: TapNet,
+    images: torch.Tensor,
+    spec: InputSpec,
+    taps: Sequence[str],
+    method: str,
+    labels: torch.Tensor | None = None,
+    reference: NearestReference | None = None,
+    names: Sequence[str] = (),
+    seed: int = 0,
+    mc_cfg: MCConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z, g, logits and the labels g used, for one uint8 batch, with the estimator ``method``.
+
+    ``labels`` serve ``true``; ``reference`` (a NearestReference) serves ``p_yz``; ``names`` (the
+    images' relative paths) and ``seed`` key the Monte-Carlo perturbations of ``mc_trace`` and
+    ``mc_mi``. The single place that maps an estimator to a ``describe_batch`` call.
+    """
+    from alfk_cli.descriptors import describe_batch
+    from alfk_cli.images import normalizer
+
+    x = normalizer(spec)(images)
+    if method == "true":
+        return describe_batch(model, x, taps, labels=labels)
+    if method == "yhat":
+        return describe_batch(model, x, taps, label_fn=yhat)
+    if method == "p_yz":
+        return describe_batch(model, x, taps, label_fn=reference)
+    keys = image_keys(seed, names)
+    est = mc_labels(method, model, images, spec, taps, keys, mc_cfg or MCConfig())
+    return describe_batch(model, x, taps, labels=est)

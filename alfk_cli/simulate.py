@@ -288,34 +288,25 @@ def describe(
     model: TapNet,
     x: torch.Tensor,
     ctx: Context,
+    method: str,
     labels: torch.Tensor | None = None,
-    label_fn=None,
-    mc: tuple[str, Sequence[str], int] | None = None,
+    reference=None,
+    names: Sequence[str] = (),
+    seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """z, g, logits and the labels g used, for uint8 images, in batches of 256.
-
-    ``mc = (method, names, seed)`` computes Monte-Carlo pseudo-labels per batch first.
-    """
-    from alfk_cli.descriptors import describe_batch
-    from alfk_cli.pseudolabels import MCConfig, image_keys, mc_labels
+    """z, g, logits and the labels g used, for uint8 images, in batches of 256."""
+    from alfk_cli.pseudolabels import MCConfig, describe_images
 
     model.to(ctx.device)
-    norm = normalizer(ctx.spec)
+    mc_cfg = MCConfig(samples=ctx.mc_samples)
     zs, gs, ls, us = [], [], [], []
     for s in range(0, len(x), DESCRIBE_BATCH):
-        xb = x[s : s + DESCRIBE_BATCH].to(ctx.device)
-        kw: dict[str, Any] = {}
-        if mc is not None:
-            method, names, seed = mc
-            keys = image_keys(seed, names[s : s + DESCRIBE_BATCH])
-            kw["labels"] = mc_labels(
-                method, model, xb, ctx.spec, ctx.taps, keys, MCConfig(samples=ctx.mc_samples)
-            )
-        elif labels is not None:
-            kw["labels"] = labels[s : s + DESCRIBE_BATCH].to(ctx.device)
-        else:
-            kw["label_fn"] = label_fn
-        z, g, lg, used = describe_batch(model, norm(xb), ctx.taps, **kw)
+        part = slice(s, s + DESCRIBE_BATCH)
+        z, g, lg, used = describe_images(
+            model, x[part].to(ctx.device), ctx.spec, ctx.taps, method,
+            labels=labels[part].to(ctx.device) if labels is not None else None,
+            reference=reference, names=names[part], seed=seed, mc_cfg=mc_cfg,
+        )  # fmt: skip
         zs.append(z.float().cpu())
         gs.append(g.float().cpu())
         ls.append(lg.float().cpu())
@@ -359,23 +350,19 @@ def choose(
         z = pooled_features(model, ctx.pool_x, ctx.spec, ctx.taps, ctx.device)
         return strat_lib.coreset_rows(z, labelled, P, available), len(labelled), None
     # Fisher kernel: validation with true labels, the unlabelled pool with pseudo-labels
-    from alfk_cli.pseudolabels import NearestReference, yhat
+    from alfk_cli.pseudolabels import MC_METHODS, NearestReference
 
-    vz, vg, vl, _ = describe(model, ctx.val.x, ctx, labels=ctx.val.y)
+    vz, vg, vl, _ = describe(model, ctx.val.x, ctx, "true", labels=ctx.val.y)
     x = ctx.pool_x[torch.from_numpy(avail_rows)]
     hidden = ctx.pool_y[torch.from_numpy(avail_rows)]
     passes = 2 * (len(ctx.val) + n_avail)
     est = strategy.estimator
-    if est == "true":
-        pz, pg, _, used = describe(model, x, ctx, labels=hidden)
-    elif est == "yhat":
-        pz, pg, _, used = describe(model, x, ctx, label_fn=yhat)
-    elif est == "p_yz":
-        ref = NearestReference(vz, ctx.val.y.numpy(), ctx.dims)
-        pz, pg, _, used = describe(model, x, ctx, label_fn=ref)
-    else:
-        names = [ctx.pool_names[i] for i in avail_rows]
-        pz, pg, _, used = describe(model, x, ctx, mc=(est, names, seed))
+    ref = NearestReference(vz, ctx.val.y.numpy(), ctx.dims) if est == "p_yz" else None
+    names = [ctx.pool_names[i] for i in avail_rows]
+    pz, pg, _, used = describe(
+        model, x, ctx, est, labels=hidden, reference=ref, names=names, seed=seed
+    )
+    if est in MC_METHODS:
         passes += ctx.mc_samples * (1 + ctx.num_classes) * n_avail
     pseudo_acc = float((used == hidden.numpy()).mean()) if n_avail else None
     sel = fk_select(

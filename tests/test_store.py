@@ -267,7 +267,7 @@ class Boom(RuntimeError):
 
 
 def _fail_after(monkeypatch, calls: int):
-    real = embedding.describe_batch
+    real = embedding.describe_images  # one call per batch
     count = {"n": 0}
 
     def wrapper(*a, **kw):
@@ -276,7 +276,7 @@ def _fail_after(monkeypatch, calls: int):
             raise Boom("injected failure")
         return real(*a, **kw)
 
-    monkeypatch.setattr(embedding, "describe_batch", wrapper)
+    monkeypatch.setattr(embedding, "describe_images", wrapper)
 
 
 def test_interrupt_and_resume_matches_an_uninterrupted_run(env, tmp_path, monkeypatch):
