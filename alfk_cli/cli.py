@@ -563,14 +563,23 @@ def simulate(
             stderr.print(f"[yellow]warning:[/] {exc}; no plot written")
 
 
-@app.command(epilog="Example: alfk plot --results results/ --out curves.png")
+@app.command(
+    epilog="Example: alfk plot --results runs/random --results runs/fk-p_yz --out curves.png"
+)
 def plot(
     results: Annotated[
-        Path,
-        typer.Option("--results", help="Results folder of 'alfk simulate' (or its .csv/.jsonl)."),
+        list[Path],
+        typer.Option(
+            "--results",
+            help="Results folder of 'alfk simulate' (or its .csv/.jsonl); repeat to combine "
+            "folders, e.g. one per strategy.",
+        ),
     ],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="PNG to write (default: RESULTS/curves.png).")
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="PNG to write (default: curves.png in the first RESULTS)."
+        ),
     ] = None,
     rare: Annotated[
         str | None, typer.Option("--rare", help="Rare class names for the panel title.")
@@ -578,16 +587,17 @@ def plot(
     quiet: Quiet = False,
 ) -> None:
     """Plot mean ± std learning curves (test and rare-class accuracy) from simulation results."""
+    import json
+
     from alfk_cli.plot import plot_results, summary_table
     from alfk_cli.simulate import read_results
 
-    rows = read_results(results)
-    if rare is None and results.is_dir() and (results / "config.json").is_file():
-        import json
-
-        rare = ",".join(json.loads((results / "config.json").read_text()).get("rare", []))
+    rows = [row for r in results for row in read_results(r)]
+    first = results[0]
+    if rare is None and first.is_dir() and (first / "config.json").is_file():
+        rare = ",".join(json.loads((first / "config.json").read_text()).get("rare", []))
     if out is None:
-        out = (results if results.is_dir() else results.parent) / "curves.png"
+        out = (first if first.is_dir() else first.parent) / "curves.png"
     rare_list = _csv_list(rare, "rare classes") if rare else None
     png = plot_results(rows, out, rare=rare_list)
     if not quiet:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from alfk_cli.devices import full_precision
 from alfk_cli.models import TapNet, pool
 
 LabelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -69,7 +70,7 @@ def describe_batch(
         raise ValueError("give exactly one of labels and label_fn")
     if not taps:
         raise ValueError("at least one tap is needed")
-    with frozen_eval(model), torch.enable_grad():
+    with frozen_eval(model), torch.enable_grad(), full_precision():
         logits, feats = model.forward_taps(x, taps, leaf_first_tap=True)
         z = concat_pooled([f.detach() for f in feats])
         out_logits = logits.detach()

@@ -102,6 +102,9 @@ def trusted_files(*stores: str | os.PathLike | None) -> dict[str, tuple[int, int
 
 
 def _file_stats(images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+    """Size and mtime of each image: as scanned, or read now for a hand-made ImageSet."""
+    if images.sizes is not None and images.mtimes is not None:
+        return images.sizes, images.mtimes
     sizes = np.empty(len(images), dtype=np.int64)
     mtimes = np.empty(len(images), dtype=np.int64)
     for i in range(len(images)):

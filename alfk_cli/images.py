@@ -37,6 +37,9 @@ class ImageSet:
     labels: np.ndarray  # int64, -1 where unknown
     classes: list[str]  # class names in label order; empty for an unlabelled folder
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    # st_size and st_mtime_ns of each path when it was scanned (None if not recorded)
+    sizes: np.ndarray | None = None
+    mtimes: np.ndarray | None = None
 
     @property
     def labelled(self) -> bool:
@@ -49,19 +52,20 @@ class ImageSet:
         return self.root / self.paths[i]
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every non-hidden file under ``root``, sorted, following the folder structure only."""
+def _walk(root: Path) -> list[str]:
+    """Every non-hidden file under ``root`` as a sorted POSIX path relative to it, following the
+    folder structure only."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+        rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        prefix = "" if rel == "." else rel + "/"
+        found.extend(prefix + f for f in sorted(filenames) if not f.startswith("."))
     return found
 
 
-def _check(path: Path) -> str | None:
+def _check(path: str | os.PathLike) -> str | None:
     """None when PIL can open and verify ``path``, else the reason it cannot."""
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return "not an image file"
     try:
         with Image.open(path) as im:
             im.verify()
@@ -70,15 +74,27 @@ def _check(path: Path) -> str | None:
     return None
 
 
-def _unchanged(path: Path, root: Path, trusted: dict[str, tuple[int, int]]) -> bool:
-    known = trusted.get(path.relative_to(root).as_posix())
-    if known is None:
-        return False
-    try:
-        st = path.stat()
-    except OSError:
-        return False
-    return (st.st_size, st.st_mtime_ns) == known
+def _scan_chunk(
+    root: Path, rels: Sequence[str], verify: bool, trusted: dict[str, tuple[int, int]]
+) -> list[tuple[str | None, int, int]]:
+    """(reason or None, st_size, st_mtime_ns) of each file; one task per chunk of files, because a
+    thread-pool future per file costs more than a stat (60k futures: seconds)."""
+    out: list[tuple[str | None, int, int]] = []
+    for rel in rels:
+        path = os.path.join(root, rel)
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            out.append((f"unreadable ({exc.strerror})", 0, 0))
+            continue
+        if os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
+            reason = "not an image file"
+        elif verify and trusted.get(rel) != (st.st_size, st.st_mtime_ns):
+            reason = _check(path)
+        else:
+            reason = None
+        out.append((reason, st.st_size, st.st_mtime_ns))
+    return out
 
 
 def scan_images(
@@ -89,7 +105,7 @@ def scan_images(
     threads: int = 8,
     trusted: dict[str, tuple[int, int]] | None = None,
 ) -> ImageSet:
-    """Find the images under ``root``.
+    """Find the images under ``root``, with each one's size and mtime.
 
     ``classes`` fixes the class order (e.g. the validation set's); a labelled folder with a class
     outside it is an error. ``verify`` opens every file with PIL to catch corrupt ones early,
@@ -104,24 +120,20 @@ def scan_images(
     top = [p for p in root.iterdir() if not p.name.startswith(".")]
     labelled = bool(top) and all(p.is_dir() for p in top)
     files = _walk(root)
-    if verify:
-        check = (
-            _check if not trusted else lambda f: None if _unchanged(f, root, trusted) else _check(f)
-        )
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            reasons = list(pool.map(check, files))
-    else:
-        reasons = [
-            None if f.suffix.lower() in IMAGE_EXTENSIONS else "not an image file" for f in files
+    trusted = trusted or {}
+    chunk = max(64, -(-len(files) // (4 * max(1, threads))))
+    parts = [files[i : i + chunk] for i in range(0, len(files), chunk)]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        results = [
+            r
+            for part in pool.map(lambda p: _scan_chunk(root, p, verify, trusted), parts)
+            for r in part
         ]
-    skipped = [
-        (f.relative_to(root).as_posix(), r)
-        for f, r in zip(files, reasons, strict=False)
-        if r is not None
-    ]
-    good = [
-        f.relative_to(root).as_posix() for f, r in zip(files, reasons, strict=False) if r is None
-    ]
+    skipped = [(f, r[0]) for f, r in zip(files, results) if r[0] is not None]
+    keep = [i for i, r in enumerate(results) if r[0] is None]
+    good = [files[i] for i in keep]
+    sizes = np.array([results[i][1] for i in keep], dtype=np.int64)
+    mtimes = np.array([results[i][2] for i in keep], dtype=np.int64)
     if strict and skipped:
         path, reason = skipped[0]
         more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
@@ -130,7 +142,8 @@ def scan_images(
         raise AlfkError(f"no images found in {root}")
 
     if not labelled:
-        return ImageSet(root, good, np.full(len(good), -1, dtype=np.int64), [], skipped)
+        labels = np.full(len(good), -1, dtype=np.int64)
+        return ImageSet(root, good, labels, [], skipped, sizes, mtimes)
     found = sorted({p.split("/", 1)[0] for p in good})
     if classes is None:
         classes = found
@@ -142,7 +155,7 @@ def scan_images(
         )
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[p.split("/", 1)[0]] for p in good], dtype=np.int64)
-    return ImageSet(root, good, labels, classes, skipped)
+    return ImageSet(root, good, labels, classes, skipped, sizes, mtimes)
 
 
 def check_same_classes(data: ImageSet, val: ImageSet) -> None:

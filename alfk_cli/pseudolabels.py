@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 from alfk_cli.acquisition import standardize  # per vector, per scale slice (ALGORITHM.md §4)
 from alfk_cli.descriptors import concat_pooled, frozen_eval
+from alfk_cli.devices import full_precision
 from alfk_cli.errors import AlfkError
 from alfk_cli.models import InputSpec, TapNet
 
@@ -179,15 +180,19 @@ def draw_perturbations(
     keys: Sequence[int], cfg: MCConfig, shape: Sequence[int], device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation angles in degrees [B, K] and unit Gaussian noise [B, K, C, H, W] for images of
-    ``shape`` (C, H, W); image i's come from its own generator seeded by ``keys[i]``."""
+    ``shape`` (C, H, W); image i's come from its own generator seeded by ``keys[i]``.
+
+    Drawn on the CPU and then moved to ``device``: CUDA's generators give other numbers for the
+    same seed, and an image's pseudo-label must not depend on where it was embedded.
+    """
     k = cfg.samples
-    degrees = torch.empty(len(keys), k, device=device)
-    noise = torch.empty(len(keys), k, *shape, device=device)
+    degrees = torch.empty(len(keys), k)
+    noise = torch.empty(len(keys), k, *shape)
     for i, key in enumerate(keys):
-        gen = torch.Generator(device=device).manual_seed(int(key))
-        degrees[i] = (torch.rand(k, generator=gen, device=device) * 2 - 1) * cfg.max_degrees
-        noise[i] = torch.randn(k, *shape, generator=gen, device=device)
-    return degrees, noise
+        gen = torch.Generator().manual_seed(int(key))
+        degrees[i] = (torch.rand(k, generator=gen) * 2 - 1) * cfg.max_degrees
+        noise[i] = torch.randn(k, *shape, generator=gen)
+    return degrees.to(device), noise.to(device)
 
 
 def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
@@ -279,7 +284,7 @@ def mc_scores(
     mean = torch.tensor(spec.mean, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, device=images.device).view(1, -1, 1, 1)
     traces, mis = [], []
-    with frozen_eval(model), torch.enable_grad():
+    with frozen_eval(model), torch.enable_grad(), full_precision():
         for start in range(0, b_all, per_chunk):
             x01 = images[start : start + per_chunk].float() / 255.0
             b = x01.shape[0]

@@ -43,26 +43,22 @@ _gpu_resources: Any = None
 def use_gpu(device: str) -> bool:
     """Whether searches should run on the GPU for ``device`` (``auto``, ``cpu`` or ``cuda``).
 
-    True only for ``cuda``/``auto`` when the installed FAISS has GPU support and torch sees a CUDA
-    device. ``cuda`` without both raises :class:`AlfkError`.
+    True for ``cuda``/``auto`` when torch sees a CUDA device and the installed FAISS has GPU
+    support. ``cuda`` without a CUDA device raises :class:`AlfkError`; ``cuda`` with a CPU-only
+    FAISS (the ``faiss-cpu`` wheel off Linux x86_64) searches on the CPU, since the search is exact
+    and its results are the same there: the model still runs on the GPU.
     """
     if device not in DEVICES:
         raise AlfkError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
     if device == "cpu":
         return False
-    reason = None
-    if faiss.get_num_gpus() <= 0:
-        reason = "the installed FAISS has no GPU support or sees no GPU"
-    else:
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            reason = "torch sees no CUDA device"
-    if reason is None:
-        return True
-    if device == "cuda":
-        raise AlfkError(f"--device cuda requested but {reason}; use --device cpu or auto")
-    return False
+    if not torch.cuda.is_available():
+        if device == "cuda":
+            raise AlfkError("--device cuda requested but torch sees no CUDA device")
+        return False
+    return faiss.get_num_gpus() > 0
 
 
 def _gpu_res() -> Any:

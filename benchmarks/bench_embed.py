@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from alfk_cli.descriptors import describe_batch
+from alfk_cli.devices import full_precision
 from alfk_cli.models import build_model, get_arch, resolve_taps, scale_dims
 from alfk_cli.pseudolabels import NearestReference
 
@@ -58,7 +59,9 @@ def best_rates(fns: dict, device: torch.device, seconds: float, batch: int, roun
 
 
 def forward_only(model: torch.nn.Module, x: torch.Tensor) -> None:
-    with torch.no_grad():
+    # the same arithmetic as describe_batch (plain float32, no TF32 on CUDA), so the ratio compares
+    # like with like
+    with torch.no_grad(), full_precision():
         model(x)
 
 

@@ -328,3 +328,24 @@ def test_mc_labels_valid_deterministic_and_better_than_chance(trained_lenet):
         )
     acc_trace = (mc_labels("mc_trace", model, x, spec, taps, keys, cfg) == y).float().mean()
     assert acc_model > 0.9 and acc_trace > 0.8
+
+
+def test_descriptors_run_without_tf32_and_restore_the_flags():
+    """describe_batch turns TF32 off inside (exact float32 on CUDA) and leaves the process-wide
+    flags as it found them, whatever they were."""
+    seen = []
+    model = _model("lenet")
+    next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).register_forward_hook(
+        lambda *_: seen.append(
+            (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        )
+    )
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for flags in ((True, True), (False, True), (True, False)):
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+            describe_batch(model, _inputs("lenet", 2), ("conv2",), labels=torch.tensor([0, 1]))
+            assert seen.pop() == (False, False)
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == flags
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old

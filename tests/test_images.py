@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,23 @@ def test_dataset_flags_images_that_fail_to_decode(tmp_path):
     (tmp_path / s.paths[1]).write_bytes(b"gone bad after the scan")
     ds = ImageDataset(s, ARCHS["lenet"].input)
     assert ds[0][3] is True and ds[1][3] is False and ds[1][0].shape == (1, 28, 28)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_scan_records_size_and_mtime_and_keeps_order_across_chunks(tmp_path, threads):
+    # more files than one chunk (64), a dangling link, and a trusted corrupt file
+    write_images(tmp_path / "a", 150, size=8)
+    (tmp_path / "a" / "img0007.png").write_bytes(b"corrupt")
+    (tmp_path / "a" / "img0100.png").write_bytes(b"corrupt too")
+    (tmp_path / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    st = (tmp_path / "a" / "img0100.png").stat()
+    trusted = {"a/img0100.png": (st.st_size, st.st_mtime_ns)}
+    s = scan_images(tmp_path, threads=threads, trusted=trusted)
+    expected = sorted(p.name for p in (tmp_path / "a").iterdir())
+    expected = [f"a/{n}" for n in expected if n not in ("img0007.png", "gone.png")]
+    assert s.paths == expected  # the trusted file is not re-verified
+    assert [p for p, _ in s.skipped] == ["a/gone.png", "a/img0007.png"]
+    assert "unreadable" in dict(s.skipped)["a/gone.png"]
+    stats = [os.stat(tmp_path / p) for p in s.paths]
+    np.testing.assert_array_equal(s.sizes, [x.st_size for x in stats])
+    np.testing.assert_array_equal(s.mtimes, [x.st_mtime_ns for x in stats])

@@ -201,6 +201,22 @@ def test_cli_simulate_and_plot(folders, tmp_path, cli):
     res = cli("plot", "--results", out, "--out", tmp_path / "p.png")
     assert res.exit_code == 0, res.stderr
     assert (tmp_path / "p.png").is_file() and "| entropy |" in res.stderr
+    # folders of separate runs (one per strategy) plot together
+    out2 = tmp_path / "cli2"
+    res = cli(
+        "simulate", "--pool", folders["pool"], "--val", folders["val"], "--test", folders["test"],
+        "--strategies", "margin", "--rounds", "1", "--P", "4", "--seeds", "0,1",
+        "--init", "random", "--epochs", "1", "--imbalance", "3", "--rare", "2,3",
+        "--device", "cpu", "--workers", "0", "--out", out2, "--no-plot",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.stderr
+    assert not (out2 / "curves.png").exists()
+    res = cli("plot", "--results", out, "--results", out2 / "results.csv", "-o", tmp_path / "b.png")
+    assert res.exit_code == 0, res.stderr
+    assert all(f"| {s} |" in res.stderr for s in ("random", "entropy", "margin"))
+    assert (tmp_path / "b.png").is_file()
+    res = cli("plot", "--results", out, "--results", tmp_path / "missing")
+    assert res.exit_code == 1 and "missing" in res.stderr
     res = cli(
         "simulate", "--pool", folders["pool"], "--val", folders["val"], "--test", folders["test"],
         "--strategies", "random", "--rounds", "1", "--P", "4", "--out", out, "--device", "cpu",
