@@ -50,15 +50,9 @@ def use_gpu(device: str) -> bool:
     """
     if device not in DEVICES:
         raise AlfkError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
-    if device == "cpu":
-        return False
-    import torch
+    from alfk_cli.devices import resolve_device  # imports torch: only when a GPU may be used
 
-    if not torch.cuda.is_available():
-        if device == "cuda":
-            raise AlfkError("--device cuda requested but torch sees no CUDA device")
-        return False
-    return faiss.get_num_gpus() > 0
+    return resolve_device(device).type == "cuda" and faiss.get_num_gpus() > 0
 
 
 def _gpu_res() -> Any:
