@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -30,6 +31,18 @@ def make_labelled(root: Path, classes: list[str], per_class: int, **kw) -> Path:
     for j, c in enumerate(classes):
         write_images(root / c, per_class, seed=j, **kw)
     return root
+
+
+def blob_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Easy 3-class data: a bright square at the left, middle or right of a dark 28×28 image."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randint(0, 40, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    for i in range(n):
+        c = 5 + 9 * int(y[i]) + int(torch.randint(-1, 2, (1,), generator=g))
+        r = 12 + int(torch.randint(-3, 4, (1,), generator=g))
+        x[i, 0, r - 3 : r + 3, c - 3 : c + 3] = 230
+    return x, y
 
 
 @dataclass

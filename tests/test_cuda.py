@@ -23,7 +23,7 @@ from alfk_cli.models import ARCHS, ROTATION_CLASSES, build_model, resolve_taps
 from alfk_cli.pseudolabels import MCConfig, image_keys, mc_scores
 from alfk_cli.search import topk_ip, use_gpu
 from alfk_cli.training import ImageSource, TrainConfig, evaluate, fit
-from conftest import make_labelled, write_images
+from conftest import blob_images, make_labelled, write_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
@@ -35,18 +35,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest per-row relative error ||a - b|| / ||b||."""
     a, b = a.double().cpu(), b.double().cpu()
     return float(((a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-12)).max())
-
-
-def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Easy 3-class 28×28 data: a bright square at the left, middle or right of a dark image."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randint(0, 40, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for i in range(n):
-        c = 5 + 9 * int(y[i])
-        r = 12 + int(torch.randint(-3, 4, (1,), generator=g))
-        x[i, 0, r - 3 : r + 3, c - 3 : c + 3] = 230
-    return x, y
 
 
 @pytest.mark.parametrize("arch,preset", PRESETS)
@@ -72,7 +60,7 @@ def test_mc_scores_do_not_depend_on_the_device():
     the image is embedded."""
     spec = ARCHS["lenet"].input
     model = build_model("lenet", 3, seed=0).eval()
-    x, _ = _blobs(8, 1)
+    x, _ = blob_images(8, 1)
     taps = resolve_taps("lenet", "L80")
     keys = image_keys(3, [f"i{i}.png" for i in range(len(x))])
     cfg = MCConfig(samples=4)
@@ -83,8 +71,8 @@ def test_mc_scores_do_not_depend_on_the_device():
 
 def test_bf16_autocast_training_learns_and_keeps_float32_weights():
     spec = ARCHS["lenet"].input
-    x, y = _blobs(600, 0)
-    xv, yv = _blobs(150, 1)
+    x, y = blob_images(600, 0)
+    xv, yv = blob_images(150, 1)
     train, held = ImageSource.from_tensors(x, y, spec), ImageSource.from_tensors(xv, yv, spec)
     model = build_model("lenet", 3, seed=0)
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, workers=0)

@@ -24,6 +24,7 @@ from alfk_cli.pseudolabels import (
     rotate,
     yhat,
 )
+from conftest import blob_images
 
 PRESETS = [(arch, preset) for arch in ARCHS for preset in ARCHS[arch].presets]
 D = 5
@@ -269,22 +270,10 @@ def test_covariance_maths_against_numpy(k, L):
     assert (indep >= -1e-9).all() and (indep < gaussian_mi(zt, zt * 2 + 0.01 * st, 0.5)).all()
 
 
-def _blob_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Easy 3-class data: a bright square at the left, middle or right of a dark 28×28 image."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randint(0, 40, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
-    for i in range(n):
-        c = 5 + 9 * int(y[i]) + int(torch.randint(-1, 2, (1,), generator=g))
-        r = 12 + int(torch.randint(-3, 4, (1,), generator=g))
-        x[i, 0, r - 3 : r + 3, c - 3 : c + 3] = 230
-    return x, y
-
-
 @pytest.fixture(scope="module")
 def trained_lenet():
     spec = ARCHS["lenet"].input
-    x, y = _blob_data(600, 0)
+    x, y = blob_images(600, 0)
     model = build_model("lenet", 3, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
     norm = lambda u: (u.float() / 255 - spec.mean[0]) / spec.std[0]  # noqa: E731
@@ -301,7 +290,7 @@ def trained_lenet():
 
 def test_mc_labels_valid_deterministic_and_better_than_chance(trained_lenet):
     model, spec = trained_lenet
-    x, y = _blob_data(36, 1)
+    x, y = blob_images(36, 1)
     taps = resolve_taps("lenet", "L80")
     keys = image_keys(7, [f"img{i}.png" for i in range(len(x))])
     cfg = MCConfig(samples=8)
