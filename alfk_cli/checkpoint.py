@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from alfk_cli import __version__
 from alfk_cli.atomic import atomic_output
 from alfk_cli.errors import AlfkError
 from alfk_cli.models import ROTATION_CLASSES, InputSpec, TapNet, build_model, get_arch
+from alfk_cli.reproducible import created_stamp, save_torch
 
 FORMAT = "alfk-checkpoint"
 FORMAT_VERSION = 1
@@ -36,7 +36,8 @@ class Checkpoint:
     sha256: str = ""
 
     def build(self) -> TapNet:
-        model = build_model(self.arch, len(self.classes))
+        # seeded only so that the throw-away initialisation leaves the global RNG alone
+        model = build_model(self.arch, len(self.classes), seed=0)
         model.load_state_dict(self.state_dict)
         return model
 
@@ -63,7 +64,7 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "alfk_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": created_stamp(),  # no wall-clock time: equal runs give equal bytes
         "arch": arch,
         "classes": list(classes),
         "head": head,
@@ -72,7 +73,7 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     with atomic_output(path) as tmp:
-        torch.save(payload, tmp)
+        save_torch(payload, tmp)  # the same bytes whatever the file's name
 
 
 def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpoint:

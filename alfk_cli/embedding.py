@@ -47,6 +47,7 @@ from alfk_cli.pseudolabels import (
     check_method,
     describe_images,
 )
+from alfk_cli.reproducible import loader_generator
 from alfk_cli.store import (
     SCHEMA_VERSION,
     FeatureStore,
@@ -454,6 +455,7 @@ def _compute(
         num_workers=max(0, workers),
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
+        generator=loader_generator(),  # not the caller's global RNG
     )
     label_t = torch.from_numpy(labels)
     done = 0

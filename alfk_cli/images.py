@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from alfk_cli.errors import AlfkError
 from alfk_cli.models import InputSpec
+from alfk_cli.reproducible import loader_generator
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 # Decoding every image once for training is far faster than re-decoding each epoch; above this
@@ -228,7 +229,9 @@ class ImageDataset(torch.utils.data.Dataset):
 def preload(images: ImageSet, spec: InputSpec, workers: int = 2) -> tuple[torch.Tensor, np.ndarray]:
     """Decode every image once: (uint8 [N, C, H, W], ok mask). Used when it fits in memory."""
     ds = ImageDataset(images, spec)
-    loader = torch.utils.data.DataLoader(ds, batch_size=256, num_workers=workers)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=256, num_workers=workers, generator=loader_generator()
+    )
     out = torch.empty(len(ds), spec.channels, spec.size, spec.size, dtype=torch.uint8)
     ok = np.zeros(len(ds), dtype=bool)
     for img, _, rows, good in loader:

@@ -13,7 +13,6 @@ import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
@@ -23,6 +22,7 @@ from alfk_cli import __version__
 from alfk_cli.acquisition import Selection
 from alfk_cli.atomic import atomic_output
 from alfk_cli.errors import AlfkError
+from alfk_cli.reproducible import created_stamp
 from alfk_cli.store import open_hdf5
 
 KIND = "alfk-scores"
@@ -113,7 +113,7 @@ def write_scores(
         f.attrs["kind"] = KIND
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["alfk_version"] = __version__
-        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        f.attrs["created"] = created_stamp()  # no wall-clock time: equal runs, equal bytes
         f.attrs["image_root"] = image_root
         f.attrs["kernel"] = sel.kernel
         f.attrs["P"] = len(sel.selected)

@@ -55,6 +55,7 @@ from alfk_cli.devices import resolve_device
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageSet, fits_in_memory, normalizer, preload, scan_images
 from alfk_cli.models import InputSpec, TapNet, build_model, get_arch, resolve_taps, scale_dims
+from alfk_cli.reproducible import save_torch, seeded
 from alfk_cli.training import (
     ROTNET_MILESTONES,
     ImageSource,
@@ -669,7 +670,7 @@ def simulate(
             order: list[int] = []
             if done:
                 state = torch.load(run_dir / f"round_{done}.pt", map_location="cpu")
-                model = build_model(arch, D)
+                model = build_model(arch, D, seed=0)  # weights loaded next; seed: no RNG leak
                 model.load_state_dict(state)
                 rec = json.loads((run_dir / f"round_{done}.json").read_text())
                 where = {int(r): i for i, r in enumerate(keep)}
@@ -686,9 +687,9 @@ def simulate(
             run_dir.mkdir(parents=True, exist_ok=True)
             for b in range(done + 1, rounds + 1):
                 rs = _round_seed(seed, b)
-                torch.manual_seed(rs)
                 t0 = time.perf_counter()
-                picked, passes, pseudo_acc = choose(st, model, ctx, labelled, P, rs)
+                with seeded(rs, dev):  # scoped: the caller's RNG state is left as it was
+                    picked, passes, pseudo_acc = choose(st, model, ctx, labelled, P, rs)
                 select_s = time.perf_counter() - t0
                 picked = np.asarray(picked, dtype=np.int64)
                 if len(picked) != P or len(set(picked.tolist())) != P or labelled[picked].any():
@@ -697,7 +698,7 @@ def simulate(
                 order.extend(picked.tolist())
                 idx = torch.tensor(order, dtype=torch.long)
 
-                torch.manual_seed(rs)
+                # fit seeds (and scopes) torch's RNG with cfg.seed itself
                 cfg = default_config(arch, epochs, seed=rs, workers=workers, eval_every=eval_every)
                 t0 = time.perf_counter()
                 best_epoch, val_acc = fit(
@@ -737,7 +738,7 @@ def simulate(
                     "best_epoch": best_epoch,
                 }
                 with atomic_output(run_dir / f"round_{b}.pt") as tmp:
-                    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+                    save_torch({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
                 _write_json(
                     run_dir / f"round_{b}.json",
                     {

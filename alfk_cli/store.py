@@ -65,7 +65,6 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +74,7 @@ import numpy as np
 from alfk_cli import __version__
 from alfk_cli.atomic import check_writable_dir, commit, partial_path
 from alfk_cli.errors import AlfkError
+from alfk_cli.reproducible import created_stamp
 
 SCHEMA_VERSION = 1
 COMPRESSION = "lzf"
@@ -321,7 +321,7 @@ class StoreWriter:
             missing = int((~self.done).sum())
             raise RuntimeError(f"{missing} rows of {self.out} were never written")
         f = self.file
-        f.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        f.attrs["created"] = created_stamp()  # no wall-clock time: equal runs, equal bytes
         del f["_done"]
         del f.attrs["rows_done"]
         f.flush()

@@ -21,6 +21,7 @@ from alfk_cli.devices import autocast
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageDataset, ImageSet, fits_in_memory, normalizer, preload
 from alfk_cli.models import InputSpec, TapNet
+from alfk_cli.reproducible import loader_generator, seeded
 
 
 @dataclass
@@ -97,7 +98,9 @@ class ImageSource:
                 yield self.cache[idx], self.labels[idx]
             return
         ds = ImageDataset(self.images, self.spec, self.rows[order.numpy()])
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=self.workers)
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, num_workers=self.workers, generator=loader_generator()
+        )
         for img, label, rows, ok in loader:
             if not ok.all():
                 self.bad.extend(self.images.paths[r] for r in rows[~ok].tolist())
@@ -145,7 +148,26 @@ def fit(
     transform=None,
 ) -> TrainResult:
     """The training loop of every trainer: SGD with step decay; the held-out set is evaluated
-    every ``cfg.eval_every`` epochs and after the last, and the best such epoch is kept."""
+    every ``cfg.eval_every`` epochs and after the last, and the best such epoch is kept.
+
+    Dropout draws from torch's global RNG, so the loop runs under ``seeded(cfg.seed)``: the same
+    seed gives the same weights whatever the caller drew before, and the caller's RNG is left as
+    it was. Shuffling has its own generator, seeded alike.
+    """
+    with seeded(cfg.seed, device):
+        return _fit(model, train_src, held_src, cfg, device, progress, description, transform)
+
+
+def _fit(
+    model: TapNet,
+    train_src: ImageSource,
+    held_src: ImageSource,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: Progress | None,
+    description: str,
+    transform=None,
+) -> TrainResult:
     if len(train_src) == 0:
         raise AlfkError("no readable training images")
     model.to(device)

@@ -79,9 +79,10 @@ def test_every_node_and_attribute_of_the_schema(env, tmp_path, which):
             isinstance(a["schema_version"], np.integer)
             and a["schema_version"] == SCHEMA_VERSION == 1
         )
+        assert isinstance(a["created"], str)  # empty: no wall-clock time (issue 9)
+        assert _is_utf8_str(a.get_id("created").dtype)
         for key in (
             "alfk_version",
-            "created",
             "image_root",
             "arch",
             "checkpoint_sha256",
