@@ -20,12 +20,33 @@ def partial_path(dest: str | os.PathLike) -> Path:
 
 
 def check_writable_dir(dest: str | os.PathLike) -> None:
-    """Fail early, with one line, when ``dest`` cannot be created."""
+    """Fail early, with one line, when ``dest`` cannot be created (or is an existing folder)."""
+    if Path(dest).is_dir():
+        raise AlfkError(f"cannot write {dest}: it is a folder")
     parent = Path(dest).resolve().parent
     if not parent.is_dir():
         raise AlfkError(f"cannot write {dest}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise AlfkError(f"cannot write {dest}: folder {parent} is not writable")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file (any spelling, through symlinks)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def check_output(dest: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """Fail early, with one line, when ``dest`` cannot be written or would overwrite one of the
+    command's input files."""
+    check_writable_dir(dest)
+    for src in inputs:
+        if src is None:
+            continue
+        if same_file(dest, src):
+            raise AlfkError(f"--out {dest} is also an input ({src}); choose another output name")
 
 
 def commit(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:

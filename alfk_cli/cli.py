@@ -6,7 +6,10 @@ stdout carries data only; progress, tables and warnings go to stderr. Expected f
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -16,6 +19,7 @@ from rich.table import Table
 
 from alfk_cli import __version__
 from alfk_cli.errors import AlfkError
+from alfk_cli.names import printable
 from alfk_cli.progress import stderr
 
 app = typer.Typer(
@@ -28,9 +32,81 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+# Option values are checked when the command line is parsed (exit 2, before any work), against
+# the library's own tables, imported only then so that --help stays fast.
+
+
+def _one_of(value: str | None, allowed, option: str) -> str | None:
+    if value is not None and value not in allowed:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+    return value
+
+
+def _check_device(value: str) -> str:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", (value or "").lower()) is None:
+        raise typer.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N", param_hint="--device")
+    return value
+
+
+def _check_kernel(value: str) -> str:
+    from alfk_cli.acquisition import KERNELS
+
+    return _one_of(value, KERNELS, "--kernel")
+
+
+def _check_pseudo_label(value: str | None) -> str | None:
+    from alfk_cli.pseudolabels import METHODS
+
+    return _one_of(value, METHODS, "--pseudo-label")
+
+
+def _check_arch(value: str | None) -> str | None:
+    from alfk_cli.models import ARCHS
+
+    return _one_of(value, tuple(ARCHS), "--arch")
+
+
+def _check_format(value: str) -> str:
+    from alfk_cli.scores import FORMATS
+
+    return _one_of(value, FORMATS, "--format")
+
+
+def _check_taps(arch: str, taps: str | None) -> None:
+    """``--taps`` against the architecture it will be used with (known once the checkpoint is)."""
+    from alfk_cli.models import resolve_taps
+
+    if taps:
+        try:
+            resolve_taps(arch, taps)
+        except AlfkError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--taps") from None
+
+
+def _checkpoint_arch(model: Path | None, default: str) -> str:
+    """The architecture of ``model`` (read before any work), else ``default``."""
+    if model is None:
+        return default
+    from alfk_cli.checkpoint import load_checkpoint
+
+    return load_checkpoint(model).arch
+
+
+def _outputs_ok(out: Path, *inputs: Path | None) -> None:
+    """Fail before any work when ``out`` cannot be written or is one of the command's inputs."""
+    from alfk_cli.atomic import check_output
+
+    check_output(out, *inputs)
+
+
 # Options shared by several commands.
 Device = Annotated[
-    str, typer.Option("--device", help="auto, cpu or cuda (auto = cuda when available).")
+    str,
+    typer.Option(
+        "--device",
+        callback=_check_device,
+        help="auto, cpu, cuda or cuda:N (auto = cuda when available).",
+    ),
 ]
 Seed = Annotated[
     int, typer.Option("--seed", help="Seed for initialisation, shuffling and sampling.")
@@ -42,8 +118,21 @@ Strict = Annotated[
         "--strict", help="Fail on unreadable or non-image files instead of skipping them."
     ),
 ]
-Workers = Annotated[int, typer.Option("--workers", help="Image-decoding worker processes.")]
-Arch = Annotated[str | None, typer.Option("--arch", help="lenet, resnet10 or resnet18.")]
+Workers = Annotated[
+    int, typer.Option("--workers", min=0, help="Image-decoding worker processes (0: none).")
+]
+Arch = Annotated[
+    str | None,
+    typer.Option("--arch", callback=_check_arch, help="lenet, resnet10 or resnet18."),
+]
+ExactCount = Annotated[
+    bool,
+    typer.Option(
+        "--exact-count",
+        help="Fail when fewer than P pool images are left (default: select the ones left, "
+        "with a warning).",
+    ),
+]
 
 
 def _say(quiet: bool, message: str) -> None:
@@ -51,14 +140,19 @@ def _say(quiet: bool, message: str) -> None:
         stderr.print(message)
 
 
+def _note(quiet: bool, note: str) -> None:
+    """A library note: ``warning: …`` ones as they are, the others as ``note: …``."""
+    _say(quiet, note if note.startswith("warning:") else f"note: {note}")
+
+
 def _report_skipped(skipped: list[tuple[str, str]] | list[str], root: Path, quiet: bool) -> None:
-    """List files that were skipped, on stderr (always: the user must learn about them)."""
-    if not skipped:
+    """List files that were skipped, on stderr (unless --quiet)."""
+    if not skipped or quiet:
         return
     stderr.print(f"[yellow]warning:[/] skipped {len(skipped)} file(s) under {root}:")
     for item in skipped[:20]:
         path, reason = item if isinstance(item, tuple) else (item, "could not be decoded")
-        stderr.print(f"  {root / path}: {reason}", markup=False)
+        stderr.print(f"  {printable(str(root / path))}: {reason}", markup=False)
     if len(skipped) > 20:
         stderr.print(f"  … and {len(skipped) - 20} more")
 
@@ -66,7 +160,14 @@ def _report_skipped(skipped: list[tuple[str, str]] | list[str], root: Path, quie
 def _accuracy_table(
     title: str, classes: list[str], overall: float, per_class: list[float]
 ) -> Table:
-    table = Table(title=title, title_justify="left")
+    from rich import box
+
+    from alfk_cli.progress import plain_output
+
+    # no box-drawing characters in a log file
+    table = Table(
+        title=title, title_justify="left", box=box.ASCII2 if plain_output() else box.HEAVY_HEAD
+    )
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in zip(classes, per_class, strict=False):
@@ -113,6 +214,7 @@ def train(
     from alfk_cli.progress import make_progress
     from alfk_cli.training import default_config, train_classifier
 
+    _outputs_ok(out, data, val)  # --init may be --out: it is read first, the output is atomic
     dev = resolve_device(device)
     start = load_checkpoint(init, arch) if init else None
     arch = arch or (start.arch if start else "lenet")
@@ -173,7 +275,9 @@ def pretrain(
         Path, typer.Option("--images", "-i", help="Any image folder; labels are ignored.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
-    arch: Annotated[str, typer.Option("--arch", help="lenet, resnet10 or resnet18.")] = "lenet",
+    arch: Annotated[
+        str, typer.Option("--arch", callback=_check_arch, help="lenet, resnet10 or resnet18.")
+    ] = "lenet",
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 8,
     lr: Annotated[
         float | None, typer.Option("--lr", help="Learning rate (default: per architecture).")
@@ -203,6 +307,7 @@ def pretrain(
     from alfk_cli.progress import make_progress
     from alfk_cli.training import ROTNET_MILESTONES, default_config, pretrain_checkpoint
 
+    _outputs_ok(out, images)
     dev = resolve_device(device)
     found = scan_images(images, strict=strict)
     _report_skipped(found.skipped, images, quiet)
@@ -225,6 +330,7 @@ Kernel = Annotated[
     typer.Option(
         "--kernel",
         "-k",
+        callback=_check_kernel,
         help="sum (R_z+R_g, default), product (R_z·R_g, the paper's PFK) or pcc (R_z).",
     ),
 ]
@@ -232,6 +338,7 @@ PseudoLabel = Annotated[
     str | None,
     typer.Option(
         "--pseudo-label",
+        callback=_check_pseudo_label,
         help="Labels for a pool's g: p_yz (default), yhat, true, mc_trace or mc_mi.",
     ),
 ]
@@ -247,7 +354,7 @@ Exclude = Annotated[
 
 def _embed_summary(s, quiet: bool) -> None:
     for note in s.notes:
-        _say(quiet, f"note: {note}")
+        _note(quiet, note)
     rate = f", {s.images_per_second:.0f} images/s" if s.computed else ""
     acc = (
         f", pseudo-label accuracy {100 * s.pseudo_accuracy:.1f}%"
@@ -295,6 +402,8 @@ def embed(
     from alfk_cli.embedding import embed_folder
     from alfk_cli.progress import make_progress
 
+    _outputs_ok(out, model, reference, images)
+    _check_taps(_checkpoint_arch(model, "lenet"), taps)
     with make_progress(quiet) as progress:
         summary = embed_folder(
             model,
@@ -327,6 +436,7 @@ def score(
     out: Annotated[Path, typer.Option("--out", "-o", help="Scores file (HDF5) to write.")],
     kernel: Kernel = "sum",
     exclude: Exclude = None,
+    exact_count: ExactCount = False,
     seed: Seed = 0,
     device: Device = "auto",
     quiet: Quiet = False,
@@ -335,11 +445,20 @@ def score(
     pool images with the highest Fisher-kernel similarity (rank-major, no duplicates)."""
     from alfk_cli.pipeline import score_stores
 
+    _outputs_ok(out, val, pool, exclude)
     scores, notes = score_stores(
-        val, pool, P, out, kernel=kernel, exclude=exclude, seed=seed, device=device
+        val,
+        pool,
+        P,
+        out,
+        kernel=kernel,
+        exclude=exclude,
+        seed=seed,
+        device=device,
+        exact_count=exact_count,
     )
     for note in notes:
-        _say(quiet, f"note: {note}")
+        _note(quiet, note)
     _say(
         quiet,
         f"selected {len(scores.selected)} images with {len(scores.centers)} centres "
@@ -374,7 +493,12 @@ def select(
         ),
     ] = None,
     arch: Annotated[
-        str, typer.Option("--arch", help="Architecture to pretrain when there is no checkpoint.")
+        str,
+        typer.Option(
+            "--arch",
+            callback=_check_arch,
+            help="Architecture to pretrain when there is no checkpoint.",
+        ),
     ] = "lenet",
     workdir: Annotated[
         Path | None,
@@ -386,7 +510,11 @@ def select(
     kernel: Kernel = "sum",
     pseudo_label: PseudoLabel = None,
     taps: Taps = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="txt (paths), csv or jsonl.")] = "txt",
+    fmt: Annotated[
+        str,
+        typer.Option("--format", "-f", callback=_check_format, help="txt (paths), csv or jsonl."),
+    ] = "txt",
+    exact_count: ExactCount = False,
     seed: Seed = 0,
     device: Device = "auto",
     workers: Workers = 2,
@@ -398,10 +526,6 @@ def select(
     With --val and --pool it runs every stage that is out of date (pretrain when no model is
     given or cached, embed of new images only, score) in the work folder.
     """
-    from alfk_cli.scores import FORMATS
-
-    if fmt not in FORMATS:
-        raise typer.BadParameter(f"use one of {', '.join(FORMATS)}", param_hint="--format")
     if scores is not None:
         if val is not None or pool is not None:
             raise typer.BadParameter(
@@ -409,13 +533,18 @@ def select(
             )
         from alfk_cli.scores import read_scores
 
-        result = read_scores(scores).head(P)
+        result, short = read_scores(scores).head(P, exact=exact_count)
+        if short:
+            _note(quiet, short)
     else:
         if val is None or pool is None or P is None:
             raise typer.BadParameter("needs --val DIR, --pool DIR and --P N (or --scores FILE)")
         from alfk_cli.pipeline import run_select
         from alfk_cli.progress import make_progress
 
+        if exclude is not None and not exclude.is_file():
+            raise AlfkError(f"exclude file {exclude} does not exist")
+        _check_taps(_checkpoint_arch(model, arch), taps)
         with make_progress(quiet) as progress:
             result, notes, report = run_select(
                 val,
@@ -434,6 +563,7 @@ def select(
                 strict=strict,
                 quiet=quiet,
                 progress=progress,
+                exact_count=exact_count,
             )
         if report.pretrained:
             _say(quiet, f"no checkpoint given or cached: pretrained {report.checkpoint}")
@@ -443,15 +573,20 @@ def select(
             _report_skipped(s.skipped, folder, quiet)
             _embed_summary(s, quiet)
         for note in notes:
-            _say(quiet, f"note: {note}")
+            _note(quiet, note)
         _say(
             quiet,
             f"selected {len(result.selected)} of the pool in {report.seconds:.1f} s (work folder {report.workdir})",
         )
     out = sys.stdout
-    for line in result.lines(fmt):
-        out.write(line + "\n")
-    out.flush()
+    try:
+        for line in result.lines(fmt):
+            out.write(line + "\n")
+        out.flush()
+    except BrokenPipeError:  # e.g. `alfk select ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as exc:  # e.g. > /dev/full, or a full disk behind the redirection
+        raise AlfkError(f"cannot write the selection to standard output: {exc.strerror}") from None
 
 
 def _csv_list(value: str, what: str) -> list[str]:
@@ -620,19 +755,82 @@ def _root(
     """Deep active learning on biased image collections (Fisher-kernel self-supervision)."""
 
 
-def main() -> None:
-    """Console entry point: one-line errors, no tracebacks for expected failures."""
+def _disk_error(exc: BaseException) -> str | None:
+    """A one-line message for a write that failed for lack of room, else None. h5py and torch
+    report the C library's error in their message rather than as ``errno``."""
+    text = str(exc)
+    if (
+        getattr(exc, "errno", None) == errno.ENOSPC
+        or "No space left" in text
+        or "errno = 28" in text
+    ):
+        where = getattr(exc, "filename", None)
+        return f"no space left on device{f' writing {where}' if where else ''}"
+    if getattr(exc, "errno", None) == errno.EFBIG or "File too large" in text:
+        return "file too large for this file system or limit (EFBIG)"
+    return None
+
+
+def _usage_error_type() -> type[Exception]:
+    """The base of Typer's usage errors: its own since Typer vendored click, click's before."""
+    import typer.exceptions
+
+    base = getattr(typer.exceptions, "TyperException", None)
+    if base is None:  # pragma: no cover - Typer before it vendored click
+        from click.exceptions import ClickException as base
+    return base
+
+
+def _run() -> int:
+    """The app without Typer's standalone handling, so that every outcome maps to our codes."""
+    usage_error = _usage_error_type()
     try:
-        app()
+        rc = app(standalone_mode=False)
+    except typer.Abort:  # EOF on a prompt, or Ctrl-C in older Typer
+        raise KeyboardInterrupt from None
+    except usage_error as exc:  # usage errors: Typer's message, exit 2
+        exc.show()
+        return int(getattr(exc, "exit_code", 2))
+    except typer.Exit as exc:
+        rc = exc.exit_code
+    if rc == 130:  # Typer turns KeyboardInterrupt into a silent Exit(130)
+        raise KeyboardInterrupt
+    return rc if isinstance(rc, int) else 0
+
+
+def main() -> None:
+    """Console entry point: one-line errors, no tracebacks for expected failures.
+
+    Exit codes: 0 success, 2 usage error, 1 ``error: …``, 130 ``error: interrupted``."""
+    try:
+        code = _run()
+        sys.stdout.flush()  # a full stdout (``> /dev/full``) must fail here, not at exit
     except AlfkError as exc:
-        stderr.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _error(str(exc))
+        code = 1
     except KeyboardInterrupt:
-        stderr.print("error: interrupted", markup=False)
-        sys.exit(130)
+        _error("interrupted")
+        code = 130
     except BrokenPipeError:  # e.g. `alfk select ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+        code = 0
+    except (OSError, RuntimeError) as exc:
+        message = _disk_error(exc)
+        if message is None:
+            raise
+        _error(message)
+        code = 1
+    if code and sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except OSError:  # stdout is the full device itself: drop what is left, quietly
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(code)
+
+
+def _error(message: str) -> None:
+    stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

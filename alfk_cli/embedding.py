@@ -37,7 +37,7 @@ from alfk_cli.atomic import check_writable_dir
 from alfk_cli.checkpoint import load_checkpoint, task_model
 from alfk_cli.devices import resolve_device
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import ImageDataset, ImageSet, scan_images
+from alfk_cli.images import ImageDataset, ImageSet, decode_failure, printable, scan_images
 from alfk_cli.models import resolve_taps, scale_dims
 from alfk_cli.progress import make_progress
 from alfk_cli.pseudolabels import (
@@ -327,12 +327,13 @@ def embed_folder(
         if ref is not None:
             ref.close()
 
-    stored_pseudo = _up_to_date(out, fingerprint)
-    if stored_pseudo is not None:  # same checkpoint, options, reference and files: nothing to do
+    stored = _up_to_date(out, fingerprint)
+    if stored is not None:  # same checkpoint, options, reference and files: nothing to do
+        stored_pseudo, stored_labels, undecodable = stored
         return EmbedSummary(
             out=out,
-            images=len(images),
-            skipped=list(images.skipped),
+            images=len(stored_pseudo),
+            skipped=list(images.skipped) + undecodable,
             seconds=time.perf_counter() - t0,
             computed=0,
             reused=len(images),
@@ -341,7 +342,7 @@ def embed_folder(
             classes=list(classes),
             taps=tuple(tap_names),
             device=str(dev),
-            pseudo_accuracy=_pseudo_accuracy(stored_pseudo, labels, method),
+            pseudo_accuracy=_pseudo_accuracy(stored_pseudo, stored_labels, method),
             notes=[f"{out} is up to date"],
         )
     bs = batch_size or DEFAULT_BATCH.get(arch, 64)
@@ -374,15 +375,17 @@ def embed_folder(
                 task = prog.add_task(
                     "embed", total=len(images), completed=len(images) - len(work), status=""
                 )
-            computed = _compute(
+            computed, failed = _compute(
                 writer, model, images, labels, work, spec, tap_names, method, labeler, mc_cfg, seed,
-                bs, workers, dev, prog, task,
+                bs, workers, dev, prog, task, strict,
             )  # fmt: skip
             if prog is not None and task is not None:
                 rate = computed / max(time.perf_counter() - t_compute, 1e-9)
                 prog.update(task, status=f"{rate:.0f} img/s")
-        accuracy = _pseudo_accuracy(writer.file["pseudo"][:], labels, method)
-        writer.finish()
+        kept = np.ones(len(labels), dtype=bool)
+        kept[[r for r, _ in failed]] = False
+        accuracy = _pseudo_accuracy(writer.file["pseudo"][:][kept], labels[kept], method)
+        writer.finish(skipped=failed)
     except BaseException:
         if prev is not None:
             prev.close()
@@ -390,8 +393,8 @@ def embed_folder(
         raise
     return EmbedSummary(
         out=out,
-        images=len(images),
-        skipped=list(images.skipped),
+        images=int(kept.sum()),
+        skipped=list(images.skipped) + [(images.paths[r], why) for r, why in failed],
         seconds=time.perf_counter() - t0,
         computed=computed,
         reused=reused,
@@ -413,15 +416,24 @@ def _pseudo_accuracy(pseudo: np.ndarray, labels: np.ndarray, method: str) -> flo
     return float((pseudo[known] == labels[known]).mean())
 
 
-def _up_to_date(out: Path, fingerprint: str) -> np.ndarray | None:
-    """The stored pseudo-labels when ``out`` is a complete store with this exact fingerprint."""
+def _up_to_date(
+    out: Path, fingerprint: str
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]] | None:
+    """(pseudo-labels, labels, images that failed to decode) stored in ``out`` when it is a
+    complete store with this exact fingerprint, else None."""
     if not out.is_file():
         return None
     try:
         with open_store(out) as existing:
             if existing.get_attr("fingerprint") != fingerprint:
                 return None
-            return existing.pseudo[:]
+            f = existing.file
+            failed = []
+            if "skipped_paths" in f:
+                failed = list(
+                    zip(f["skipped_paths"].asstr()[:].tolist(), f["skipped_reasons"].asstr()[:])
+                )
+            return existing.pseudo[:], existing.labels[:], failed
     except AlfkError:
         return None
 
@@ -443,10 +455,14 @@ def _compute(
     dev: torch.device,
     prog: Progress | None,
     task,
-) -> int:
-    """Compute and write the rows ``work``, batch by batch; returns how many were computed."""
+    strict: bool = False,
+) -> tuple[int, list[tuple[int, str]]]:
+    """Compute and write the rows ``work``, batch by batch. Returns how many were computed and
+    the (row, reason) of images that failed to decode: skipped and listed like the files the
+    scan skipped (``strict``: an error instead)."""
+    failed: list[tuple[int, str]] = []
     if len(work) == 0:
-        return 0
+        return 0, failed
     ds = ImageDataset(images, spec, rows=work.tolist())
     loader = torch.utils.data.DataLoader(
         ds,
@@ -462,8 +478,14 @@ def _compute(
     t0 = time.perf_counter()
     for img, _, rows, ok in loader:
         if not bool(ok.all()):
-            bad = rows[~ok][0].item()
-            raise AlfkError(f"cannot decode image {images.absolute(bad)}")
+            for bad in rows[~ok].tolist():
+                reason = decode_failure(images.absolute(bad), spec)
+                if strict:
+                    raise AlfkError(f"{printable(str(images.absolute(bad)))}: {reason}")
+                failed.append((int(bad), reason))
+            img, rows = img[ok], rows[ok]
+            if len(rows) == 0:
+                continue
         rows_np = rows.numpy().astype(np.int64)
         img = img.to(dev, non_blocking=True)
         z, g, logits, used = describe_images(
@@ -481,7 +503,7 @@ def _compute(
         if prog is not None and task is not None:
             rate = done / max(time.perf_counter() - t0, 1e-9)
             prog.update(task, advance=len(rows_np), status=f"{rate:.0f} img/s")
-    return done
+    return done, failed
 
 
 __all__ = ["DEFAULT_BATCH", "EmbedSummary", "embed_folder"]

@@ -10,6 +10,7 @@ that an error).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,19 @@ from PIL import Image, UnidentifiedImageError
 
 from alfk_cli.errors import AlfkError
 from alfk_cli.models import InputSpec
+from alfk_cli.names import name_problem, printable
 from alfk_cli.reproducible import loader_generator
+
+# What PIL raises for a file it cannot decode: OSError (truncated, bad chunk), SyntaxError and
+# ValueError from some plugins, and DecompressionBombError (an Exception of its own) for images
+# over Image.MAX_IMAGE_PIXELS × 2.
+DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 # Decoding every image once for training is far faster than re-decoding each epoch; above this
@@ -68,11 +81,25 @@ def _walk(root: Path) -> list[str]:
 def _check(path: str | os.PathLike) -> str | None:
     """None when PIL can open and verify ``path``, else the reason it cannot."""
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        return f"unreadable image ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.verify()
+    except Image.DecompressionBombError:
+        return f"image too large (over PIL's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels)"
+    except DECODE_ERRORS as exc:
+        return unreadable(exc)
     return None
+
+
+def unreadable(exc: BaseException) -> str:
+    """The skip reason for a file PIL could not open or decode."""
+    if isinstance(exc, FileNotFoundError):
+        return "file disappeared during the run"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"image too large (over PIL's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels)"
+    text = str(exc).splitlines()[0][:80] if str(exc) else ""
+    return f"unreadable image ({type(exc).__name__}: {text})"
 
 
 def _scan_chunk(
@@ -90,6 +117,8 @@ def _scan_chunk(
             continue
         if os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
             reason = "not an image file"
+        elif (bad_name := name_problem(rel)) is not None:
+            reason = bad_name
         elif verify and trusted.get(rel) != (st.st_size, st.st_mtime_ns):
             reason = _check(path)
         else:
@@ -138,7 +167,7 @@ def scan_images(
     if strict and skipped:
         path, reason = skipped[0]
         more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
-        raise AlfkError(f"{root / path}: {reason}{more}")
+        raise AlfkError(f"{printable(str(root / path))}: {reason}{more}")
     if not good:
         raise AlfkError(f"no images found in {root}")
 
@@ -179,7 +208,16 @@ def check_same_classes(data: ImageSet, val: ImageSet) -> None:
 
 
 def load_image(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
-    """Decode one image into a uint8 tensor [C, size, size] (no normalisation yet)."""
+    """Decode one image into a uint8 tensor [C, size, size] (no normalisation yet).
+
+    Raises one of ``DECODE_ERRORS`` when the file cannot be decoded; PIL's decompression-bomb
+    warning (an image between 1× and 2× its pixel limit, which still decodes) is not printed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return _load_image(path, spec)
+
+
+def _load_image(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
     with Image.open(path) as im:
         im = im.convert("L" if spec.channels == 1 else "RGB")
         if im.size != (spec.size, spec.size):
@@ -218,12 +256,21 @@ class ImageDataset(torch.utils.data.Dataset):
         row = self.rows[i]
         try:
             img, ok = load_image(self.images.absolute(row), self.spec), True
-        except (OSError, ValueError, UnidentifiedImageError):
+        except DECODE_ERRORS:
             img, ok = (
                 torch.zeros(self.spec.channels, self.spec.size, self.spec.size, dtype=torch.uint8),
                 False,
             )
         return img, int(self.images.labels[row]), row, ok
+
+
+def decode_failure(path: str | os.PathLike, spec: InputSpec) -> str:
+    """Why ``path`` failed to decode (tried again, for the listing; workers only say ``ok``)."""
+    try:
+        load_image(path, spec)
+    except DECODE_ERRORS as exc:
+        return unreadable(exc)
+    return "could not be decoded (it decodes now: changed during the run?)"
 
 
 def preload(images: ImageSet, spec: InputSpec, workers: int = 2) -> tuple[torch.Tensor, np.ndarray]:

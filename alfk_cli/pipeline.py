@@ -26,7 +26,7 @@ from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageSet, scan_images
 from alfk_cli.scores import Scores, read_scores, write_scores
 from alfk_cli.store import FeatureStore, check_compatible, open_store
-from alfk_cli.workdir import default_workdir, locked, newest_checkpoint, read_exclude
+from alfk_cli.workdir import default_workdir, locked, match_exclusions, newest_checkpoint
 
 
 @dataclass
@@ -71,6 +71,7 @@ def score_stores(
     device: str = "cpu",
     image_root: str | None = None,
     reuse: bool = False,
+    exact_count: bool = False,
 ) -> tuple[Scores, list[str]]:
     """Select P pool images against the validation store and write the scores file ``out``.
 
@@ -78,6 +79,8 @@ def score_stores(
     search; validation images found in the pool are always removed. ``image_root`` overrides the
     pool folder used to print paths (default: the one recorded in the pool store). ``reuse``
     returns an existing ``out`` made from the same stores and options instead of recomputing.
+    When fewer than P images are left after the exclusions (the end of a pool), the ones left are
+    selected and a note starting with ``warning:`` says so; ``exact_count`` makes it an error.
     Returns the scores and notes for the user (e.g. the no-misclassified fallback).
     """
     check_writable_dir(out)
@@ -98,6 +101,7 @@ def score_stores(
                 "exclude": hashlib.sha256(Path(exclude).read_bytes()).hexdigest()
                 if exclude and Path(exclude).is_file()
                 else None,
+                "exact_count": exact_count,
             },
             sort_keys=True,
         )
@@ -115,18 +119,36 @@ def score_stores(
         if drop:
             notes.append(f"left out {len(drop)} pool image(s) that are also validation images")
         if exclude is not None:
-            excluded = read_exclude(exclude, root, pool_paths)
-            notes.append(f"excluded {len(excluded)} pool image(s) listed in {exclude}")
-            drop.update(excluded)
-        sel = acquisition.select(
-            val,
-            pool,
-            P,
-            kernel=kernel,
-            exclude=np.array(sorted(drop), dtype=np.int64) if drop else None,
-            seed=seed,
-            device=device,
-        )
+            found = match_exclusions(exclude, root, pool_paths)
+            unmatched = (
+                f"; {found.unmatched} line(s) named no image of this pool"
+                if found.unmatched
+                else ""
+            )
+            notes.append(f"excluded {len(found.rows)} pool image(s) listed in {exclude}{unmatched}")
+            drop.update(found.rows)
+        left = len(pool_paths) - len(drop)
+        if left < P:
+            if exact_count:
+                raise AlfkError(
+                    f"only {left} pool image(s) are left to select, fewer than --P {P} "
+                    "(without --exact-count the ones left are selected)"
+                )
+            notes.append(
+                f"warning: only {left} pool image(s) are left to select; selecting {left}, not {P}"
+            )
+        if left == 0:
+            sel = _empty_selection(kernel)
+        else:
+            sel = acquisition.select(
+                val,
+                pool,
+                min(P, left),
+                kernel=kernel,
+                exclude=np.array(sorted(drop), dtype=np.int64) if drop else None,
+                seed=seed,
+                device=device,
+            )
         if sel.fallback:
             notes.append(
                 "no validation image is misclassified: the whole validation set served as centres"
@@ -154,6 +176,12 @@ def score_stores(
     return read_scores(out), notes
 
 
+def _empty_selection(kernel: str) -> acquisition.Selection:
+    """The selection when every pool image is excluded: nothing to label tonight."""
+    none = np.empty(0, dtype=np.int64)
+    return acquisition.Selection(none, np.empty(0, dtype=np.float32), none, none, False, kernel, 0)
+
+
 def run_select(
     val_dir: str | os.PathLike,
     pool_dir: str | os.PathLike,
@@ -172,12 +200,15 @@ def run_select(
     quiet: bool = False,
     progress: Progress | None = None,
     pretrain_epochs: int = 8,
+    exact_count: bool = False,
 ) -> tuple[Scores, list[str], SelectReport]:
     """The nightly acquisition: P pool image paths in selection order, plus notes and a report."""
     t0 = time.perf_counter()
     if P < 1:
         raise AlfkError("--P must be at least 1")
-    pool_arg = str(pool_dir)
+    # Printed paths start with the pool folder as typed, normalised (``unlabeled``, ``unlabeled/``
+    # and ``./unlabeled`` print alike); exclusions match by identity whatever the spelling.
+    pool_arg = os.path.normpath(str(pool_dir))
     wd = Path(workdir) if workdir is not None else default_workdir(pool_dir)
     # Fail fast, before any model pass, on what can be checked from the folders alone.
     # Each folder is walked once; files unchanged since the cached stores are not re-verified.
@@ -235,6 +266,7 @@ def run_select(
             device=device,
             image_root=pool_arg,
             reuse=True,
+            exact_count=exact_count,
         )
     report.seconds = time.perf_counter() - t0
     return scores, notes, report

@@ -1,6 +1,18 @@
-"""rich progress bars and messages, always on stderr so stdout carries data only."""
+"""Progress and messages, always on stderr so stdout carries data only.
+
+On a terminal: rich progress bars. Anywhere else (cron, ``2> log``, a pipe): plain timestamped
+lines, one when a task starts, at each epoch summary, every 10% or 30 s, and when it ends, with
+no bars, colours or box-drawing, so a log file reads line by line while the job runs.
+``ALFK_PROGRESS=rich|plain`` overrides the choice.
+"""
 
 from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -15,8 +27,105 @@ from rich.progress import (
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
+#: A plain progress line at least this often (seconds) while a task advances.
+PLAIN_INTERVAL = 30.0
 
-def make_progress(quiet: bool = False) -> Progress:
+
+def plain_output() -> bool:
+    """True when progress should be plain lines: stderr is not a terminal, or ALFK_PROGRESS=plain."""
+    choice = os.environ.get("ALFK_PROGRESS", "").strip().lower()
+    if choice in ("plain", "rich"):
+        return choice == "plain"
+    return not stderr.is_terminal
+
+
+def stamp() -> str:
+    return datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass
+class _Task:
+    description: str
+    total: float | None
+    completed: float = 0.0
+    status: str = ""
+    started: float = field(default_factory=time.monotonic)
+    last_line: float = field(default_factory=time.monotonic)
+    last_step: int = 0
+    done: bool = False
+
+
+class PlainProgress:
+    """The subset of rich's ``Progress`` the library uses (``add_task``, ``update``, ``advance``,
+    a context manager), writing timestamped lines instead of a live display."""
+
+    def __init__(self, console: Console = stderr, disable: bool = False):
+        self.console, self.disable = console, disable
+        self.tasks: list[_Task] = []
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def _line(self, task: _Task, event: str = "") -> None:
+        if self.disable:
+            return
+        count = f"{task.completed:.0f}/{task.total:.0f}" if task.total else f"{task.completed:.0f}"
+        parts = [f"{stamp()} {task.description}: {count}", event, task.status]
+        self.console.print("  ".join(p for p in parts if p), markup=False, highlight=False)
+        task.last_line = time.monotonic()
+
+    def add_task(self, description: str, total: float | None = None, **fields: Any) -> int:
+        task = _Task(description, total, float(fields.get("completed", 0) or 0))
+        task.status = str(fields.get("status", "") or "")
+        self.tasks.append(task)
+        self._line(task, "started")
+        return len(self.tasks) - 1
+
+    def advance(self, task_id: int, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def update(
+        self,
+        task_id: int,
+        *,
+        advance: float | None = None,
+        completed: float | None = None,
+        total: float | None = None,
+        status: str | None = None,
+        **_: Any,
+    ) -> None:
+        task = self.tasks[task_id]
+        if total is not None:
+            task.total = total
+        if completed is not None:
+            task.completed = completed
+        if advance:
+            task.completed += advance
+        summary = status is not None and not advance and status != task.status
+        if status is not None:
+            task.status = status
+        step = int(10 * task.completed / task.total) if task.total else 0
+        finished = bool(task.total) and task.completed >= task.total and not task.done
+        if finished:
+            task.done = True
+            took = time.monotonic() - task.started
+            self._line(task, f"done in {took:.1f} s")
+        elif (
+            summary  # an epoch's evaluation (training) or a stage's result
+            or step > task.last_step
+            or time.monotonic() - task.last_line >= PLAIN_INTERVAL
+        ):
+            self._line(task)
+        task.last_step = max(task.last_step, step)
+
+
+def make_progress(quiet: bool = False) -> Progress | PlainProgress:
+    """Bars on a terminal, timestamped lines elsewhere; nothing at all when ``quiet``."""
+    if plain_output():
+        return PlainProgress(stderr, disable=quiet)
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

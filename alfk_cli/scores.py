@@ -29,6 +29,7 @@ KIND = "alfk-scores"
 SCHEMA_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
 FORMATS = ("txt", "csv", "jsonl")
+_NODES = ("selected", "score", "center", "centers", "paths", "predicted", "center_paths")
 
 
 @dataclass
@@ -50,15 +51,18 @@ class Scores:
         """Paths as the user typed the pool folder, joined with each image's path inside it."""
         return [os.path.join(self.image_root, p) for p in self.paths]
 
-    def head(self, n: int | None) -> Scores:
-        """The first ``n`` of the selection (selection order is rank order)."""
+    def head(self, n: int | None, exact: bool = False) -> tuple[Scores, str | None]:
+        """The first ``n`` of the selection (selection order is rank order), and a warning when
+        the file holds fewer (all of them are returned; ``exact`` makes that an error)."""
         if n is None:
-            return self
-        if n > len(self.selected):
-            raise AlfkError(
-                f"--P {n} is more than the {len(self.selected)} images this scores file holds"
-            )
-        return Scores(
+            return self, None
+        held = len(self.selected)
+        warning = None
+        if n > held:
+            if exact:
+                raise AlfkError(f"--P {n} is more than the {held} images this scores file holds")
+            warning = f"warning: this scores file holds {held} images, fewer than --P {n}"
+        sub = Scores(
             self.selected[:n],
             self.score[:n],
             self.center[:n],
@@ -69,6 +73,7 @@ class Scores:
             self.image_root,
             self.attrs,
         )
+        return sub, warning
 
     def lines(self, fmt: str = "txt") -> Iterator[str]:
         """The selection as text lines: ``txt`` paths only; ``csv`` and ``jsonl`` add the rank,
@@ -138,11 +143,20 @@ def read_scores(path: str | os.PathLike) -> Scores:
     with open_hdf5(path, "scores file") as f:
         if f.attrs.get("kind") != KIND:
             raise AlfkError(f"{path} is not an alfk scores file")
-        version = int(f.attrs.get("schema_version", -1))
-        if version != SCHEMA_VERSION:
+        version = f.attrs.get("schema_version", -1)
+        if isinstance(version, np.generic):
+            version = version.item()
+        if isinstance(version, bytes):
+            version = version.decode(errors="replace")
+        if version != SCHEMA_VERSION or isinstance(version, bool):
             raise AlfkError(
                 f"{path} has scores schema_version {version}; this alfk reads {SCHEMA_VERSION}"
             )
+        missing = [k for k in _NODES if k not in f] + (
+            ["image_root"] if "image_root" not in f.attrs else []
+        )
+        if missing:
+            raise AlfkError(f"{path} is not a complete alfk scores file (missing {missing[0]!r})")
         return Scores(
             selected=f["selected"][:],
             score=f["score"][:],

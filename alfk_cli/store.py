@@ -60,6 +60,7 @@ store rewritten with identical contents (e.g. by the orchestrator) does not inva
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -90,6 +91,8 @@ REQUIRED_ATTRS = (
     "scale_dims",
 )
 REQUIRED_NODES = ("paths", "labels", "classes", "z", "g", "logits", "pseudo")
+# nodes with one row per image (the rest are per store)
+ROW_NODES = ("paths", "labels", "size", "mtime_ns", "z", "g", "logits", "pseudo")
 STR = h5py.string_dtype("utf-8")
 
 
@@ -208,10 +211,12 @@ class StoreWriter:
     ) -> StoreWriter | None:
         try:
             f = h5py.File(tmp, "r+")
+        except BlockingIOError:  # HDF5's file lock (errno EAGAIN/EWOULDBLOCK): another writer
+            raise AlfkError(f"{tmp} is in use (another alfk embed writing {out}?)") from None
         except OSError as exc:
-            if "lock" in str(exc).lower():
+            if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in str(exc):
                 raise AlfkError(f"{tmp} is in use (another alfk embed writing {out}?)") from None
-            return None  # not HDF5 / damaged: start over
+            return None  # not HDF5, truncated, damaged: start over
         try:
             ok = (
                 f.attrs.get("fingerprint") == fingerprint
@@ -315,19 +320,66 @@ class StoreWriter:
 
     # -- finishing ---------------------------------------------------------------------------
 
-    def finish(self) -> Path:
-        """Check every row is written, drop the resume bookkeeping and rename into place."""
-        if not self.done.all():
-            missing = int((~self.done).sum())
+    def finish(self, skipped: Sequence[tuple[int, str]] = ()) -> Path:
+        """Check every row is written, drop the resume bookkeeping and rename into place.
+
+        ``skipped``: (row, reason) of images that failed to decode. Their rows are left out of
+        the final store (copied, without them, into a fresh file) and recorded as the nodes
+        ``skipped_paths`` and ``skipped_reasons``, so an unchanged folder is still up to date and
+        the listing can be repeated without decoding the files again."""
+        drop = np.zeros(len(self.done), dtype=bool)
+        for row, _ in skipped:
+            drop[int(row)] = True
+        if not (self.done | drop).all():
+            missing = int((~(self.done | drop)).sum())
             raise RuntimeError(f"{missing} rows of {self.out} were never written")
         f = self.file
         f.attrs["created"] = created_stamp()  # no wall-clock time: equal runs, equal bytes
         del f["_done"]
         del f.attrs["rows_done"]
+        paths = f["paths"].asstr()[:] if drop.any() else []
+        for name, values in (
+            ("skipped_paths", [paths[r] for r, _ in skipped]),
+            ("skipped_reasons", [reason for _, reason in skipped]),
+        ):
+            if name in f:
+                del f[name]
+            if len(values):
+                f.create_dataset(name, data=_str_array(values), dtype=STR)
         f.flush()
-        f.close()
-        commit(self.tmp, self.out)
+        if drop.any():
+            self._write_without(np.flatnonzero(~drop))
+            f.close()
+            self.tmp.unlink()
+        else:
+            f.close()
+            commit(self.tmp, self.out)
         return self.out
+
+    def _write_without(self, keep: np.ndarray, block: int = 4096) -> None:
+        """Commit a copy of the partial file holding only the rows ``keep`` (every per-row node)."""
+        src = self.file
+        tmp = self.tmp.with_name(self.tmp.name.replace(".partial", ".compact.partial"))
+        try:
+            with h5py.File(tmp, "w") as dst:
+                for key, value in src.attrs.items():
+                    dst.attrs[key] = value
+                for name, ds in src.items():
+                    if name not in ROW_NODES:
+                        src.copy(ds, dst, name=name)
+                        continue
+                    kw = {"compression": ds.compression} if ds.compression else {}
+                    if ds.chunks:
+                        kw["chunks"] = (max(1, min(ds.chunks[0], len(keep))), *ds.chunks[1:])
+                    out = dst.create_dataset(
+                        name, shape=(len(keep), *ds.shape[1:]), dtype=ds.dtype, **kw
+                    )
+                    for s in range(0, len(keep), block):
+                        out[s : s + block] = _read_rows(ds, keep[s : s + block])
+            commit(tmp, self.out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def close(self) -> None:
         """Close without finishing: the partial file stays for the next run to resume."""

@@ -19,7 +19,14 @@ from rich.progress import Progress
 
 from alfk_cli.devices import autocast
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import ImageDataset, ImageSet, fits_in_memory, normalizer, preload
+from alfk_cli.images import (
+    ImageDataset,
+    ImageSet,
+    decode_failure,
+    fits_in_memory,
+    normalizer,
+    preload,
+)
 from alfk_cli.models import InputSpec, TapNet
 from alfk_cli.reproducible import loader_generator, seeded
 
@@ -45,7 +52,8 @@ class TrainResult:
     best_accuracy: float
     per_class: list[float]
     history: list[dict[str, float]] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # images that failed to decode
+    # (absolute path, reason) of images that failed to decode
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 class ImageSource:
@@ -57,17 +65,21 @@ class ImageSource:
         self.images, self.spec, self.workers = images, spec, workers
         rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.cache: torch.Tensor | None = None
-        self.bad: list[str] = []
+        self.bad: list[tuple[str, str]] = []
         if fits_in_memory(len(rows), spec):
             sub = ImageSet(
                 images.root, [images.paths[r] for r in rows], images.labels[rows], images.classes
             )
             self.cache, ok = preload(sub, spec, workers)
-            self.bad = [sub.paths[i] for i in np.flatnonzero(~ok)]
+            self.bad = [self._failure(sub, i) for i in np.flatnonzero(~ok)]
             keep = np.flatnonzero(ok)
             self.cache, rows = self.cache[torch.from_numpy(keep)], rows[keep]
         self.rows = rows
         self.labels = torch.from_numpy(images.labels[rows])
+
+    def _failure(self, images: ImageSet, i: int) -> tuple[str, str]:
+        path = images.absolute(int(i))
+        return str(path), decode_failure(path, self.spec)
 
     @classmethod
     def from_tensors(
@@ -103,7 +115,7 @@ class ImageSource:
         )
         for img, label, rows, ok in loader:
             if not ok.all():
-                self.bad.extend(self.images.paths[r] for r in rows[~ok].tolist())
+                self.bad.extend(self._failure(self.images, r) for r in rows[~ok].tolist())
             yield img[ok], label[ok]
 
 

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from alfk_cli.errors import AlfkError
@@ -54,29 +55,75 @@ def newest_checkpoint(workdir: Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
-def read_exclude(
+@dataclass
+class Exclusions:
+    """Pool rows named by an exclusion list, and how many of its lines named no pool image."""
+
+    rows: list[int]
+    unmatched: int
+
+
+def match_exclusions(
     path: str | os.PathLike, pool_root: str | os.PathLike, pool_paths: list[str]
-) -> list[int]:
-    """Pool rows named in ``path`` (one image per line, as printed by ``select`` or relative to the
-    pool folder; blank lines and ``#`` comments ignored). Names that are not in the pool are fine:
-    an exclusion list usually covers more than one pool."""
+) -> Exclusions:
+    """Pool rows named in ``path``: one image per line (as printed by ``select``, or relative to
+    the pool folder); blank lines and ``#`` comments are ignored.
+
+    An image is matched by its identity inside the pool, not by spelling: a line matches pool image
+    ``rel`` when it is ``rel`` itself, or resolves (from the working directory, or from the exclude
+    file's folder, following symlinks) to the pool's file ``rel``, or ends with ``<pool folder
+    name>/rel`` (a path printed by a run from another directory). Lines that match nothing are
+    counted, not errors: an exclusion list usually covers more than one pool."""
     path = Path(path)
     if not path.is_file():
         raise AlfkError(f"exclude file {path} does not exist")
-    root = Path(pool_root).resolve()
+    root = Path(pool_root)
+    real_root = root.resolve()
     rel_index = {p: i for i, p in enumerate(pool_paths)}
-    rows = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
+    bases = [Path.cwd(), path.resolve().parent]
+    names = {root.absolute().name, real_root.name} - {""}  # a symlinked pool has two
+    # Non-UTF-8 bytes are kept as surrogate escapes: such a line cannot name a pool image (those
+    # are skipped at scan time), so it simply matches nothing.
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    rows: set[int] = set()
+    unmatched = 0
+    for line in text.splitlines():
         name = line.strip()
         if not name or name.startswith("#"):
             continue
-        p = Path(name)
-        candidates = [p.as_posix()]
-        absolute = p if p.is_absolute() else Path.cwd() / p
-        with contextlib.suppress(ValueError):
-            candidates.append(absolute.resolve().relative_to(root).as_posix())
-        for c in candidates:
-            if c in rel_index:
-                rows.add(rel_index[c])
-                break
-    return sorted(rows)
+        row = _match_line(name, rel_index, real_root, bases, names)
+        if row is None:
+            unmatched += 1
+        else:
+            rows.add(row)
+    return Exclusions(sorted(rows), unmatched)
+
+
+def _match_line(
+    name: str, rel_index: dict[str, int], real_root: Path, bases: list[Path], pool_names: set[str]
+) -> int | None:
+    posix = name.replace(os.sep, "/")
+    if posix.startswith("./"):
+        posix = os.path.normpath(posix).replace(os.sep, "/")
+    if posix in rel_index:
+        return rel_index[posix]
+    p = Path(name)
+    for base in [Path("/")] if p.is_absolute() else bases:
+        with contextlib.suppress(ValueError, OSError):
+            rel = (base / p).resolve().relative_to(real_root).as_posix()
+            if rel in rel_index:
+                return rel_index[rel]
+    parts = posix.split("/")
+    for i, part in enumerate(parts[:-1]):  # .../<pool name>/<rel>, printed elsewhere
+        if part in pool_names:
+            rel = "/".join(parts[i + 1 :])
+            if rel in rel_index:
+                return rel_index[rel]
+    return None
+
+
+def read_exclude(
+    path: str | os.PathLike, pool_root: str | os.PathLike, pool_paths: list[str]
+) -> list[int]:
+    """The pool rows of :func:`match_exclusions` (kept for callers that need only the rows)."""
+    return match_exclusions(path, pool_root, pool_paths).rows

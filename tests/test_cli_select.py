@@ -131,24 +131,36 @@ def test_exclusions_and_validation_images_never_selected(cli, world):
     )
     assert r.exit_code == 0, r.stderr
     assert set(_lines(r)) == set(chosen[10:])  # the 40 non-validation images minus the 10 sent
-    over = cli(
-        "select",
-        "--val",
-        "pool/val_copy",
-        "--pool",
-        "pool",
-        "--P",
-        "31",
-        "--model",
-        "init.pt",
-        "--device",
-        "cpu",
-        "--workdir",
-        "wd",
-        "--exclude",
-        "sent.txt",
+
+    def over_args():
+        return (
+            "select",
+            "--val",
+            "pool/val_copy",
+            "--pool",
+            "pool",
+            "--P",
+            "31",
+            "--model",
+            "init.pt",
+            "--device",
+            "cpu",
+            "--workdir",
+            "wd",
+            "--exclude",
+            "sent.txt",
+        )
+
+    over = cli(*over_args())
+    # the end of a pool: the 30 left, with a warning; --exact-count keeps the strict behaviour
+    assert over.exit_code == 0, over.stderr
+    assert set(_lines(over)) == set(chosen[10:])
+    assert "warning: only 30 pool image(s) are left" in over.stderr
+    strict = cli(*over_args(), "--exact-count")
+    assert strict.exit_code == 1 and strict.stdout == ""
+    assert (
+        strict.stderr.strip().splitlines()[-1].startswith("error: only 30 pool image(s) are left")
     )
-    assert over.exit_code == 1 and "exceeds the 30 available" in over.stderr
 
 
 def test_p_larger_than_pool_is_an_error(cli, world):
@@ -214,7 +226,10 @@ def test_stages_by_hand_and_formats(cli, world):
     assert [r["path"] for r in rows] == _lines(txt)
     assert all(r["predicted"] in {"a", "b", "c"} and r["center"].startswith("val/") for r in rows)
     assert [r["rank"] for r in rows] == list(range(1, 7))
-    assert cli("select", "--scores", "scores.h5", "--P", "7").exit_code == 1
+    short = cli("select", "--scores", "scores.h5", "--P", "7")  # all 6, and a warning
+    assert short.exit_code == 0 and _lines(short) == _lines(txt)
+    assert "warning: this scores file holds 6 images" in short.stderr
+    assert cli("select", "--scores", "scores.h5", "--P", "7", "--exact-count").exit_code == 1
 
 
 def test_mismatched_and_unknown_stores(cli, world):
@@ -330,8 +345,9 @@ def test_pool_inside_validation_folder_and_disjoint_folders(cli, world):
         "--workdir",
         "wd2",
     )
-    # every image under data/a is a validation image: nothing is left to select
-    assert r.exit_code == 1 and "exceeds the 0 available" in r.stderr
+    # every image under data/a is a validation image: nothing is left to select tonight
+    assert r.exit_code == 0 and r.stdout == ""
+    assert "warning: only 0 pool image(s) are left" in r.stderr
 
 
 def test_unreadable_pool_files_are_listed_under_the_pool_and_skipped(cli, world):

@@ -205,7 +205,7 @@ def test_failures_leave_no_file(env, tmp_path):
     assert _no_files(out)
 
 
-def test_undecodable_image_is_named(env, tmp_path, monkeypatch):
+def test_undecodable_image_is_skipped_and_listed(env, tmp_path, monkeypatch):
     real = images_mod.load_image
 
     def flaky(path, spec):
@@ -215,9 +215,34 @@ def test_undecodable_image_is_named(env, tmp_path, monkeypatch):
 
     monkeypatch.setattr(images_mod, "load_image", flaky)
     out = tmp_path / "p.h5"
-    with pytest.raises(AlfkError, match=r"cannot decode image .*pool/img0013\.png"):
-        embed(env, "pool", out, reference=env / "val.h5")
+    with pytest.raises(AlfkError, match=r"pool/img0013\.png: unreadable image .*broken data"):
+        embed(env, "pool", out, reference=env / "val.h5", strict=True)
     assert not out.exists()  # only the resumable partial may remain
+    # without --strict: skipped and listed at decode time, as at scan time; the rest is stored
+    s = embed(env, "pool", out, reference=env / "val.h5")
+    assert ("img0013.png", "unreadable image (OSError: broken data stream)") in s.skipped
+    stored = read_all(out)["paths"].astype(str).tolist()
+    assert "img0013.png" not in stored and len(stored) == s.images
+    assert not partial_path(out).exists()
+    # the same rows as a store of the folder without that image
+    clean = tmp_path / "clean"
+    shutil.copytree(env / "pool", clean)
+    (clean / "img0013.png").unlink()
+    ref = tmp_path / "ref.h5"
+    embedding.embed_folder(
+        env / "m.pt", clean, ref, reference=env / "val.h5", quiet=True, batch_size=BS, workers=0
+    )
+    a, b = read_all(out), read_all(ref)
+    for k in ("paths", "pseudo"):
+        assert np.array_equal(a[k], b[k]), k
+    for k in ("z", "g", "logits"):  # other batch boundaries: equal to float32 round-off
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # a second run is up to date and still lists the file, without decoding anything
+    again = embed(env, "pool", out, reference=env / "val.h5")
+    assert (
+        again.computed == 0
+        and ("img0013.png", "unreadable image (OSError: broken data stream)") in again.skipped
+    )
 
 
 # --- labels and estimators -----------------------------------------------------------------------
