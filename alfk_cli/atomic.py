@@ -6,11 +6,41 @@ An interrupted run therefore never leaves a truncated checkpoint or store under 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from alfk_cli.errors import AlfkError
+
+
+def disk_error(exc: BaseException | None) -> str | None:
+    """A one-line message for a write that failed for lack of room (this exception or one it
+    arose from), else None. h5py and torch put the C library's error in their message."""
+    seen = 0
+    while exc is not None and seen < 10:
+        text = str(exc)
+        if (
+            getattr(exc, "errno", None) == errno.ENOSPC
+            or "No space left" in text
+            or "errno = 28" in text
+        ):
+            where = getattr(exc, "filename", None) or _filename_in(text)
+            return f"no space left on device{f' writing {where}' if where else ''}"
+        if (
+            getattr(exc, "errno", None) == errno.EFBIG
+            or "File too large" in text
+            or "errno = 27" in text
+        ):
+            return "file too large for this file system or size limit (EFBIG)"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _filename_in(text: str) -> str | None:
+    found = re.search(r"filename = '([^']*)'", text)
+    return found.group(1) if found else None
 
 
 def partial_path(dest: str | os.PathLike) -> Path:
@@ -67,8 +97,11 @@ def atomic_output(dest: str | os.PathLike, keep_partial: bool = False) -> Iterat
     tmp = partial_path(dest)
     try:
         yield tmp
-    except BaseException:
+        commit(tmp, dest)
+    except BaseException as exc:
         if not keep_partial:
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, (OSError, RuntimeError)) and disk_error(exc):
+            reason = str(disk_error(exc)).split(" writing ")[0]
+            raise AlfkError(f"{reason} writing {dest}") from None
         raise
-    commit(tmp, dest)

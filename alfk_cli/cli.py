@@ -7,7 +7,6 @@ stdout carries data only; progress, tables and warnings go to stderr. Expected f
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import sys
@@ -18,6 +17,7 @@ import typer
 from rich.table import Table
 
 from alfk_cli import __version__
+from alfk_cli.atomic import disk_error
 from alfk_cli.errors import AlfkError
 from alfk_cli.names import printable
 from alfk_cli.progress import stderr
@@ -755,22 +755,6 @@ def _root(
     """Deep active learning on biased image collections (Fisher-kernel self-supervision)."""
 
 
-def _disk_error(exc: BaseException) -> str | None:
-    """A one-line message for a write that failed for lack of room, else None. h5py and torch
-    report the C library's error in their message rather than as ``errno``."""
-    text = str(exc)
-    if (
-        getattr(exc, "errno", None) == errno.ENOSPC
-        or "No space left" in text
-        or "errno = 28" in text
-    ):
-        where = getattr(exc, "filename", None)
-        return f"no space left on device{f' writing {where}' if where else ''}"
-    if getattr(exc, "errno", None) == errno.EFBIG or "File too large" in text:
-        return "file too large for this file system or limit (EFBIG)"
-    return None
-
-
 def _usage_error_type() -> type[Exception]:
     """The base of Typer's usage errors: its own since Typer vendored click, click's before."""
     import typer.exceptions
@@ -802,6 +786,7 @@ def main() -> None:
     """Console entry point: one-line errors, no tracebacks for expected failures.
 
     Exit codes: 0 success, 2 usage error, 1 ``error: …``, 130 ``error: interrupted``."""
+    sys.unraisablehook = _quiet_disk_errors
     try:
         code = _run()
         sys.stdout.flush()  # a full stdout (``> /dev/full``) must fail here, not at exit
@@ -815,11 +800,14 @@ def main() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
     except (OSError, RuntimeError) as exc:
-        message = _disk_error(exc)
+        message = disk_error(exc)
         if message is None:
             raise
         _error(message)
-        code = 1
+        # HDF5 cannot clean up after a failed write (its finalisers crash the process): leave
+        # now, keeping the partial file for the next run, instead of unwinding through them.
+        sys.stderr.flush()
+        os._exit(1)
     if code and sys.stdout is not None:
         try:
             sys.stdout.flush()
@@ -827,6 +815,13 @@ def main() -> None:
             with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
+
+
+def _quiet_disk_errors(info) -> None:
+    """h5py reports a failed write again from its finalisers ("Exception ignored in ..."): the
+    one-line error says it already."""
+    if disk_error(info.exc_value) is None:
+        sys.__unraisablehook__(info)
 
 
 def _error(message: str) -> None:

@@ -28,12 +28,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from rich.progress import Progress
 
 from alfk_cli import __version__
-from alfk_cli.atomic import check_writable_dir
+from alfk_cli.atomic import check_writable_dir, partial_path
 from alfk_cli.checkpoint import load_checkpoint, task_model
 from alfk_cli.devices import resolve_device
 from alfk_cli.errors import AlfkError
@@ -346,6 +347,7 @@ def embed_folder(
             notes=[f"{out} is up to date"],
         )
     bs = batch_size or DEFAULT_BATCH.get(arch, 64)
+    earlier = _set_aside_partial(out, fingerprint, cfg_fp)
     writer = StoreWriter.open(out, header, fingerprint, chunk_rows=bs)
     notes: list[str] = []
     if not_classes and len(not_classes) < len(images.classes):
@@ -355,7 +357,7 @@ def embed_folder(
         )
     prev = None
     try:
-        resumed = writer.resumed
+        resumed = writer.resumed + _resume_rows(earlier, writer, header)
         reused = 0
         prev, src, dst = _reusable_rows(
             Path(reuse) if reuse is not None else None, cfg_fp, header, writer.done, notes
@@ -366,6 +368,7 @@ def embed_folder(
             prev.close()
             prev = None
         work = np.flatnonzero(~writer.done)
+        writer.check_space(len(work))  # before the first model pass, not when the disk is full
         own_progress = progress is None and not quiet
         ctx = make_progress(quiet) if own_progress else nullcontext(progress)
         t_compute = time.perf_counter()
@@ -406,6 +409,60 @@ def embed_folder(
         pseudo_accuracy=accuracy,
         notes=notes,
     )
+
+
+def _set_aside_partial(out: Path, fingerprint: str, cfg_fp: str) -> Path | None:
+    """An interrupted run's partial file made with the same options but another image list (the
+    folder changed before the re-run): renamed aside, so the new run copies its finished rows
+    for the images that are unchanged instead of recomputing them. None when there is none."""
+    tmp = partial_path(out)
+    try:
+        with h5py.File(tmp, "r") as f:
+            usable = (
+                f.attrs.get("fingerprint") != fingerprint
+                and f.attrs.get("config_fingerprint") == cfg_fp
+                and all(k in f for k in ("_done", "paths", "size", "mtime_ns", "z", "g"))
+            )
+    except OSError:  # none, locked by a running embed (StoreWriter.open says so), or damaged
+        return None
+    if not usable:
+        return None
+    aside = tmp.with_name(tmp.name.replace(".partial", ".earlier.partial"))
+    os.replace(tmp, aside)
+    return aside
+
+
+def _resume_rows(earlier: Path | None, writer: StoreWriter, header: StoreHeader) -> int:
+    """Copy the finished rows of ``earlier`` (see ``_set_aside_partial``) whose image has the
+    same relative path, size and mtime into ``writer``; delete ``earlier``. Returns the count."""
+    if earlier is None:
+        return 0
+    try:
+        f = h5py.File(earlier, "r")
+    except OSError:
+        earlier.unlink(missing_ok=True)
+        return 0
+    try:
+        done = f["_done"][:].astype(bool)
+        old = {
+            (p, int(sz), int(mt)): j
+            for j, (p, sz, mt) in enumerate(
+                zip(f["paths"].asstr()[:], f["size"][:], f["mtime_ns"][:])
+            )
+            if done[j]
+        }
+        src, dst = [], []
+        for i, key in enumerate(zip(header.paths, header.sizes.tolist(), header.mtime_ns.tolist())):
+            j = old.get(key)
+            if j is not None and not writer.done[i]:
+                src.append(j)
+                dst.append(i)
+        if dst:
+            writer.copy_rows(FeatureStore(earlier, f), np.asarray(src), np.asarray(dst))
+    finally:
+        f.close()
+    earlier.unlink(missing_ok=True)
+    return len(dst)
 
 
 def _pseudo_accuracy(pseudo: np.ndarray, labels: np.ndarray, method: str) -> float | None:

@@ -88,28 +88,6 @@ def score_stores(
     with open_store(val_path) as val, open_store(pool_path) as pool:
         check_compatible(val, pool)
         root = image_root if image_root is not None else pool.image_root
-        # Everything the selection depends on; an existing scores file with the same key is reused.
-        key = json.dumps(
-            {
-                "val": val.get_attr("fingerprint"),
-                "pool": pool.get_attr("fingerprint"),
-                "P": P,
-                "kernel": kernel,
-                "seed": seed,
-                "image_root": root,
-                "val_root": val.image_root,
-                "exclude": hashlib.sha256(Path(exclude).read_bytes()).hexdigest()
-                if exclude and Path(exclude).is_file()
-                else None,
-                "exact_count": exact_count,
-            },
-            sort_keys=True,
-        )
-        if reuse and Path(out).is_file():
-            with contextlib.suppress(AlfkError):
-                cached = read_scores(out)
-                if cached.attrs.get("cache_key") == key:
-                    return cached, [f"{out} is up to date"]
         if (np.asarray(val.labels[:]) < 0).any():
             raise AlfkError(
                 f"{val.path} has images without labels; the validation store needs class sub-folders"
@@ -127,6 +105,32 @@ def score_stores(
             )
             notes.append(f"excluded {len(found.rows)} pool image(s) listed in {exclude}{unmatched}")
             drop.update(found.rows)
+        # Everything the selection depends on (the rows left out, not how the lists spelled
+        # them); an existing scores file with the same key is reused, its notes repeated.
+        key = json.dumps(
+            {
+                "val": val.get_attr("fingerprint"),
+                "pool": pool.get_attr("fingerprint"),
+                "P": P,
+                "kernel": kernel,
+                "seed": seed,
+                "image_root": root,
+                "val_root": val.image_root,
+                "left_out": hashlib.sha256(
+                    np.array(sorted(drop), dtype=np.int64).tobytes()
+                ).hexdigest(),
+                "exact_count": exact_count,
+            },
+            sort_keys=True,
+        )
+        if reuse and Path(out).is_file():
+            with contextlib.suppress(AlfkError, ValueError):
+                cached = read_scores(out)
+                if cached.attrs.get("cache_key") == key:
+                    return cached, [
+                        *json.loads(cached.attrs.get("notes", "[]")),
+                        f"{out} is up to date",
+                    ]
         left = len(pool_paths) - len(drop)
         if left < P:
             if exact_count:
@@ -167,6 +171,7 @@ def score_stores(
             "val_store_fingerprint": val.get_attr("fingerprint"),
             "pool_store_fingerprint": pool.get_attr("fingerprint"),
             "cache_key": key,
+            "notes": json.dumps(notes),
             "checkpoint_sha256": pool.checkpoint_sha256,
             "seed": seed,
             "excluded": len(drop),

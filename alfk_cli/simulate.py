@@ -410,6 +410,10 @@ def rows_to_csv(rows: Sequence[dict]) -> str:
     return buf.getvalue()
 
 
+#: Columns every results row has; a file without them is not simulate's.
+RESULT_COLUMNS = ("strategy", "seed", "round", "labels", "test_accuracy")
+
+
 def read_results(path: str | Path) -> list[dict]:
     """Rows of a results folder, ``results.jsonl`` or ``results.csv``."""
     path = Path(path)
@@ -419,19 +423,43 @@ def read_results(path: str | Path) -> list[dict]:
         )
     if not path.is_file():
         raise AlfkError(f"no results at {path}")
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    except (ValueError, UnicodeDecodeError, csv.Error) as exc:
+        raise AlfkError(f"{path} is not a results file of alfk simulate ({exc})") from None
+    for row in rows:
+        missing = [c for c in RESULT_COLUMNS if c not in row or row[c] is None]
+        if not isinstance(row, dict) or missing:
+            raise AlfkError(
+                f"{path} is not a results file of alfk simulate (no {missing[0] if missing else 'rows'!r})"
+            )
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError("a line is not a JSON object")
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict]:
     rows = []
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8") as fh:
         for rec in csv.DictReader(fh):
             row: dict[str, Any] = {}
             for k, v in rec.items():
-                if k == "strategy":
+                if k == "strategy" or v is None:
                     row[k] = v
                 elif v == "":
                     row[k] = None
                 else:
-                    row[k] = json.loads(v)
+                    try:
+                        row[k] = json.loads(v)
+                    except ValueError:  # a text column
+                        row[k] = v
             rows.append(row)
     return rows
 
@@ -611,8 +639,17 @@ def simulate(
         "workers": int(workers),
     }
     cfg_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise AlfkError(f"--out {out} is a file; simulate writes a results folder")
     if cfg_path.is_file():
-        old = json.loads(cfg_path.read_text())
+        try:
+            old = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError("not an object")
+        except (ValueError, UnicodeDecodeError):
+            raise AlfkError(
+                f"{cfg_path} is damaged (not a JSON object); remove it, or choose another --out"
+            ) from None
         differ = sorted(
             k
             for k in set(old) | set(config)

@@ -64,6 +64,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,9 @@ class StoreWriter:
             if resumed is not None:
                 return resumed
             tmp.unlink()
+        per_row = 4 * (2 * header.dim + len(header.classes)) + 33  # z, g, logits, pseudo, stats
+        names = sum(len(p.encode()) + 16 for p in header.paths)
+        _check_free(out.parent, header.n * per_row + names, out, f"{header.n} images")
         f = h5py.File(tmp, "w")
         try:
             cls._create(f, header, fingerprint, chunk_rows, compression)
@@ -271,6 +275,12 @@ class StoreWriter:
     def rows_done(self) -> int:
         return int(self.done.sum())
 
+    def check_space(self, rows: int) -> None:
+        """AlfkError when writing ``rows`` more rows could fill the output's file system."""
+        f = self.file
+        per_row = 4 * (f["z"].shape[1] + f["g"].shape[1] + f["logits"].shape[1]) + 9
+        _check_free(self.tmp.parent, rows * per_row, self.out, f"the next {rows} rows")
+
     def write_rows(
         self,
         rows: np.ndarray,
@@ -283,6 +293,7 @@ class StoreWriter:
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
+        self.check_space(len(rows))
         order = np.argsort(rows, kind="stable")
         if not np.array_equal(order, np.arange(len(rows))):
             rows, z, g, logits, pseudo = (
@@ -389,6 +400,21 @@ class StoreWriter:
     def discard(self) -> None:
         self.close()
         self.tmp.unlink(missing_ok=True)
+
+
+#: Free space kept on an output's file system: HDF5 cannot recover from a failed write (its clean-up
+#: after ENOSPC crashes the process), so alfk stops before the disk is full, with one line.
+RESERVE_BYTES = 4 << 20
+
+
+def _check_free(folder: Path, need: int, out: Path, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    need += RESERVE_BYTES
+    if free < need:
+        raise AlfkError(
+            f"no space left on device writing {out}: {free / 2**20:.1f} MiB free, about "
+            f"{need / 2**20:.1f} MiB needed for {what}; free some space and re-run (it resumes)"
+        )
 
 
 def _read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:

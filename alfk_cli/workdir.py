@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -19,25 +20,36 @@ def default_workdir(pool: str | os.PathLike) -> Path:
     return pool.parent / ".alfk" / pool.name
 
 
+_HELD: set[str] = set()  # work folders locked by this process (POSIX locks do not see those)
+
+
 @contextlib.contextmanager
 def locked(workdir: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``workdir`` for one acquisition; a second one fails at once.
 
-    flock is released by the kernel when the process dies, so a killed run never leaves a stale
-    lock behind.
+    A POSIX record lock (``lockf``), not ``flock``: the kernel drops it the moment its process
+    dies, and fork()ed children (DataLoader workers) do not inherit it, so a ``kill -9`` of select
+    never leaves the folder locked by orphaned workers for the seconds they take to notice.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "lock"
+    key = str(path.resolve())
     fh = open(path, "a+")  # noqa: SIM115 -- held open for the lock's lifetime
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if key in _HELD:
+            raise BlockingIOError
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if not isinstance(exc, BlockingIOError) and exc.errno not in (errno.EACCES, errno.EAGAIN):
+            fh.close()
+            raise
         fh.seek(0)
         who = fh.read().strip() or "another process"
         fh.close()
         raise AlfkError(
             f"another alfk select is running in {workdir} ({who}); wait for it or use --workdir"
         ) from None
+    _HELD.add(key)
     try:
         fh.seek(0)
         fh.truncate()
@@ -45,8 +57,8 @@ def locked(workdir: Path) -> Iterator[None]:
         fh.flush()
         yield
     finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
+        _HELD.discard(key)
+        fh.close()  # releases the lock
 
 
 def newest_checkpoint(workdir: Path) -> Path | None:
