@@ -53,8 +53,16 @@ from alfk_cli.acquisition import select as fk_select
 from alfk_cli.atomic import atomic_output
 from alfk_cli.devices import resolve_device
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import ImageSet, fits_in_memory, normalizer, preload, scan_images
+from alfk_cli.images import (
+    ImageSet,
+    decode_failure,
+    fits_in_memory,
+    normalizer,
+    preload,
+    scan_images,
+)
 from alfk_cli.models import InputSpec, TapNet, build_model, get_arch, resolve_taps, scale_dims
+from alfk_cli.names import printable
 from alfk_cli.reproducible import save_torch, seeded
 from alfk_cli.training import (
     ROTNET_MILESTONES,
@@ -166,8 +174,16 @@ def load_folder(
     keep = np.flatnonzero(ok)
     if keep.size == 0:
         raise AlfkError(f"no readable images in {root}")
+    # images that failed to decode are left out and listed with the scan's skips
+    failed = [
+        (found.paths[i], decode_failure(found.absolute(i), spec)) for i in np.flatnonzero(~ok)
+    ]
     images = ImageSet(
-        found.root, [found.paths[i] for i in keep], found.labels[keep], list(found.classes)
+        found.root,
+        [found.paths[i] for i in keep],
+        found.labels[keep],
+        list(found.classes),
+        list(found.skipped) + failed,
     )
     return Folder(images, x[torch.from_numpy(keep)], torch.from_numpy(images.labels.copy()))
 
@@ -668,6 +684,9 @@ def simulate(
     classes = val.images.classes
     test = load_folder(test_dir, spec, classes, workers, "test")
     pool = load_folder(pool_dir, spec, classes, workers, "pool")
+    for folder in (val, test, pool):
+        for path, reason in folder.images.skipped:
+            say(f"warning: skipped {printable(str(folder.images.root / path))}: {reason}")
     rare_idx = resolve_rare(rare, classes)
     D = len(classes)
     test_rare = torch.from_numpy(np.isin(test.y.numpy(), rare_idx))

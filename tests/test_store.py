@@ -458,3 +458,39 @@ def test_pool_sub_folders_that_are_not_classes_are_unlabelled(env, tmp_path):
     )
     assert read_all(tmp_path / "m.h5")["labels"].tolist() == [1, 1, 1, -1, -1]
     assert any("misc" in n for n in s.notes)
+
+
+def test_a_truncated_partial_is_started_over_not_reported_in_use(env, tmp_path, monkeypatch):
+    ref, out = env / "val.h5", tmp_path / "pool.h5"
+    with monkeypatch.context() as m:
+        _fail_after(m, 2)
+        with pytest.raises(Boom):
+            embed(env, "pool", out, reference=ref)
+    part = partial_path(out)
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # as after a crash
+    s = embed(env, "pool", out, reference=ref)
+    assert s.resumed == 0 and s.computed == 40
+    assert out.exists() and not part.exists()
+
+
+def test_a_partial_locked_by_another_process_is_reported_in_use(env, tmp_path):
+    import subprocess
+    import sys
+
+    ref, out = env / "val.h5", tmp_path / "pool.h5"
+    part = partial_path(out)
+    with h5py.File(part, "w") as f:
+        f.attrs["x"] = 1
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import h5py, sys, time\nf = h5py.File({str(part)!r}, 'r+')\n"
+         "print('open', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(AlfkError, match="is in use"):
+            embed(env, "pool", out, reference=ref)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert part.exists()  # another process's file is left alone
