@@ -1,4 +1,4 @@
-"""Fisher-kernel acquisition (ALGORITHM.md §4-6): standardise, pick centres, search, select.
+"""Fisher-kernel acquisition (docs/algorithm.md §4-6): standardise, pick centres, search, select.
 
 Pure numerics: arrays (or h5py datasets) in, pool row indices out. The pool is streamed in chunks of
 ``chunk_rows`` rows for standardisation and search, so it is never held whole.
@@ -502,7 +502,7 @@ def select(
     device: str = "cpu",
     chunk_rows: int = 65536,
 ) -> Selection:
-    """Select P pool rows for labelling (ALGORITHM.md §4-6).
+    """Select P pool rows for labelling (docs/algorithm.md §4-6).
 
     ``val`` and ``pool`` are :class:`Descriptors`, dicts or objects with ``z``, ``g``,
     ``scale_dims`` (and ``logits``, ``labels`` for ``val``); ``z``/``g`` may be h5py datasets, read

@@ -1,4 +1,4 @@
-"""Batched descriptors z, Fisher scores g and logits (ALGORITHM.md §1-2).
+"""Batched descriptors z, Fisher scores g and logits (docs/algorithm.md §1-2).
 
 One batched forward through ``TapNet.forward_taps`` with the earliest tap cut from the graph as a
 grad-requiring leaf, then one ``torch.autograd.grad`` of the cross-entropy **summed** over the
@@ -9,7 +9,7 @@ the call, so the backward computes activation gradients only, from the logits do
 tap and no further: about the cost of one forward pass over the tapped part of the network.
 
 g is the gradient of the cross-entropy (the loss), taken at the post-ReLU taps: the public
-code's choice, which produced the published curves (ALGORITHM.md §2).
+code's choice, which produced the published curves (docs/algorithm.md §2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The whole ``alfk embed`` job as one library function: images -> descriptors -> feature store.
 
-Which labels g is computed with (ALGORITHM.md §2-3):
+Which labels g is computed with (docs/algorithm.md §2-3):
 
 - a labelled folder (class sub-folders) without ``reference`` is a **validation set**: g uses the
   true labels, ``pseudo_label`` is ``true`` and the classes are the folder's;
@@ -376,7 +376,10 @@ def embed_folder(
             task = None
             if prog is not None:
                 task = prog.add_task(
-                    "embed", total=len(images), completed=len(images) - len(work), status=""
+                    f"embed {Path(images_dir).name or images_dir}",
+                    total=len(images),
+                    completed=len(images) - len(work),
+                    status="",
                 )
             computed, failed = _compute(
                 writer, model, images, labels, work, spec, tap_names, method, labeler, mc_cfg, seed,

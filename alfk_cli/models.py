@@ -1,10 +1,10 @@
 """Architectures with named feature taps (the timm ``feature_info`` idea, kept small).
 
 Every network is a sequence of named *stages*; a tap is the output of a stage, taken after its
-non-linearity (ALGORITHM.md §1). ``TapNet.forward_taps`` runs the stages once and returns the
+non-linearity (docs/algorithm.md §1). ``TapNet.forward_taps`` runs the stages once and returns the
 logits plus the requested tap tensors, so descriptors need no hooks. When asked, the earliest
 requested tap is cut from the graph and made a leaf that requires grad: a backward pass from the
-loss then stops there and computes activation gradients only (ALGORITHM.md §2).
+loss then stops there and computes activation gradients only (docs/algorithm.md §2).
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ class _Task:
     started: float = field(default_factory=time.monotonic)
     last_line: float = field(default_factory=time.monotonic)
     last_step: int = 0
+    summaries: int = 0  # status lines without progress: training's per-epoch evaluations
     done: bool = False
 
 
@@ -104,19 +105,23 @@ class PlainProgress:
             task.completed = completed
         if advance:
             task.completed += advance
-        summary = status is not None and not advance and status != task.status
+        if task.done:  # its closing line is out: nothing more for this task
+            return
+        summary = status is not None and not advance
         if status is not None:
             task.status = status
+        task.summaries += summary
         step = int(10 * task.completed / task.total) if task.total else 0
-        finished = bool(task.total) and task.completed >= task.total and not task.done
-        if finished:
-            task.done = True
-            took = time.monotonic() - task.started
-            self._line(task, f"done in {took:.1f} s")
+        finished = bool(task.total) and task.completed >= task.total
+        if finished and (summary or not task.summaries):
+            task.done = True  # a trainer's last evaluation comes after its last step
+            self._line(task, f"done in {time.monotonic() - task.started:.1f} s")
+        elif finished:
+            pass
         elif (
-            summary  # an epoch's evaluation (training) or a stage's result
-            or step > task.last_step
+            summary
             or time.monotonic() - task.last_line >= PLAIN_INTERVAL
+            or (not task.summaries and step > task.last_step)  # epochs already give a line each
         ):
             self._line(task)
         task.last_step = max(task.last_step, step)

@@ -1,4 +1,4 @@
-"""The pseudo-label estimators S (ALGORITHM.md §3): the label each pool image's g is computed with.
+"""The pseudo-label estimators S (docs/algorithm.md §3): the label each pool image's g is computed with.
 
 ``true``
     the image's own label (ablation; a pool with class sub-folders, e.g. in simulation).
@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alfk_cli.acquisition import standardize  # per vector, per scale slice (ALGORITHM.md §4)
+from alfk_cli.acquisition import standardize  # per vector, per scale slice (docs/algorithm.md §4)
 from alfk_cli.descriptors import concat_pooled, frozen_eval
 from alfk_cli.devices import full_precision
 from alfk_cli.errors import AlfkError

@@ -1,4 +1,4 @@
-"""The oracle simulation of active learning on a labelled pool (ALGORITHM.md §8-10).
+"""The oracle simulation of active learning on a labelled pool (docs/algorithm.md §8-10).
 
 The pool folder has class sub-folders, but a strategy only sees the labels of the images it has
 selected. Per seed: build the (optionally biased, §9) pool by choosing rows, make the initial

@@ -1,4 +1,4 @@
-"""The HDF5 feature store, schema version 1 (DESIGN.md "The feature store").
+"""The HDF5 feature store, schema version 1 (docs/design.md "The feature store").
 
 One file per embedded image set:
 

@@ -1,4 +1,4 @@
-"""Baseline acquisition strategies for the simulation (ALGORITHM.md §9-§10).
+"""Baseline acquisition strategies for the simulation (docs/algorithm.md §9-§10).
 
 Uncertainty scores (entropy, margin, variation ratio, BALD) from softmax probabilities, MC-dropout
 sampling of those probabilities, random draws and the Sener & Savarese core-set greedy. Every

@@ -1,4 +1,4 @@
-"""Supervised training, evaluation and rotation self-supervised pretraining (ALGORITHM.md §7-8).
+"""Supervised training, evaluation and rotation self-supervised pretraining (docs/algorithm.md §7-8).
 
 Both trainers keep the epoch with the best held-out accuracy (never a test set) and return its
 weights. Images are decoded once into memory when they fit (``images.fits_in_memory``), else

@@ -14,7 +14,7 @@ from alfk_cli.errors import AlfkError
 
 
 def default_workdir(pool: str | os.PathLike) -> Path:
-    """``.alfk/<pool name>/`` beside the pool folder (DESIGN.md), one sub-folder per pool so two
+    """``.alfk/<pool name>/`` beside the pool folder (docs/design.md), one sub-folder per pool so two
     pools with the same parent never share caches."""
     pool = Path(pool).resolve()
     return pool.parent / ".alfk" / pool.name

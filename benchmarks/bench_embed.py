@@ -5,7 +5,7 @@
 For each architecture at its paper input size: forward-only images/s (eval, ``no_grad``), z+g
 images/s via ``describe_batch`` with given labels and with p_yz labels (1-NN over a 10,000-row
 reference), and the ratio z+g / forward. Goal: ratio ≥ 0.45, i.e. z+g costs at most 2.2 forward
-passes (ALGORITHM.md §2, §10). Tensors are synthetic and already on the device, so image
+passes (docs/algorithm.md §2, §10). Tensors are synthetic and already on the device, so image
 decoding and the store are not measured.
 """
 

@@ -1,4 +1,4 @@
-"""Acquisition core (ALGORITHM.md §4-6) against an independent brute-force NumPy reference.
+"""Acquisition core (docs/algorithm.md §4-6) against an independent brute-force NumPy reference.
 
 The reference builds full similarity matrices in float64, sorts with explicit Python keys and walks
 k-center and the rank-major selection with plain loops; it imports nothing from alfk_cli except the

@@ -217,6 +217,8 @@ def test_ctrl_c_says_interrupted(eco, tmp_path):
     line = ""
     while time.time() < deadline and "started" not in line:  # wait until it is training
         line = p.stderr.readline()
+        if not line and p.poll() is not None:
+            break
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130
@@ -277,18 +279,21 @@ def test_the_work_folder_lock_dies_with_its_owner(eco, tmp_path):
     from alfk_cli.workdir import locked
 
     # resnet18 at 224 px keeps the embed busy for a while on a CPU: time to kill it mid-way
+    write_images(eco / "many", 200, seed=4)
     save_checkpoint(tmp_path / "r18.pt", build_model("resnet18", 4, seed=0), "resnet18",
                     list(ROTATION_CLASSES), "rotation")  # fmt: skip
     p = subprocess.Popen(
-        [*ALFK, "select", "--val", "eco/ex/val", "--pool", "eco/ex/unlabeled", "--P", "5",
+        [*ALFK, "select", "--val", "eco/ex/val", "--pool", "eco/ex/many", "--P", "5",
          "--model", "r18.pt", "--device", "cpu", "--workers", "2", "--workdir", "wd"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=dict(_env(), ALFK_PROGRESS="plain"),
         cwd=tmp_path, text=True,
     )  # fmt: skip
     deadline = time.time() + 120
     line = ""
-    while time.time() < deadline and "embed: 0/" not in line:  # lock held, loader starting
+    while time.time() < deadline and "embed many: 0/" not in line:  # lock held, loader starting
         line = p.stderr.readline()
+        if not line and p.poll() is not None:
+            break
     time.sleep(1.0)  # let the loader fork its workers (they inherit the lock file's descriptor)
     assert p.poll() is None, "select finished before it could be killed"
     p.kill()
