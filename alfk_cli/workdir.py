@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ def match_exclusions(
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
     rows: set[int] = set()
     unmatched = 0
+    _resolved.cache_clear()  # folders may have changed since an earlier call
     for line in text.splitlines():
         name = line.strip()
         if not name or name.startswith("#"):
@@ -109,6 +111,11 @@ def match_exclusions(
         else:
             rows.add(row)
     return Exclusions(sorted(rows), unmatched)
+
+
+@functools.lru_cache(maxsize=65536)
+def _resolved(folder: str) -> Path:
+    return Path(folder).resolve()
 
 
 def _match_line(
@@ -122,7 +129,10 @@ def _match_line(
     p = Path(name)
     for base in [Path("/")] if p.is_absolute() else bases:
         with contextlib.suppress(ValueError, OSError):
-            rel = (base / p).resolve().relative_to(real_root).as_posix()
+            # the folder is resolved (symlinks followed) once per distinct folder: lists of
+            # thousands of lines share a few folders, and resolve() is the expensive step
+            folder = _resolved(str(base / p.parent))
+            rel = (folder / p.name).relative_to(real_root).as_posix()
             if rel in rel_index:
                 return rel_index[rel]
     parts = posix.split("/")
