@@ -96,6 +96,17 @@ def assert_listed(r, names) -> None:
         assert name in r.stderr, f"{name} not listed as skipped:\n{r.stderr}"
 
 
+def _embed_val_and_pool(cli, d: str):
+    """Embed d/val, then d/pool against it; the pool's result (the val embed must succeed)."""
+    r = cli("embed", "--model", f"{d}/init.pt", "--images", f"{d}/val", "--out", f"{d}/val.h5",
+            "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    return cli(
+        "embed", "--model", f"{d}/init.pt", "--images", f"{d}/pool", "--reference", f"{d}/val.h5",
+        "--out", f"{d}/pool.h5", "--device", "cpu",
+    )  # fmt: skip
+
+
 @pytest.fixture
 def corpus(tmp_path, monkeypatch):
     """val/ (3 classes), a pool of good images with every bad file among them, a labelled train/
@@ -135,22 +146,7 @@ def test_every_stage_skips_and_lists_the_bad_files(cli, corpus):
         "cpu",
     )
     assert_listed(r, BAD_FILES)
-    r = cli(
-        "embed",
-        "--model",
-        f"{d}/init.pt",
-        "--images",
-        f"{d}/val",
-        "--out",
-        f"{d}/val.h5",
-        "--device",
-        "cpu",
-    )
-    assert r.exit_code == 0, r.stderr
-    r = cli(
-        "embed", "--model", f"{d}/init.pt", "--images", f"{d}/pool", "--reference", f"{d}/val.h5",
-        "--out", f"{d}/pool.h5", "--device", "cpu",
-    )  # fmt: skip
+    r = _embed_val_and_pool(cli, d)
     assert_listed(r, BAD_FILES)
     with h5py.File(root / "pool.h5") as f:
         stored = [p.decode() for p in f["paths"][:]]
@@ -202,7 +198,13 @@ def test_folders_that_cannot_be_used(cli, corpus, tmp_path):
         assert r.stdout == ""
 
 
-def test_bad_checkpoints_stores_and_outputs(cli, corpus):
+def test_bad_checkpoints_stores_and_outputs(cli, corpus, monkeypatch):
+    import alfk_cli.training as training
+
+    def no_training(*a, **k):
+        raise AssertionError("a bad output must be refused before training starts")
+
+    monkeypatch.setattr(training, "fit", no_training)  # none of these cases may train
     root, _ = corpus
     d = str(root)
     (root / "garbage.pt").write_bytes(b"PK\x03\x04 not a zip")
@@ -365,22 +367,7 @@ def test_damaged_work_files_do_not_block_the_next_run(cli, corpus):
     (root / "bad-version.h5").write_bytes(b"")
     with h5py.File(root / "bad-version.h5", "w") as f:
         f.attrs["schema_version"] = "one"
-    r = cli(
-        "embed",
-        "--model",
-        f"{d}/init.pt",
-        "--images",
-        f"{d}/val",
-        "--out",
-        f"{d}/val.h5",
-        "--device",
-        "cpu",
-    )
-    assert r.exit_code == 0, r.stderr
-    r = cli(
-        "embed", "--model", f"{d}/init.pt", "--images", f"{d}/pool", "--reference", f"{d}/val.h5",
-        "--out", f"{d}/pool.h5", "--device", "cpu",
-    )  # fmt: skip
+    r = _embed_val_and_pool(cli, d)
     assert r.exit_code == 0, r.stderr
     assert not (root / ".pool.h5.partial").exists()
     r = cli("select", "--scores", f"{d}/bad-version.h5")

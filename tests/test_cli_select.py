@@ -93,70 +93,27 @@ def test_pool_that_gained_images_embeds_only_new_ones(cli, world):
 def test_exclusions_and_validation_images_never_selected(cli, world):
     # the pool also contains the validation folder: those images must never come out
     shutil.copytree("val", "pool/val_copy")
-    base = cli(
-        "select",
-        "--val",
-        "pool/val_copy",
-        "--pool",
-        "pool",
-        "--P",
-        "40",
-        "--model",
-        "init.pt",
-        "--device",
-        "cpu",
-        "--workdir",
-        "wd",
-    )
+
+    def select(P, *extra):
+        return cli(
+            "select", "--val", "pool/val_copy", "--pool", "pool", "--P", str(P), "--model",
+            "init.pt", "--device", "cpu", "--workdir", "wd", *extra,
+        )  # fmt: skip
+
+    base = select(40)
     assert base.exit_code == 0, base.stderr
     chosen = _lines(base)
     assert not any("val_copy" in p for p in chosen) and len(set(chosen)) == 40
     Path("sent.txt").write_text("\n".join(chosen[:10]) + "\n")
-    r = cli(
-        "select",
-        "--val",
-        "pool/val_copy",
-        "--pool",
-        "pool",
-        "--P",
-        "30",
-        "--model",
-        "init.pt",
-        "--device",
-        "cpu",
-        "--workdir",
-        "wd",
-        "--exclude",
-        "sent.txt",
-    )
+    r = select(30, "--exclude", "sent.txt")
     assert r.exit_code == 0, r.stderr
     assert set(_lines(r)) == set(chosen[10:])  # the 40 non-validation images minus the 10 sent
-
-    def over_args():
-        return (
-            "select",
-            "--val",
-            "pool/val_copy",
-            "--pool",
-            "pool",
-            "--P",
-            "31",
-            "--model",
-            "init.pt",
-            "--device",
-            "cpu",
-            "--workdir",
-            "wd",
-            "--exclude",
-            "sent.txt",
-        )
-
-    over = cli(*over_args())
+    over = select(31, "--exclude", "sent.txt")
     # the end of a pool: the 30 left, with a warning; --exact-count keeps the strict behaviour
     assert over.exit_code == 0, over.stderr
     assert set(_lines(over)) == set(chosen[10:])
     assert "warning: only 30 pool image(s) are left" in over.stderr
-    strict = cli(*over_args(), "--exact-count")
+    strict = select(31, "--exclude", "sent.txt", "--exact-count")
     assert strict.exit_code == 1 and strict.stdout == ""
     assert (
         strict.stderr.strip().splitlines()[-1].startswith("error: only 30 pool image(s) are left")
