@@ -52,14 +52,18 @@ def locked(workdir: Path) -> Iterator[None]:
         ) from None
     _HELD.add(key)
     try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}")
+            fh.flush()
+        except OSError as exc:  # a full disk: say which file
+            raise AlfkError(f"cannot write the lock file {path}: {exc.strerror}") from None
         yield
     finally:
         _HELD.discard(key)
-        fh.close()  # releases the lock
+        with contextlib.suppress(OSError):  # a full disk already reported
+            fh.close()  # releases the lock
 
 
 def newest_checkpoint(workdir: Path) -> Path | None:

@@ -273,6 +273,15 @@ def test_a_full_disk_is_a_one_line_error_and_keeps_nothing(eco, tmp_path, small_
         assert lines[-1].startswith("error: no space left on device writing"), r.stderr
         assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr
         assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+    r = subprocess.run(
+        [*ALFK, "select", "--val", "eco/ex/val", "--pool", "eco/ex/unlabeled", "--P", "3",
+         "--model", "eco/ex/init.pt", "--workdir", f"{small_disk}/wd", "--device", "cpu"],
+        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write the lock file {small_disk}/wd/lock: No space left on device"
+    )
 
 
 def test_the_work_folder_lock_dies_with_its_owner(eco, tmp_path):
