@@ -631,11 +631,17 @@ def simulate(
     rare: Annotated[
         str, typer.Option("--rare", help="Rare classes, by folder name or index.")
     ] = "5,6,7,8,9",
-    arch: Annotated[str, typer.Option("--arch", help="lenet, resnet10 or resnet18.")] = "lenet",
+    arch: Annotated[
+        str, typer.Option("--arch", callback=_check_arch, help="lenet, resnet10 or resnet18.")
+    ] = "lenet",
     taps: Taps = None,
     init: Annotated[
         str,
-        typer.Option("--init", help="pretrain (rotation self-supervision on the pool) or random."),
+        typer.Option(
+            "--init",
+            callback=lambda v: _one_of(v, ("pretrain", "random"), "--init"),
+            help="pretrain (rotation self-supervision on the pool) or random.",
+        ),
     ] = "pretrain",
     epochs: Annotated[
         int, typer.Option("--epochs", min=1, help="Fine-tuning epochs per round.")
