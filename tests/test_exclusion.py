@@ -93,3 +93,32 @@ def test_non_utf8_exclude_file_is_read_not_a_traceback(cli, eco):
     assert r.exit_code == 0, r.stderr
     assert not set(r.stdout.splitlines()) & set(first.stdout.splitlines())
     assert "excluded 2 pool image(s)" in r.stderr and "1 line(s) named no image" in r.stderr
+
+
+def test_everything_excluded_is_an_empty_selection_in_every_format(cli, eco):
+    first = _select(cli, 4)
+    assert first.exit_code == 0, first.stderr
+    Path("sent.txt").write_text(first.stdout)
+    wd = eco / ".alfk" / "unlabeled"
+    for fmt in ("txt", "csv", "jsonl"):
+        r = _select(cli, 2, "--exclude", "sent.txt", "--format", fmt)
+        assert r.exit_code == 0, r.stderr
+        assert "warning: only 0 pool image(s) are left" in r.stderr
+        assert len(r.stdout.splitlines()) <= 1  # nothing, or the csv header alone
+    strict = _select(cli, 2, "--exclude", "sent.txt", "--exact-count")
+    assert strict.exit_code == 1 and strict.stdout == ""
+    assert strict.stderr.strip().splitlines()[-1].startswith("error: only 0 pool image(s)")
+    # the empty scores file is read back: a short selection, then the strict error
+    empty = cli("select", "--scores", str(wd / "scores.h5"), "--P", "2")
+    assert empty.exit_code == 0 and empty.stdout == "" and "warning:" in empty.stderr
+    assert cli("select", "--scores", str(wd / "scores.h5"), "--P", "2", "--exact-count").exit_code == 1
+    scored = cli(
+        "score", "--val", str(wd / "val.h5"), "--pool", str(wd / "pool.h5"), "--P", "2",
+        "--out", "s.h5", "--exclude", "sent.txt", "--device", "cpu",
+    )  # fmt: skip
+    assert scored.exit_code == 0 and "only 0 pool image(s)" in scored.stderr, scored.stderr
+    strict = cli(
+        "score", "--val", str(wd / "val.h5"), "--pool", str(wd / "pool.h5"), "--P", "2",
+        "--out", "s2.h5", "--exclude", "sent.txt", "--device", "cpu", "--exact-count",
+    )  # fmt: skip
+    assert strict.exit_code == 1 and not Path("s2.h5").exists()
