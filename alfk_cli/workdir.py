@@ -89,7 +89,8 @@ def match_exclusions(
     counted, not errors: an exclusion list usually covers more than one pool."""
     path = Path(path)
     if not path.is_file():
-        raise AlfkError(f"exclude file {path} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise AlfkError(f"exclude file {path} {what}")
     root = Path(pool_root)
     real_root = root.resolve()
     rel_index = {p: i for i, p in enumerate(pool_paths)}

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from alfk_cli.checkpoint import save_checkpoint
+from alfk_cli.errors import AlfkError
 from alfk_cli.models import ROTATION_CLASSES, build_model
 from alfk_cli.names import name_problem
 from alfk_cli.workdir import match_exclusions
@@ -111,7 +112,9 @@ def test_everything_excluded_is_an_empty_selection_in_every_format(cli, eco):
     # the empty scores file is read back: a short selection, then the strict error
     empty = cli("select", "--scores", str(wd / "scores.h5"), "--P", "2")
     assert empty.exit_code == 0 and empty.stdout == "" and "warning:" in empty.stderr
-    assert cli("select", "--scores", str(wd / "scores.h5"), "--P", "2", "--exact-count").exit_code == 1
+    assert (
+        cli("select", "--scores", str(wd / "scores.h5"), "--P", "2", "--exact-count").exit_code == 1
+    )
     scored = cli(
         "score", "--val", str(wd / "val.h5"), "--pool", str(wd / "pool.h5"), "--P", "2",
         "--out", "s.h5", "--exclude", "sent.txt", "--device", "cpu",
@@ -122,3 +125,12 @@ def test_everything_excluded_is_an_empty_selection_in_every_format(cli, eco):
         "--out", "s2.h5", "--exclude", "sent.txt", "--device", "cpu", "--exact-count",
     )  # fmt: skip
     assert strict.exit_code == 1 and not Path("s2.h5").exists()
+
+
+def test_an_exclude_folder_is_named_as_a_folder(cli, eco):
+    Path("sent").mkdir()
+    r = _select(cli, 2, "--exclude", "sent")
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.strip().splitlines()[-1] == "error: exclude file sent is a folder, not a file"
+    with pytest.raises(AlfkError, match="is a folder"):
+        match_exclusions("sent", eco / "unlabeled", [])
