@@ -543,7 +543,8 @@ def select(
         from alfk_cli.progress import make_progress
 
         if exclude is not None and not exclude.is_file():
-            raise AlfkError(f"exclude file {exclude} does not exist")
+            what = "is a folder, not a file" if exclude.is_dir() else "does not exist"
+            raise AlfkError(f"exclude file {exclude} {what}")
         _check_taps(_checkpoint_arch(model, arch), taps)
         with make_progress(quiet) as progress:
             result, notes, report = run_select(

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import re
 
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL and C1 controls, and the line/paragraph separators: str.splitlines (and many readers of
+# to_label.txt) end a line at U+0085, U+2028 and U+2029 too, so such a name would come back from an
+# --exclude file as two lines and never match.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def printable(name: str) -> str:
@@ -40,5 +43,5 @@ def name_problem(rel: str) -> str | None:
     except UnicodeEncodeError:
         return "file name is not valid UTF-8; rename it"
     if _UNPRINTABLE.search(rel):
-        return "file name has a control character (newline, tab, ...); rename it"
+        return "file name has a control character or line break (newline, tab, ...); rename it"
     return None

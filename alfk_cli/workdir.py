@@ -93,7 +93,8 @@ def match_exclusions(
     counted, not errors: an exclusion list usually covers more than one pool."""
     path = Path(path)
     if not path.is_file():
-        raise AlfkError(f"exclude file {path} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise AlfkError(f"exclude file {path} {what}")
     root = Path(pool_root)
     real_root = root.resolve()
     rel_index = {p: i for i, p in enumerate(pool_paths)}
@@ -105,11 +106,18 @@ def match_exclusions(
     rows: set[int] = set()
     unmatched = 0
     _resolved.cache_clear()  # folders may have changed since an earlier call
-    for line in text.splitlines():
+    # Lines end at "\n" only, as select prints them (str.splitlines would also split at \x0c,
+    # \x85, U+2028...); a "\r" from a file saved on Windows is dropped.
+    for line in text.split("\n"):
+        line = line.removesuffix("\r")
         name = line.strip()
         if not name or name.startswith("#"):
             continue
-        row = _match_line(name, rel_index, real_root, bases, names)
+        # the line as written first: a name may begin or end with a space; then without the
+        # spaces a hand-edited list may have around a name
+        row = _match_line(line, rel_index, real_root, bases, names)
+        if row is None and name != line:
+            row = _match_line(name, rel_index, real_root, bases, names)
         if row is None:
             unmatched += 1
         else:
