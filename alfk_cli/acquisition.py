@@ -16,28 +16,16 @@ tie exactly and are broken by the smaller pool id.
 
 from __future__ import annotations
 
-import itertools
-import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from alfk_cli.errors import AlfkError
-from alfk_cli.search import (
-    U32,
-    U64,
-    _canon_dot,
-    _gamma,
-    _IPScorer,
-    _row_norms,
-    exact_topk_stream,
-    kcenter_greedy,
-    use_gpu,
-)
+from alfk_cli.kernels import KERNELS, Buffers, Kernel, get_kernel
+from alfk_cli.search import exact_topk_stream, kcenter_greedy, use_gpu
+from alfk_cli.standardize import check_dims, norm_bound, standardize
 
 __all__ = [
     "KERNELS",
@@ -50,17 +38,8 @@ __all__ = [
     "standardize",
 ]
 
-KERNELS = ("sum", "pcc", "product")
-
 #: Largest candidate set whose k-center similarity matrix is precomputed (float32, 512 MiB).
 GRAM_MAX_ROWS = 11585
-#: Scratch budget (bytes) for the two blocks of product-kernel scores (about 8k pool columns per
-#: block for 1250 centres: fast GEMMs, and the multiply and top-k still run from cache-warm memory).
-PRODUCT_BLOCK_BYTES = 80 << 20
-#: Rows per thread below which standardisation stays single-threaded.
-STANDARDIZE_ROWS_PER_THREAD = 4096
-#: Bytes of input standardised per block (fits in cache together with its output).
-STANDARDIZE_BLOCK_BYTES = 3 << 20
 
 
 @dataclass
@@ -93,109 +72,6 @@ class Selection:
     k_used: int
 
 
-# ----------------------------------------------------------------------------- standardisation
-
-
-def _check_dims(scale_dims: Sequence[int], width: int) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in np.asarray(scale_dims).reshape(-1))
-    except (TypeError, ValueError) as exc:
-        raise AlfkError(f"scale_dims must be integers, got {scale_dims!r}") from exc
-    if not dims or min(dims) < 1 or sum(dims) != width:
-        raise AlfkError(f"scale_dims {list(dims)} must be positive and sum to L={width}")
-    return dims
-
-
-def _threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-_pool: ThreadPoolExecutor | None = None
-
-
-def _standardize_into(dst: np.ndarray, src: np.ndarray, dims: Sequence[int]) -> None:
-    """Write the per-row, per-slice standardisation of ``src`` into ``dst`` (float32, same shape).
-
-    Row-wise operations only, so identical rows give bit-identical results wherever they sit.
-    Rows are processed in cache-sized blocks (the passes over a block hit the cache, not memory),
-    and large inputs are split over threads (numpy releases the GIL in these loops).
-    """
-    global _pool
-    if src.dtype != np.float32 and src.dtype != np.float64:
-        src = np.asarray(src, dtype=np.float32)
-    n = src.shape[0]
-    parts = min(_threads(), n // STANDARDIZE_ROWS_PER_THREAD)
-    if parts <= 1:
-        _standardize_blocks(dst, src, dims)
-        return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_threads(), thread_name_prefix="alfk-std")
-    bounds = np.linspace(0, n, parts + 1).astype(int)
-    jobs = [
-        _pool.submit(_standardize_blocks, dst[a:b], src[a:b], dims)
-        for a, b in itertools.pairwise(bounds)
-    ]
-    for job in jobs:
-        job.result()
-
-
-def _standardize_blocks(dst: np.ndarray, src: np.ndarray, dims: Sequence[int]) -> None:
-    step = max(1, STANDARDIZE_BLOCK_BYTES // (4 * max(1, src.shape[1])))
-    for a in range(0, src.shape[0], step):
-        _standardize_rows(dst[a : a + step], src[a : a + step], dims)
-
-
-def _standardize_rows(dst: np.ndarray, src: np.ndarray, dims: Sequence[int]) -> None:
-    off = 0
-    for width in dims:
-        s = src[:, off : off + width]
-        d = dst[:, off : off + width]
-        off += width
-        if width == 1:
-            if not np.isfinite(s).all():
-                raise AlfkError("non-finite values in the descriptors (NaN or inf)")
-            d[...] = 0
-            continue
-        mean = s.mean(axis=1, keepdims=True)
-        if not np.isfinite(mean).all():
-            raise AlfkError("non-finite values in the descriptors (NaN or inf)")
-        np.subtract(s, mean, out=d, casting="same_kind")
-        ss = np.einsum("ij,ij->i", d, d)
-        # Rows whose spread is at rounding level: zero them only if truly constant.
-        sus = np.flatnonzero(ss <= width * np.square(1e-4 * np.abs(mean[:, 0])))
-        good = ss > 0
-        if sus.size:
-            raw = np.asarray(s[sus])
-            good[sus[(raw == raw[:, :1]).all(axis=1)]] = False
-        scale = np.zeros(ss.shape, dtype=np.float32)
-        scale[good] = 1.0 / np.sqrt(ss[good] / np.float32(width - 1))
-        d *= scale[:, None]
-
-
-def standardize(x: np.ndarray, scale_dims: Sequence[int]) -> np.ndarray:
-    """Standardise each row, each scale slice separately (own mean, own std with ddof=1).
-
-    Over a slice of width L_j, ``ẑ_a · ẑ_b = (L_j - 1) · PCC(a_j, b_j)``. A constant slice (or one
-    of width 1) becomes zeros. Returns a new float32 array.
-    """
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise AlfkError(f"descriptors must be 2-D, got shape {x.shape}")
-    dims = _check_dims(scale_dims, x.shape[1])
-    out = np.empty(x.shape, dtype=np.float32)
-    _standardize_into(out, x, dims)
-    return out
-
-
-def _norm_bound(dims: Sequence[int]) -> float:
-    """Upper bound on the squared norm of a float32-standardised vector with these slices."""
-    b = float(sum(d - 1 for d in dims))
-    return b * (1.0 + 8.0 * (max(dims) + 2) * U32) + 1e-6
-
-
 # ----------------------------------------------------------------------------- weak supervision
 
 
@@ -208,18 +84,14 @@ def misclassified(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.argmax(logits, axis=1) != labels).astype(np.int64)
 
 
-def _similarity(kernel: str, z: np.ndarray, g: np.ndarray | None):
+def _similarity(kernel: Kernel, z: np.ndarray, g: np.ndarray | None):
     """``sim_to(i)`` over the standardised candidates in the kernel's space."""
     n = z.shape[0]
 
     def block(a: int, b: int, rows: np.ndarray | None = None) -> np.ndarray:
         zz = z[a:b] if rows is None else z[rows]
         gg = None if g is None else (g[a:b] if rows is None else g[rows])
-        if kernel == "pcc":
-            return zz @ z.T
-        if kernel == "sum":
-            return zz @ z.T + gg @ g.T
-        return (zz @ z.T) * (gg @ g.T)
+        return kernel.gram(zz, gg, z, g)
 
     if n <= GRAM_MAX_ROWS:
         gram = np.empty((n, n), dtype=np.float32)
@@ -237,7 +109,7 @@ def choose_centers(
     val_labels: Any,
     scale_dims: Sequence[int],
     P: int,
-    kernel: str,
+    kernel: str | Kernel,
     seed: int,
 ) -> tuple[np.ndarray, bool]:
     """Centres for one round (Alg. 1 lines 3-7): validation rows, int64, plus the fallback flag.
@@ -246,8 +118,7 @@ def choose_centers(
     them in the kernel's similarity space to P centres. M' = 0: the whole validation set is the
     candidate set instead (same rule) and ``fallback`` is True.
     """
-    if kernel not in KERNELS:
-        raise AlfkError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    kern = get_kernel(kernel)
     P = _positive_int(P, "P")
     if val_logits is None or val_labels is None:
         raise AlfkError("the validation descriptors need logits and labels")
@@ -265,12 +136,10 @@ def choose_centers(
     if cand.size <= P:
         return cand, fallback
     z_all = np.asarray(val_z)
-    dims = _check_dims(scale_dims, z_all.shape[1])
+    dims = check_dims(scale_dims, z_all.shape[1])
     z = standardize(z_all[cand], dims)
-    g = None
-    if kernel != "pcc":
-        g = standardize(np.asarray(val_g)[cand], dims)
-    chosen = kcenter_greedy(_similarity(kernel, z, g), cand.size, P, seed)
+    g = standardize(np.asarray(val_g)[cand], dims) if kern.uses_g else None
+    chosen = kcenter_greedy(_similarity(kern, z, g), cand.size, P, seed)
     return cand[chosen], fallback
 
 
@@ -318,85 +187,6 @@ def rank_major_select(
     )
 
 
-# ----------------------------------------------------------------------------- product kernel
-
-
-class _ProductScorer:
-    """``(ẑ·ẑ)(ĝ·ĝ)``: blocked float32 torch GEMMs + top-k as the filter, canonical rescoring."""
-
-    def __init__(self, qz: np.ndarray, qg: np.ndarray, gpu: bool, bz: float, bg: float):
-        import torch
-
-        self.torch = torch
-        self.dev = torch.device("cuda" if gpu else "cpu")
-        self.qz = np.ascontiguousarray(qz, dtype=np.float32)
-        self.qg = np.ascontiguousarray(qg, dtype=np.float32)
-        self.qz64 = self.qz.astype(np.float64)
-        self.qg64 = self.qg.astype(np.float64)
-        self.nz = _row_norms(self.qz)
-        self.ng = _row_norms(self.qg)
-        self.tqz = torch.from_numpy(self.qz).to(self.dev)
-        self.tqg = torch.from_numpy(self.qg).to(self.dev)
-        self.gz = _gamma(self.qz.shape[1])
-        self.gg = _gamma(self.qg.shape[1])
-        self.bz, self.bg = bz, bg
-        self.dim = self.qz.shape[1] + self.qg.shape[1]
-
-    def begin(self, payload: tuple[np.ndarray, np.ndarray]) -> None:
-        self.xz, self.xg = payload
-        self.txz = self.torch.from_numpy(self.xz).to(self.dev)
-        self.txg = self.torch.from_numpy(self.xg).to(self.dev)
-
-    def eps(self, rows: np.ndarray) -> np.ndarray:
-        bz = self.nz[rows] * self.bz
-        bg = self.ng[rows] * self.bg
-        ez = self.gz * bz
-        eg = self.gg * bg
-        return (
-            ez * bg + eg * bz + ez * eg + 2 * U32 * (bz + ez) * (bg + eg)
-        ) + 8 * self.dim * U64 * bz * bg
-
-    def approx(self, rows: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
-        torch = self.torch
-        if rows.size == self.qz.shape[0]:
-            qz, qg = self.tqz, self.tqg
-        else:
-            sel = torch.from_numpy(rows).to(self.dev)
-            qz, qg = self.tqz[sel], self.tqg[sel]
-        n = self.txz.shape[0]
-        nr = rows.size
-        step = min(n, max(kp, PRODUCT_BLOCK_BYTES // (8 * max(1, nr))))
-        # Two score blocks reused across the chunk (fresh large buffers cost page faults).
-        flat_z = torch.empty(nr * step, dtype=torch.float32, device=self.dev)
-        flat_g = torch.empty(nr * step, dtype=torch.float32, device=self.dev)
-        best_v = best_i = None
-        prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")  # no TF32/bf16: the error bound needs fp32
-        try:
-            for a in range(0, n, step):
-                b = min(n, a + step)
-                s = flat_z[: nr * (b - a)].view(nr, b - a)
-                t = flat_g[: nr * (b - a)].view(nr, b - a)
-                torch.matmul(qz, self.txz[a:b].T, out=s)
-                torch.matmul(qg, self.txg[a:b].T, out=t)
-                s.mul_(t)
-                v, i = torch.topk(s, min(kp, b - a), dim=1)
-                i += a
-                if best_v is not None:
-                    v = torch.cat([best_v, v], dim=1)
-                    i = torch.cat([best_i, i], dim=1)
-                    v, pos = torch.topk(v, min(kp, v.shape[1]), dim=1)
-                    i = torch.gather(i, 1, pos)
-                best_v, best_i = v, i
-        finally:
-            torch.set_float32_matmul_precision(prev)
-        return best_v.cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
-
-    def canon(self, qrows: np.ndarray, xrows: np.ndarray) -> np.ndarray:
-        rz = _canon_dot(self.qz64, self.xz, qrows, xrows)
-        return rz * _canon_dot(self.qg64, self.xg, qrows, xrows)
-
-
 # ----------------------------------------------------------------------------- select
 
 
@@ -439,17 +229,12 @@ def _keep_mask(exclude: Any, n: int) -> np.ndarray | None:
 
 
 def _pool_chunks(
-    pz: Any, pg: Any, dims: Sequence[int], keep: np.ndarray | None, chunk_rows: int, kernel: str
+    pz: Any, pg: Any, dims: Sequence[int], keep: np.ndarray | None, chunk_rows: int, kernel: Kernel
 ) -> Iterator[tuple[np.ndarray, Any]]:
-    """Yield ``(ids, standardised payload)`` per chunk; payload buffers are reused between chunks."""
-    n, width = pz.shape
-    cap = max(1, min(chunk_rows, n))
-    if kernel == "sum":
-        buf = np.empty((cap, 2 * width), dtype=np.float32)
-    else:
-        buf = np.empty((cap, width), dtype=np.float32)
-        if kernel == "product":
-            buf_g = np.empty((cap, width), dtype=np.float32)
+    """Yield ``(ids, payload)`` per chunk, the payload standardised by the kernel into buffers
+    reused between chunks; excluded rows are dropped before standardisation."""
+    n = pz.shape[0]
+    buffers = Buffers(max(1, min(chunk_rows, n)))
 
     def read(ds: Any, a: int, b: int, m: np.ndarray | None) -> np.ndarray:
         x = ds[a:b]
@@ -467,21 +252,8 @@ def _pool_chunks(
                 continue
             if ids.size == b - a:
                 m = None
-        rows = ids.size
-        if kernel == "sum":
-            out = buf[:rows]
-            _standardize_into(out[:, :width], read(pz, a, b, m), dims)
-            _standardize_into(out[:, width:], read(pg, a, b, m), dims)
-            yield ids, out
-        elif kernel == "pcc":
-            out = buf[:rows]
-            _standardize_into(out, read(pz, a, b, m), dims)
-            yield ids, out
-        else:
-            out, out_g = buf[:rows], buf_g[:rows]
-            _standardize_into(out, read(pz, a, b, m), dims)
-            _standardize_into(out_g, read(pg, a, b, m), dims)
-            yield ids, (out, out_g)
+        g = read(pg, a, b, m) if kernel.uses_g else None
+        yield ids, kernel.payload(read(pz, a, b, m), g, dims, buffers)
 
 
 def _matrix(x: Any, name: str, who: str) -> Any:
@@ -496,7 +268,7 @@ def select(
     val: Any,
     pool: Any,
     P: int,
-    kernel: str = "sum",
+    kernel: str | Kernel = "sum",
     exclude: Any = None,
     seed: int = 0,
     device: str = "cpu",
@@ -509,8 +281,7 @@ def select(
     in chunks of ``chunk_rows`` rows. ``exclude`` (boolean mask or row indices over the pool) is
     removed before the search. Raises :class:`AlfkError` when P exceeds the available pool rows.
     """
-    if kernel not in KERNELS:
-        raise AlfkError(f"unknown kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
+    kern = get_kernel(kernel)
     P = _positive_int(P, "P")
     chunk_rows = _positive_int(chunk_rows, "chunk_rows")
     gpu = use_gpu(device)
@@ -520,9 +291,9 @@ def select(
     pz = _matrix(_field(pool, "z"), "z", "pool")
     pg = _matrix(_field(pool, "g"), "g", "pool")
     width = vz.shape[1]
-    dims = _check_dims(_field(val, "scale_dims"), width)
+    dims = check_dims(_field(val, "scale_dims"), width)
     pool_dims = _field(pool, "scale_dims")
-    if pool_dims is not None and _check_dims(pool_dims, pz.shape[1]) != dims:
+    if pool_dims is not None and check_dims(pool_dims, pz.shape[1]) != dims:
         raise AlfkError(
             f"validation scale_dims {list(dims)} and pool scale_dims {list(pool_dims)} differ"
         )
@@ -540,25 +311,18 @@ def select(
     vz = np.asarray(vz)
     vg = np.asarray(vg)
     centers, fallback = choose_centers(
-        vz, vg, _field(val, "logits"), _field(val, "labels"), dims, P, kernel, seed
+        vz, vg, _field(val, "logits"), _field(val, "labels"), dims, P, kern, seed
     )
     cz = standardize(vz[centers], dims)
-    bound = _norm_bound(dims)
-    if kernel == "sum":
-        queries = np.concatenate([cz, standardize(vg[centers], dims)], axis=1)
-        scorer: Any = _IPScorer(queries, gpu, max_norm=math.sqrt(2 * bound))
-    elif kernel == "pcc":
-        scorer = _IPScorer(cz, gpu, max_norm=math.sqrt(bound))
-    else:
-        cg = standardize(vg[centers], dims)
-        scorer = _ProductScorer(cz, cg, gpu, math.sqrt(bound), math.sqrt(bound))
+    cg = standardize(vg[centers], dims) if kern.uses_g else None
+    scorer = kern.scorer(cz, cg, gpu=gpu, norm_sq=norm_bound(dims))
 
     n_c = centers.size
     per = -(-P // n_c)
     k = min(n_avail, per + max(16, per))
     while True:
         scores, ids = exact_topk_stream(
-            scorer, _pool_chunks(pz, pg, dims, keep, chunk_rows, kernel), n_c, k
+            scorer, _pool_chunks(pz, pg, dims, keep, chunk_rows, kern), n_c, k
         )
         sel, sel_s, sel_c = rank_major_select(ids, scores, P)
         # Deterministic ties make top-k lists prefixes of longer ones, so growing k and walking
@@ -574,6 +338,6 @@ def select(
         center=centers[sel_c],
         centers=centers,
         fallback=bool(fallback),
-        kernel=kernel,
+        kernel=kern.name,
         k_used=int(k),
     )

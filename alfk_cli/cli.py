@@ -55,9 +55,19 @@ def _check_kernel(value: str) -> str:
 
 
 def _check_pseudo_label(value: str | None) -> str | None:
-    from alfk_cli.pseudolabels import METHODS
+    from alfk_cli.estimators import ESTIMATORS
 
-    return _one_of(value, METHODS, "--pseudo-label")
+    return _one_of(value, ESTIMATORS, "--pseudo-label")
+
+
+def _check_strategy(value: str) -> str:
+    from alfk_cli.strategies import make_strategy
+
+    try:
+        make_strategy(value)
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--strategy") from None
+    return value
 
 
 def _check_arch(value: str | None) -> str | None:
@@ -350,6 +360,19 @@ Exclude = Annotated[
     Path | None,
     typer.Option("--exclude", help="File of pool images to leave out (one path per line)."),
 ]
+StrategyName = Annotated[
+    str,
+    typer.Option(
+        "--strategy",
+        callback=_check_strategy,
+        help="fk[:ESTIMATOR[:KERNEL]] (default fk: the paper's method, with --pseudo-label and "
+        "--kernel), pcc, random, entropy, margin, varR, bald, coreset, or a plug-in's "
+        "(alfk list strategies).",
+    ),
+]
+McSamples = Annotated[
+    int, typer.Option("--mc-samples", min=2, help="K for varR, bald, mc_trace and mc_mi.")
+]
 
 
 def _embed_summary(s, quiet: bool) -> None:
@@ -434,36 +457,47 @@ def score(
     ],
     P: Annotated[int, typer.Option("--P", "-P", min=1, help="How many pool images to select.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Scores file (HDF5) to write.")],
+    strategy: StrategyName = "fk",
     kernel: Kernel = "sum",
     exclude: Exclude = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="The stores' checkpoint (for varR and bald only)."),
+    ] = None,
+    mc_samples: McSamples = 32,
     exact_count: ExactCount = False,
     seed: Seed = 0,
     device: Device = "auto",
+    workers: Workers = 2,
     quiet: Quiet = False,
 ) -> None:
     """Find misclassified validation images, pick k-center centres among them, and select the P
     pool images with the highest Fisher-kernel similarity (rank-major, no duplicates)."""
-    from alfk_cli.pipeline import score_stores
+    from alfk_cli.pipeline import ScoreOptions, score_stores
 
-    _outputs_ok(out, val, pool, exclude)
-    scores, notes = score_stores(
-        val,
-        pool,
-        P,
-        out,
+    _outputs_ok(out, val, pool, exclude, model)
+    options = ScoreOptions(
+        P=P,
+        strategy=strategy,
         kernel=kernel,
         exclude=exclude,
         seed=seed,
         device=device,
         exact_count=exact_count,
+        checkpoint=model,
+        mc_samples=mc_samples,
+        workers=workers,
     )
+    scores, notes = score_stores(val, pool, out, options)
     for note in notes:
         _note(quiet, note)
-    _say(
-        quiet,
-        f"selected {len(scores.selected)} images with {len(scores.centers)} centres "
-        f"({scores.attrs.get('misclassified')} misclassified validation images); wrote {out}",
-    )
+    how = f"by {scores.attrs.get('strategy')}"
+    if len(scores.centers):
+        how = (
+            f"with {len(scores.centers)} centres "
+            f"({scores.attrs.get('misclassified')} misclassified validation images)"
+        )
+    _say(quiet, f"selected {len(scores.selected)} images {how}; wrote {out}")
 
 
 @app.command(
@@ -507,8 +541,10 @@ def select(
         ),
     ] = None,
     exclude: Exclude = None,
+    strategy: StrategyName = "fk",
     kernel: Kernel = "sum",
     pseudo_label: PseudoLabel = None,
+    mc_samples: McSamples = 32,
     taps: Taps = None,
     fmt: Annotated[
         str,
@@ -539,7 +575,7 @@ def select(
     else:
         if val is None or pool is None or P is None:
             raise typer.BadParameter("needs --val DIR, --pool DIR and --P N (or --scores FILE)")
-        from alfk_cli.pipeline import run_select
+        from alfk_cli.pipeline import SelectOptions, run_select
         from alfk_cli.progress import make_progress
 
         if exclude is not None and not exclude.is_file():
@@ -547,25 +583,24 @@ def select(
             raise AlfkError(f"exclude file {exclude} {what}")
         _check_taps(_checkpoint_arch(model, arch), taps)
         with make_progress(quiet) as progress:
-            result, notes, report = run_select(
-                val,
-                pool,
-                P,
+            options = SelectOptions(
+                P=P,
                 model=model,
                 arch=arch,
                 workdir=workdir,
                 exclude=exclude,
+                strategy=strategy,
                 kernel=kernel,
                 pseudo_label=pseudo_label,
+                mc_samples=mc_samples,
                 taps=taps,
                 seed=seed,
                 device=device,
                 workers=workers,
                 strict=strict,
-                quiet=quiet,
-                progress=progress,
                 exact_count=exact_count,
             )
+            result, notes, report = run_select(val, pool, options, quiet=quiet, progress=progress)
         if report.pretrained:
             _say(quiet, f"no checkpoint given or cached: pretrained {report.checkpoint}")
         else:
@@ -666,21 +701,22 @@ def simulate(
     One result row per (strategy, seed, round) goes to OUT/results.csv and OUT/results.jsonl.
     Re-running with the same arguments resumes after the last finished round.
     """
+    from alfk_cli.simulate import SimulateOptions
     from alfk_cli.simulate import simulate as run_simulation
 
     try:
-        seed_list = [int(s) for s in _csv_list(seeds, "seeds")]
+        seed_list = tuple(int(s) for s in _csv_list(seeds, "seeds"))
     except ValueError:
         raise typer.BadParameter("seeds must be integers", param_hint="--seeds") from None
-    rows = run_simulation(
-        pool,
-        val,
-        test,
-        out,
-        _csv_list(strategies, "strategies"),
-        rounds,
-        P,
-        seed_list,
+    options = SimulateOptions(
+        pool=pool,
+        val=val,
+        test=test,
+        out=out,
+        strategies=tuple(_csv_list(strategies, "strategies")),
+        rounds=rounds,
+        P=P,
+        seeds=seed_list,
         arch=arch,
         taps=taps,
         init=init,
@@ -688,12 +724,13 @@ def simulate(
         pretrain_epochs=pretrain_epochs,
         eval_every=eval_every,
         imbalance=imbalance,
-        rare=_csv_list(rare, "rare classes"),
+        rare=tuple(_csv_list(rare, "rare classes")),
         mc_samples=mc_samples,
         device=device,
         workers=workers,
-        progress=(lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False)),
     )
+    say = (lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False))
+    rows = run_simulation(options, progress=say)
     _say(quiet, f"{len(rows)} result rows in {out / 'results.csv'}")
     if plot:
         from alfk_cli.plot import plot_results
@@ -745,6 +782,26 @@ def plot(
     if not quiet:
         stderr.print(summary_table(rows, rare_list), markup=False)
     _say(quiet, f"wrote {png}")
+
+
+@app.command("list", epilog="Example: alfk list strategies")
+def list_registered(
+    kind: Annotated[
+        str | None,
+        typer.Argument(help="architectures, strategies, kernels or estimators (default: all)."),
+    ] = None,
+) -> None:
+    """The registered architectures, strategies, kernels and estimators, plug-ins included."""
+    from alfk_cli.plugins import registries
+
+    found = registries()
+    if kind is not None and kind not in found:
+        raise typer.BadParameter(f"{kind!r} is not one of {', '.join(found)}", param_hint="KIND")
+    for name, registry in found.items():
+        if kind is None:
+            sys.stdout.write(f"{name}: {', '.join(registry)}\n")
+        elif name == kind:
+            sys.stdout.write("".join(f"{n}\n" for n in registry))
 
 
 def _version(value: bool) -> None:

@@ -38,16 +38,11 @@ from alfk_cli.atomic import check_writable_dir, partial_path
 from alfk_cli.checkpoint import load_checkpoint, task_model
 from alfk_cli.devices import resolve_device
 from alfk_cli.errors import AlfkError
+from alfk_cli.estimators import describe_images, get_estimator
 from alfk_cli.images import ImageDataset, ImageSet, decode_failure, printable, scan_images
 from alfk_cli.models import resolve_taps, scale_dims
 from alfk_cli.progress import make_progress
-from alfk_cli.pseudolabels import (
-    MC_METHODS,
-    MCConfig,
-    NearestReference,
-    check_method,
-    describe_images,
-)
+from alfk_cli.pseudolabels import MCConfig, NearestReference
 from alfk_cli.reproducible import loader_generator
 from alfk_cli.store import (
     SCHEMA_VERSION,
@@ -233,7 +228,7 @@ def embed_folder(
     check_writable_dir(out)
     if batch_size is not None and batch_size < 1:
         raise AlfkError("--batch-size must be at least 1")
-    method = check_method(pseudo_label) if pseudo_label is not None else None
+    method = get_estimator(pseudo_label).name if pseudo_label is not None else None
     ckpt = load_checkpoint(model_path)
     model_path = Path(model_path)
     rotation = ckpt.head == "rotation"
@@ -283,7 +278,7 @@ def embed_folder(
         dev = resolve_device(device)
         model = task_model(ckpt, classes, seed).to(dev)
         mc_cfg = mc_config or MCConfig(samples=mc_samples)
-        if method in MC_METHODS and mc_cfg.samples < 2:
+        if get_estimator(method).uses_mc and mc_cfg.samples < 2:
             raise AlfkError("Monte-Carlo pseudo-labels need --mc-samples of at least 2")
 
         config = {
@@ -294,7 +289,7 @@ def embed_folder(
             "taps": list(tap_names),
             "classes": list(classes),
             "pseudo_label": method,
-            "mc": mc_cfg.params() if method in MC_METHODS else None,
+            "mc": mc_cfg.params() if get_estimator(method).uses_mc else None,
             # the reference's contents, not its file bytes: a rewrite with equal data keeps caches
             "reference_data_sha256": ref.data_sha256() if ref is not None else None,
             "seed": int(seed),

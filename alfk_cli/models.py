@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from alfk_cli.errors import AlfkError
+from alfk_cli.registry import Registry
 
 ROTATION_CLASSES = ("0", "90", "180", "270")
 
@@ -34,13 +36,28 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """A registered architecture: how to build it, what it eats, its tap presets."""
+
     name: str
-    build: Callable[[int], TapNet]
+    build: Callable[[int], TapNet]  # number of classes -> a freshly initialised TapNet
     input: InputSpec
-    tap_dims: dict[str, int]  # tap name -> channels (= its length after global average pooling)
     presets: dict[str, tuple[str, ...]]  # paper presets, named by total length L
     default_preset: str
     train_defaults: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def tap_dims(self) -> dict[str, int]:
+        """Tap name -> its length after global average pooling, read off the built network.
+
+        One forward pass of a blank image through a throw-away copy (seeded: no RNG is used
+        outside it), so no width is ever typed by hand.
+        """
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            net = self.build(2).eval()
+            x = torch.zeros(1, self.input.channels, self.input.size, self.input.size)
+            _, feats = net.forward_taps(x, net.stage_names)
+        return {name: pool(f).shape[1] for name, f in zip(net.stage_names, feats, strict=True)}
 
 
 class TapNet(nn.Module):
@@ -93,6 +110,30 @@ def pool(t: torch.Tensor) -> torch.Tensor:
     return t.mean(dim=(2, 3)) if t.dim() == 4 else t
 
 
+ARCHITECTURES: Registry[ArchSpec] = Registry("architecture", "alfk.architectures")
+ARCHS = ARCHITECTURES  # the short name the rest of the code and the tests use
+
+
+def register_arch(
+    name: str,
+    *,
+    input: InputSpec,
+    presets: dict[str, tuple[str, ...]],
+    default_preset: str,
+    train_defaults: dict[str, float] | None = None,
+) -> Callable[[Callable[[int], TapNet]], Callable[[int], TapNet]]:
+    """Decorator: register ``build(num_classes) -> TapNet`` as architecture ``name``."""
+    if default_preset not in presets:
+        raise ValueError(f"default preset {default_preset!r} is not one of {', '.join(presets)}")
+
+    def add(build: Callable[[int], TapNet]) -> Callable[[int], TapNet]:
+        spec = ArchSpec(name, build, input, dict(presets), default_preset, train_defaults or {})
+        ARCHITECTURES.register(name)(spec)
+        return build
+
+    return add
+
+
 # --- LeNet (PyTorch MNIST example layout, as in the paper's code) -------------------------------
 
 
@@ -106,6 +147,13 @@ class _LeNetConv(nn.Module):
         return F.relu(F.max_pool2d(self.drop(self.conv(x)), 2))
 
 
+@register_arch(
+    "lenet",
+    input=InputSpec(28, 1, (0.1307,), (0.3081,)),
+    presets={"L20": ("conv2",), "L80": ("conv1", "conv2", "fc1")},
+    default_preset="L80",
+    train_defaults={"lr": 0.05, "momentum": 0.5, "weight_decay": 0.0, "batch_size": 25},
+)
 def build_lenet(num_classes: int) -> TapNet:
     stages = [
         ("conv1", _LeNetConv(1, 10)),
@@ -113,6 +161,9 @@ def build_lenet(num_classes: int) -> TapNet:
         ("fc1", nn.Sequential(nn.Flatten(), nn.Linear(320, 50), nn.ReLU())),
     ]
     return TapNet(stages, nn.Dropout(0.5), nn.Linear(50, num_classes))
+
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 # --- ResNets (torchvision BasicBlock and ImageNet stem) -----------------------------------------
@@ -152,47 +203,31 @@ def build_resnet(blocks: Sequence[int], in_channels: int, num_classes: int) -> T
     return net
 
 
-_RESNET_TAPS = {"stem": 64, "layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+@register_arch(
+    "resnet10",
+    input=InputSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    presets={"L256": ("layer3",), "L768": ("layer3", "layer4")},
+    default_preset="L768",
+    train_defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128},
+)
+def build_resnet10(num_classes: int) -> TapNet:
+    return build_resnet((1, 1, 1, 1), 3, num_classes)
 
-ARCHS: dict[str, ArchSpec] = {
-    "lenet": ArchSpec(
-        name="lenet",
-        build=build_lenet,
-        input=InputSpec(28, 1, (0.1307,), (0.3081,)),
-        tap_dims={"conv1": 10, "conv2": 20, "fc1": 50},
-        presets={"L20": ("conv2",), "L80": ("conv1", "conv2", "fc1")},
-        default_preset="L80",
-        train_defaults={"lr": 0.05, "momentum": 0.5, "weight_decay": 0.0, "batch_size": 25},
-    ),
-    "resnet10": ArchSpec(
-        name="resnet10",
-        build=lambda d: build_resnet((1, 1, 1, 1), 3, d),
-        input=InputSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-        tap_dims=_RESNET_TAPS,
-        presets={"L256": ("layer3",), "L768": ("layer3", "layer4")},
-        default_preset="L768",
-        train_defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128},
-    ),
-    "resnet18": ArchSpec(
-        name="resnet18",
-        build=lambda d: build_resnet((2, 2, 2, 2), 3, d),
-        input=InputSpec(224, 3, *_IMAGENET),
-        tap_dims=_RESNET_TAPS,
-        presets={"L512": ("layer4",), "L768": ("layer3", "layer4")},
-        default_preset="L768",
-        train_defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64},
-    ),
-}
+
+@register_arch(
+    "resnet18",
+    input=InputSpec(224, 3, *_IMAGENET),
+    presets={"L512": ("layer4",), "L768": ("layer3", "layer4")},
+    default_preset="L768",
+    train_defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64},
+)
+def build_resnet18(num_classes: int) -> TapNet:
+    return build_resnet((2, 2, 2, 2), 3, num_classes)
 
 
 def get_arch(name: str) -> ArchSpec:
-    try:
-        return ARCHS[name]
-    except KeyError:
-        raise AlfkError(
-            f"unknown architecture {name!r}; choose one of {', '.join(ARCHS)}"
-        ) from None
+    """The registered architecture ``name``; an unknown name is an error naming the known ones."""
+    return ARCHITECTURES[name]
 
 
 def resolve_taps(arch: str, taps: str | Sequence[str] | None) -> tuple[str, ...]:

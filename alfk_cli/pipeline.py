@@ -17,15 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.progress import Progress
 
 from alfk_cli import acquisition
 from alfk_cli.atomic import check_writable_dir
 from alfk_cli.embedding import EmbedSummary, embed_folder, trusted_files
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageSet, scan_images
+from alfk_cli.reporting import ProgressSink
+from alfk_cli.reproducible import seeded
 from alfk_cli.scores import Scores, read_scores, write_scores
 from alfk_cli.store import FeatureStore, check_compatible, open_store
+from alfk_cli.store_round import StoreRound
+from alfk_cli.strategies import Strategy, checked_rows, make_strategy
 from alfk_cli.workdir import default_workdir, locked, match_exclusions, newest_checkpoint
 
 
@@ -60,111 +63,76 @@ def _same_files(pool_paths: list[str], pool_root: str, val: FeatureStore) -> np.
     return np.array(rows, dtype=np.int64)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ScoreOptions:
+    """How ``score_stores`` picks: the strategy and everything its result depends on.
+
+    ``strategy`` is any registered strategy name; a Fisher-kernel one takes its kernel from
+    ``kernel`` and its estimator from the pool store unless the name gives them. ``exclude``
+    names a file of image paths (already labelled or sent) left out of the pool; validation
+    images found in the pool are always left out. ``image_root`` overrides the pool folder used
+    to print paths (default: the one recorded in the pool store). ``reuse`` returns an existing
+    scores file made from the same stores and options instead of recomputing. When fewer than P
+    images are left, the ones left are selected with a ``warning:`` note; ``exact_count`` makes
+    that an error. ``checkpoint``, ``mc_samples``, ``workers``: for strategies that run the model
+    on the pool images (MC dropout).
+    """
+
+    P: int
+    strategy: str = "fk"
+    kernel: str = "sum"
+    exclude: str | os.PathLike | None = None
+    seed: int = 0
+    device: str = "cpu"
+    image_root: str | None = None
+    reuse: bool = False
+    exact_count: bool = False
+    checkpoint: str | os.PathLike | None = None
+    mc_samples: int = 32
+    workers: int = 0
+
+
 def score_stores(
     val_path: str | os.PathLike,
     pool_path: str | os.PathLike,
-    P: int,
     out: str | os.PathLike,
-    kernel: str = "sum",
-    exclude: str | os.PathLike | None = None,
-    seed: int = 0,
-    device: str = "cpu",
-    image_root: str | None = None,
-    reuse: bool = False,
-    exact_count: bool = False,
+    options: ScoreOptions,
 ) -> tuple[Scores, list[str]]:
-    """Select P pool images against the validation store and write the scores file ``out``.
-
-    ``exclude`` names a file of image paths (already labelled or already sent) removed before the
-    search; validation images found in the pool are always removed. ``image_root`` overrides the
-    pool folder used to print paths (default: the one recorded in the pool store). ``reuse``
-    returns an existing ``out`` made from the same stores and options instead of recomputing.
-    When fewer than P images are left after the exclusions (the end of a pool), the ones left are
-    selected and a note starting with ``warning:`` says so; ``exact_count`` makes it an error.
-    Returns the scores and notes for the user (e.g. the no-misclassified fallback).
-    """
+    """Select ``options.P`` pool images against the validation store; write the scores file
+    ``out``. Returns the scores and notes for the user (e.g. the no-misclassified fallback)."""
     check_writable_dir(out)
-    notes: list[str] = []
     with open_store(val_path) as val, open_store(pool_path) as pool:
         check_compatible(val, pool)
-        root = image_root if image_root is not None else pool.image_root
         if (np.asarray(val.labels[:]) < 0).any():
             raise AlfkError(
                 f"{val.path} has images without labels; the validation store needs class sub-folders"
             )
-        pool_paths = pool.paths
-        drop = set(_same_files(pool_paths, root, val).tolist())
-        if drop:
-            notes.append(f"left out {len(drop)} pool image(s) that are also validation images")
-        if exclude is not None:
-            found = match_exclusions(exclude, root, pool_paths)
-            unmatched = (
-                f"; {found.unmatched} line(s) named no image of this pool"
-                if found.unmatched
-                else ""
-            )
-            notes.append(f"excluded {len(found.rows)} pool image(s) listed in {exclude}{unmatched}")
-            drop.update(found.rows)
-        # Everything the selection depends on (the rows left out, not how the lists spelled
-        # them); an existing scores file with the same key is reused, its notes repeated.
-        key = json.dumps(
-            {
-                "val": val.get_attr("fingerprint"),
-                "pool": pool.get_attr("fingerprint"),
-                "P": P,
-                "kernel": kernel,
-                "seed": seed,
-                "image_root": root,
-                "val_root": val.image_root,
-                "left_out": hashlib.sha256(
-                    np.array(sorted(drop), dtype=np.int64).tobytes()
-                ).hexdigest(),
-                "exact_count": exact_count,
-            },
-            sort_keys=True,
+        strategy = make_strategy(
+            options.strategy, {"estimator": pool.pseudo_label, "kernel": options.kernel}
         )
-        if reuse and Path(out).is_file():
-            with contextlib.suppress(AlfkError, ValueError):
-                cached = read_scores(out)
-                if cached.attrs.get("cache_key") == key:
-                    return cached, [
-                        *json.loads(cached.attrs.get("notes", "[]")),
-                        f"{out} is up to date",
-                    ]
-        left = len(pool_paths) - len(drop)
-        if left < P:
-            if exact_count:
+        root = options.image_root if options.image_root is not None else pool.image_root
+        drop, notes = _left_out(val, pool, root, options.exclude)
+        key = _cache_key(val, pool, root, drop, strategy, options)
+        if options.reuse:
+            cached = _cached(out, key)
+            if cached is not None:
+                return cached[0], cached[1]
+        left = len(pool) - len(drop)
+        if left < options.P:
+            if options.exact_count:
                 raise AlfkError(
-                    f"only {left} pool image(s) are left to select, fewer than --P {P} "
-                    "(without --exact-count the ones left are selected)"
+                    f"only {left} pool image(s) are left to select, fewer than {options.P} "
+                    "(without exact_count the ones left are selected)"
                 )
             notes.append(
-                f"warning: only {left} pool image(s) are left to select; selecting {left}, not {P}"
+                f"warning: only {left} pool image(s) are left to select; selecting {left}, "
+                f"not {options.P}"
             )
-        if left == 0:
-            sel = _empty_selection(kernel)
-        else:
-            sel = acquisition.select(
-                val,
-                pool,
-                min(P, left),
-                kernel=kernel,
-                exclude=np.array(sorted(drop), dtype=np.int64) if drop else None,
-                seed=seed,
-                device=device,
-            )
+        sel = _choose(strategy, val, pool, drop, min(options.P, left), options)
         if sel.fallback:
             notes.append(
                 "no validation image is misclassified: the whole validation set served as centres"
             )
-        classes = val.classes
-        rows = np.asarray(sel.selected)
-        order = np.argsort(rows)
-        logits = np.empty((len(rows), len(classes)), dtype=np.float32)
-        logits[order] = pool.logits[rows[order]] if len(rows) else logits[:0]
-        predicted = [classes[c] for c in logits.argmax(1)]
-        val_paths = val.paths
-        center_paths = [os.path.join(val.image_root, val_paths[c]) for c in sel.center]
         attrs = {
             "val_store": str(val_path),
             "pool_store": str(pool_path),
@@ -173,12 +141,133 @@ def score_stores(
             "cache_key": key,
             "notes": json.dumps(notes),
             "checkpoint_sha256": pool.checkpoint_sha256,
-            "seed": seed,
+            "seed": options.seed,
+            "strategy": strategy.name,
             "excluded": len(drop),
             "misclassified": len(acquisition.misclassified(val.logits[:], val.labels[:])),
         }
-        write_scores(out, sel, [pool_paths[r] for r in rows], predicted, center_paths, root, attrs)
+        _write(out, sel, val, pool, root, attrs)
     return read_scores(out), notes
+
+
+def _left_out(
+    val: FeatureStore, pool: FeatureStore, root: str, exclude: str | os.PathLike | None
+) -> tuple[set[int], list[str]]:
+    """Pool rows that may not be selected (validation images, listed images) and notes."""
+    notes: list[str] = []
+    pool_paths = pool.paths
+    drop = set(_same_files(pool_paths, root, val).tolist())
+    if drop:
+        notes.append(f"left out {len(drop)} pool image(s) that are also validation images")
+    if exclude is not None:
+        found = match_exclusions(exclude, root, pool_paths)
+        unmatched = (
+            f"; {found.unmatched} line(s) named no image of this pool" if found.unmatched else ""
+        )
+        notes.append(f"excluded {len(found.rows)} pool image(s) listed in {exclude}{unmatched}")
+        drop.update(found.rows)
+    return drop, notes
+
+
+def _cache_key(
+    val: FeatureStore,
+    pool: FeatureStore,
+    root: str,
+    drop: set[int],
+    strategy: Strategy,
+    options: ScoreOptions,
+) -> str:
+    """Everything the selection depends on (the rows left out, not how the lists spelled them)."""
+    return json.dumps(
+        {
+            "val": val.get_attr("fingerprint"),
+            "pool": pool.get_attr("fingerprint"),
+            "P": options.P,
+            "strategy": strategy.name,
+            "estimator": getattr(strategy, "estimator", None),
+            "kernel": getattr(strategy, "kernel", None),
+            "mc_samples": options.mc_samples if strategy.uses_mc else None,
+            "seed": options.seed,
+            "image_root": root,
+            "val_root": val.image_root,
+            "left_out": hashlib.sha256(
+                np.array(sorted(drop), dtype=np.int64).tobytes()
+            ).hexdigest(),
+            "exact_count": options.exact_count,
+        },
+        sort_keys=True,
+    )
+
+
+def _cached(out: str | os.PathLike, key: str) -> tuple[Scores, list[str]] | None:
+    """An existing scores file made with the same key, and its notes repeated."""
+    if not Path(out).is_file():
+        return None
+    with contextlib.suppress(AlfkError, ValueError):
+        cached = read_scores(out)
+        if cached.attrs.get("cache_key") == key:
+            notes = json.loads(cached.attrs.get("notes", "[]"))
+            return cached, [*notes, f"{out} is up to date"]
+    return None
+
+
+def _choose(
+    strategy: Strategy,
+    val: FeatureStore,
+    pool: FeatureStore,
+    drop: set[int],
+    P: int,
+    options: ScoreOptions,
+) -> acquisition.Selection:
+    """The strategy's pick as a Selection (no centres for strategies without them)."""
+    if P == 0:
+        return _empty_selection(getattr(strategy, "kernel", ""))
+    left_out = np.zeros(len(pool), dtype=bool)
+    left_out[sorted(drop)] = True
+    data = StoreRound(
+        val,
+        pool,
+        left_out,
+        device=options.device,
+        checkpoint=options.checkpoint,
+        mc_samples=options.mc_samples,
+        workers=options.workers,
+    )
+    with seeded(options.seed):
+        picked = strategy.choose(data, P, options.seed)
+    rows = checked_rows(strategy, picked, P, data.available)
+    if picked.selection is not None:
+        return picked.selection
+    return acquisition.Selection(
+        rows,
+        np.asarray(picked.score, dtype=np.float32),
+        np.full(len(rows), -1, dtype=np.int64),
+        np.empty(0, dtype=np.int64),
+        False,
+        "",
+        0,
+    )
+
+
+def _write(
+    out: str | os.PathLike,
+    sel: acquisition.Selection,
+    val: FeatureStore,
+    pool: FeatureStore,
+    root: str,
+    attrs: dict,
+) -> None:
+    classes = val.classes
+    rows = np.asarray(sel.selected)
+    order = np.argsort(rows)
+    logits = np.empty((len(rows), len(classes)), dtype=np.float32)
+    logits[order] = pool.logits[rows[order]] if len(rows) else logits[:0]
+    predicted = [classes[c] for c in logits.argmax(1)]
+    val_paths, pool_paths = val.paths, pool.paths
+    center_paths = [
+        os.path.join(val.image_root, val_paths[c]) if c >= 0 else "" for c in sel.center
+    ]
+    write_scores(out, sel, [pool_paths[r] for r in rows], predicted, center_paths, root, attrs)
 
 
 def _empty_selection(kernel: str) -> acquisition.Selection:
@@ -187,37 +276,58 @@ def _empty_selection(kernel: str) -> acquisition.Selection:
     return acquisition.Selection(none, np.empty(0, dtype=np.float32), none, none, False, kernel, 0)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SelectOptions:
+    """The nightly selection's options (``alfk select --val DIR --pool DIR``).
+
+    ``model``: the task checkpoint (default: the newest in the work folder, else one is
+    rotation-pretrained with ``arch`` for ``pretrain_epochs``). ``workdir``: the cache folder
+    (default ``.alfk/<pool name>`` beside the pool). The rest as in :class:`ScoreOptions` and the
+    embed stage.
+    """
+
+    P: int
+    model: str | os.PathLike | None = None
+    arch: str = "lenet"
+    workdir: str | os.PathLike | None = None
+    exclude: str | os.PathLike | None = None
+    strategy: str = "fk"
+    kernel: str = "sum"
+    pseudo_label: str | None = None
+    taps: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 2
+    strict: bool = False
+    pretrain_epochs: int = 8
+    exact_count: bool = False
+    mc_samples: int = 32
+
+
 def run_select(
     val_dir: str | os.PathLike,
     pool_dir: str | os.PathLike,
-    P: int,
-    model: str | os.PathLike | None = None,
-    arch: str = "lenet",
-    workdir: str | os.PathLike | None = None,
-    exclude: str | os.PathLike | None = None,
-    kernel: str = "sum",
-    pseudo_label: str | None = None,
-    taps: str | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    workers: int = 2,
-    strict: bool = False,
+    options: SelectOptions,
+    *,
     quiet: bool = False,
-    progress: Progress | None = None,
-    pretrain_epochs: int = 8,
-    exact_count: bool = False,
+    progress: ProgressSink | None = None,
 ) -> tuple[Scores, list[str], SelectReport]:
     """The nightly acquisition: P pool image paths in selection order, plus notes and a report."""
     t0 = time.perf_counter()
+    P = options.P
     if P < 1:
-        raise AlfkError("--P must be at least 1")
+        raise AlfkError(f"P must be at least 1, not {P}")
+    strategy = make_strategy(
+        options.strategy, {"estimator": options.pseudo_label, "kernel": options.kernel}
+    )
     # Printed paths start with the pool folder as typed, normalised (``unlabeled``, ``unlabeled/``
     # and ``./unlabeled`` print alike); exclusions match by identity whatever the spelling.
     pool_arg = os.path.normpath(str(pool_dir))
-    wd = Path(workdir) if workdir is not None else default_workdir(pool_dir)
+    wd = Path(options.workdir) if options.workdir is not None else default_workdir(pool_dir)
     # Fail fast, before any model pass, on what can be checked from the folders alone.
     # Each folder is walked once; files unchanged since the cached stores are not re-verified.
     val_store, pool_store = wd / "val.h5", wd / "pool.h5"
+    strict = options.strict
     pool_scan = scan_images(pool_dir, strict=strict, trusted=trusted_files(pool_store))
     if P > len(pool_scan):
         raise AlfkError(f"P={P} is more than the {len(pool_scan)} images in {pool_dir}")
@@ -230,17 +340,17 @@ def run_select(
         raise AlfkError(f"cannot create work folder {wd}: {exc.strerror}") from None
     with locked(wd):
         report = SelectReport(wd, Path(), False)
-        ckpt = Path(model) if model is not None else newest_checkpoint(wd)
+        ckpt = Path(options.model) if options.model is not None else newest_checkpoint(wd)
         if ckpt is None:
             ckpt = wd / "init.pt"
-            _pretrain(pool_scan, ckpt, arch, pretrain_epochs, seed, device, workers, progress)
+            _pretrain(pool_scan, ckpt, options, progress)
             report.pretrained = True
         report.checkpoint = ckpt
         common = dict(
-            taps=taps,
-            workers=workers,
-            device=device,
-            seed=seed,
+            taps=options.taps,
+            workers=options.workers,
+            device=options.device,
+            seed=options.seed,
             strict=strict,
             quiet=quiet,
             progress=progress,
@@ -254,41 +364,44 @@ def run_select(
                 pool_dir,
                 pool_store,
                 reference=val_store,
-                pseudo_label=pseudo_label,
+                pseudo_label=strategy.estimator or options.pseudo_label,
                 reuse=pool_store,
                 images=pool_scan,
                 **common,
             )
         )
-        scores, notes = score_stores(
-            val_store,
-            pool_store,
-            P,
-            wd / "scores.h5",
-            kernel=kernel,
-            exclude=exclude,
-            seed=seed,
-            device=device,
+        score = ScoreOptions(
+            P=P,
+            strategy=options.strategy,
+            kernel=options.kernel,
+            exclude=options.exclude,
+            seed=options.seed,
+            device=options.device,
             image_root=pool_arg,
             reuse=True,
-            exact_count=exact_count,
+            exact_count=options.exact_count,
+            checkpoint=ckpt,
+            mc_samples=options.mc_samples,
+            workers=options.workers,
         )
+        scores, notes = score_stores(val_store, pool_store, wd / "scores.h5", score)
     report.seconds = time.perf_counter() - t0
     return scores, notes, report
 
 
 def _pretrain(
-    images: ImageSet,
-    out: Path,
-    arch: str,
-    epochs: int,
-    seed: int,
-    device: str,
-    workers: int,
-    progress: Progress | None,
+    images: ImageSet, out: Path, options: SelectOptions, progress: ProgressSink | None
 ) -> None:
     from alfk_cli.devices import resolve_device
     from alfk_cli.training import ROTNET_MILESTONES, default_config, pretrain_checkpoint
 
-    cfg = default_config(arch, epochs, seed=seed, workers=workers, milestones=ROTNET_MILESTONES)
-    pretrain_checkpoint(images, out, arch, cfg, resolve_device(device), progress=progress)
+    cfg = default_config(
+        options.arch,
+        epochs=options.pretrain_epochs,
+        seed=options.seed,
+        workers=options.workers,
+        milestones=ROTNET_MILESTONES,
+    )
+    pretrain_checkpoint(
+        images, out, options.arch, cfg, resolve_device(options.device), progress=progress
+    )

@@ -1,4 +1,4 @@
-"""The pseudo-label estimators S (docs/algorithm.md §3): the label each pool image's g is computed with.
+"""The maths of the pseudo-label estimators S (docs/algorithm.md §3; registered in ``estimators``).
 
 ``true``
     the image's own label (ablation; a pool with class sub-folders, e.g. in simulation).
@@ -56,22 +56,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alfk_cli.acquisition import standardize  # per vector, per scale slice (docs/algorithm.md §4)
 from alfk_cli.descriptors import concat_pooled, frozen_eval
 from alfk_cli.devices import full_precision
 from alfk_cli.errors import AlfkError
 from alfk_cli.models import InputSpec, TapNet
-
-METHODS = ("true", "yhat", "p_yz", "mc_trace", "mc_mi")
-MC_METHODS = ("mc_trace", "mc_mi")
-DEFAULT_METHOD = "p_yz"
-
-
-def check_method(name: str) -> str:
-    if name not in METHODS:
-        raise AlfkError(f"unknown pseudo-label method {name!r}; choose one of {', '.join(METHODS)}")
-    return name
-
+from alfk_cli.standardize import standardize  # per vector, per scale slice (docs/algorithm.md §4)
 
 # --- yhat and p_yz -----------------------------------------------------------------------------
 
@@ -320,7 +309,7 @@ def mc_labels(
     cfg: MCConfig = MCConfig(),
 ) -> torch.Tensor:
     """``mc_trace`` or ``mc_mi`` pseudo-labels [B] (int64, on the images' device)."""
-    if method not in MC_METHODS:
+    if method not in ("mc_trace", "mc_mi"):
         raise ValueError(f"{method!r} is not a Monte-Carlo method")
     tr, mi = mc_scores(model, images, spec, taps, keys, cfg)
     if method == "mc_trace":
@@ -329,12 +318,8 @@ def mc_labels(
 
 
 __all__ = [
-    "DEFAULT_METHOD",
-    "MC_METHODS",
-    "METHODS",
     "MCConfig",
     "NearestReference",
-    "check_method",
     "cross_cov_trace",
     "draw_perturbations",
     "gaussian_mi",
@@ -345,36 +330,3 @@ __all__ = [
     "rotate",
     "yhat",
 ]
-
-
-def describe_images(
-    model: TapNet,
-    images: torch.Tensor,
-    spec: InputSpec,
-    taps: Sequence[str],
-    method: str,
-    labels: torch.Tensor | None = None,
-    reference: NearestReference | None = None,
-    names: Sequence[str] = (),
-    seed: int = 0,
-    mc_cfg: MCConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z, g, logits and the labels g used, for one uint8 batch, with the estimator ``method``.
-
-    ``labels`` serve ``true``; ``reference`` (a NearestReference) serves ``p_yz``; ``names`` (the
-    images' relative paths) and ``seed`` key the Monte-Carlo perturbations of ``mc_trace`` and
-    ``mc_mi``. The single place that maps an estimator to a ``describe_batch`` call.
-    """
-    from alfk_cli.descriptors import describe_batch
-    from alfk_cli.images import normalizer
-
-    x = normalizer(spec)(images)
-    if method == "true":
-        return describe_batch(model, x, taps, labels=labels)
-    if method == "yhat":
-        return describe_batch(model, x, taps, label_fn=yhat)
-    if method == "p_yz":
-        return describe_batch(model, x, taps, label_fn=reference)
-    keys = image_keys(seed, names)
-    est = mc_labels(method, model, images, spec, taps, keys, mc_cfg or MCConfig())
-    return describe_batch(model, x, taps, labels=est)

@@ -25,7 +25,8 @@ import torch
 from alfk_cli.errors import AlfkError
 
 
-def _cuda_devices(device: torch.device | str | None) -> list[int]:
+def cuda_devices(device: torch.device | str | None) -> list[int]:
+    """The CUDA devices whose RNG ``torch.random.fork_rng`` must save for ``device``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type != "cuda":
         return []
@@ -36,7 +37,7 @@ def _cuda_devices(device: torch.device | str | None) -> list[int]:
 def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
     """Run the block with torch's global RNG (CPU, and ``device`` when CUDA) seeded with ``seed``;
     the caller's RNG state is restored on exit."""
-    with torch.random.fork_rng(devices=_cuda_devices(device)):
+    with torch.random.fork_rng(devices=cuda_devices(device)):
         torch.manual_seed(int(seed))
         yield
 

@@ -85,7 +85,7 @@ class Scores:
             yield from paths
             return
         rows = (
-            {"path": p, "rank": i + 1, "score": float(s), "predicted": c, "center": v}
+            {"path": p, "rank": i + 1, "score": _number(s), "predicted": c, "center": v}
             for i, (p, s, c, v) in enumerate(
                 zip(paths, self.score, self.predicted, self.center_paths)
             )
@@ -99,8 +99,14 @@ class Scores:
         )
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, "score": f"{r['score']:.6g}"})
+            score = r["score"]
+            writer.writerow({**r, "score": "" if score is None else f"{score:.6g}"})
         yield from buf.getvalue().splitlines()
+
+
+def _number(x: float) -> float | None:
+    """A score for JSON and CSV: strategies without scores (random) store NaN; print nothing."""
+    return None if np.isnan(x) else float(x)
 
 
 def write_scores(

@@ -23,7 +23,16 @@ import numpy as np
 
 from alfk_cli.errors import AlfkError
 
-__all__ = ["kcenter_greedy", "topk_ip", "use_gpu"]
+__all__ = [
+    "IPScorer",
+    "canon_dot",
+    "exact_topk_stream",
+    "gamma_bound",
+    "kcenter_greedy",
+    "row_norms",
+    "topk_ip",
+    "use_gpu",
+]
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -62,17 +71,17 @@ def _gpu_res() -> Any:
     return _gpu_resources
 
 
-def _gamma(d: int) -> float:
+def gamma_bound(d: int) -> float:
     """Bound factor for a float32 dot product of length ``d`` (any summation order), with margin."""
     nu = (d + 2) * U32
     return 2.0 * nu / (1.0 - nu)
 
 
-def _row_norms(x: np.ndarray) -> np.ndarray:
+def row_norms(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
 
 
-def _canon_dot(q64: np.ndarray, x: np.ndarray, qrows: np.ndarray, xrows: np.ndarray) -> np.ndarray:
+def canon_dot(q64: np.ndarray, x: np.ndarray, qrows: np.ndarray, xrows: np.ndarray) -> np.ndarray:
     """Canonical ``q64[qrows[t]] · x[xrows[t]]`` for each t: exact float64 products of the float32
     inputs, pairwise-summed over the contiguous feature axis (independent of position and layout)."""
     m = qrows.size
@@ -87,16 +96,16 @@ def _canon_dot(q64: np.ndarray, x: np.ndarray, qrows: np.ndarray, xrows: np.ndar
     return out
 
 
-class _IPScorer:
+class IPScorer:
     """Inner-product scorer: FAISS flat search (CPU or GPU) as the filter, canonical rescoring."""
 
     def __init__(self, queries: np.ndarray, gpu: bool, max_norm: float | None = None):
         self.q = np.ascontiguousarray(queries, dtype=np.float32)
         self.q64 = self.q.astype(np.float64)
-        self.qnorm = _row_norms(self.q)
+        self.qnorm = row_norms(self.q)
         self.gpu = gpu
         self.max_norm = max_norm
-        self.gamma = _gamma(self.q.shape[1])
+        self.gamma = gamma_bound(self.q.shape[1])
         self.x: np.ndarray | None = None
         self.bound = 0.0
 
@@ -108,7 +117,7 @@ class _IPScorer:
             )
         self.x = np.ascontiguousarray(x, dtype=np.float32)
         if self.max_norm is None:
-            xmax = float(_row_norms(self.x).max())
+            xmax = float(row_norms(self.x).max())
             if not math.isfinite(xmax):
                 raise AlfkError("non-finite values in the pool vectors (NaN or inf)")
             self.bound = xmax
@@ -128,7 +137,7 @@ class _IPScorer:
         return dist, idx
 
     def canon(self, qrows: np.ndarray, xrows: np.ndarray) -> np.ndarray:
-        return _canon_dot(self.q64, self.x, qrows, xrows)
+        return canon_dot(self.q64, self.x, qrows, xrows)
 
 
 def exact_topk_stream(
@@ -226,7 +235,7 @@ def topk_ip(
         raise AlfkError(f"queries must be 2-D, got shape {q.shape}")
     if not np.isfinite(q).all():
         raise AlfkError("non-finite values in the queries (NaN or inf)")
-    scorer = _IPScorer(q, use_gpu(device), max_norm)
+    scorer = IPScorer(q, use_gpu(device), max_norm)
     scores, ids = exact_topk_stream(scorer, _normalise_chunks(base_chunks), q.shape[0], int(k))
     return scores.astype(np.float32), ids
 

@@ -1,200 +1,269 @@
-"""Baseline acquisition strategies for the simulation (docs/algorithm.md §9-§10).
+"""Acquisition strategies: the registry behind ``select --strategy`` and ``simulate --strategies``.
 
-Uncertainty scores (entropy, margin, variation ratio, BALD) from softmax probabilities, MC-dropout
-sampling of those probabilities, random draws and the Sener & Savarese core-set greedy. Every
-score is "higher = pick first"; ``top_p`` turns scores into rows, ties to the smaller row. All of
-it is exact and deterministic for fixed inputs and seeds.
+A strategy picks P rows of a pool from a :class:`RoundData`, which hides where the numbers come
+from: the simulation computes them from images held in memory, ``select`` and ``score`` read
+them from the feature stores. Built-ins: ``random``, ``entropy``, ``margin``, ``varR``, ``bald``,
+``coreset`` (the baselines' maths is in :mod:`alfk_cli.baselines`), ``fk[:ESTIMATOR[:KERNEL]]``
+and ``pcc`` (= ``fk:p_yz:pcc``). A strategy name is the registered name, optionally followed by
+``:``-separated arguments, which the class's ``from_args`` checks. A new strategy::
+
+    @register_strategy("newest")
+    class Newest(Strategy):
+        def choose(self, data, P, seed):
+            rows = np.flatnonzero(data.available)[::-1][:P]
+            return Picked(rows, np.full(len(rows), np.nan, dtype=np.float32))
+
+``model_passes`` counts forward-equivalents spent selecting (a backward to the taps counts as
+one forward), over the N' unlabelled pool rows and the M validation images:
+
+    random 0; entropy, margin N'; varR, bald K·N' (K = mc_samples); coreset N' (z of the
+    unlabelled rows; the labelled rows' z are computed too and counted, so N);
+    fk and pcc 2·(M + N') (one forward and one activation-only backward per image);
+    fk with mc_trace / mc_mi adds K·(1 + D)·N' (K perturbed copies: one forward and D
+    backwards each, D = classes).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
 import numpy as np
-import torch
-from torch import nn
 
+from alfk_cli import baselines
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import normalizer
-from alfk_cli.models import InputSpec
+from alfk_cli.estimators import DEFAULT_ESTIMATOR, Estimator, get_estimator
+from alfk_cli.kernels import Kernel, get_kernel
+from alfk_cli.registry import Registry
 
-_DROPOUT = nn.modules.dropout._DropoutNd  # Dropout, Dropout1d/2d/3d, AlphaDropout, ...
+__all__ = [
+    "STRATEGIES",
+    "FisherKernel",
+    "Picked",
+    "RoundData",
+    "Strategy",
+    "checked_rows",
+    "make_strategy",
+    "register_strategy",
+]
 
 
-def _available_rows(P: int, available: np.ndarray) -> np.ndarray:
-    available = np.asarray(available, dtype=bool).reshape(-1)
-    rows = np.flatnonzero(available)
-    if P < 0:
-        raise AlfkError(f"cannot pick a negative number of rows ({P})")
-    if P > rows.size:
-        raise AlfkError(f"asked for {P} rows but only {rows.size} are available")
+@dataclass
+class Picked:
+    """A strategy's choice: pool ``rows`` in pick order, the ``score`` that ranked each (NaN where
+    there is none), the model passes spent, and Fisher-kernel details when there are any."""
+
+    rows: np.ndarray
+    score: np.ndarray
+    passes: int = 0
+    pseudo_accuracy: float | None = None
+    selection: Any = None  # acquisition.Selection of a Fisher-kernel strategy (centres, fallback)
+
+
+class RoundData(Protocol):
+    """What a strategy may read about the pool in one round. Rows index the whole pool;
+    ``available`` marks those that may be picked, ``labelled`` those already labelled."""
+
+    available: np.ndarray
+    labelled: np.ndarray
+    mc_samples: int  # K for Monte-Carlo strategies
+    num_classes: int
+    n_val: int  # validation images (for counting model passes)
+
+    def probs(self, rows: np.ndarray) -> np.ndarray:
+        """Softmax probabilities ``[len(rows), D]`` of the current model (eval mode)."""
+        ...
+
+    def mc_probs(self, rows: np.ndarray, samples: int, seed: int) -> np.ndarray:
+        """MC-dropout probabilities ``[samples, len(rows), D]``."""
+        ...
+
+    def features(self) -> np.ndarray:
+        """z of every pool row ``[N, L]``."""
+        ...
+
+    def fisher(self, estimator: Estimator, kernel: Kernel, P: int, seed: int) -> tuple[Any, Any]:
+        """The Fisher-kernel selection over the available rows: ``(Selection with pool rows,
+        pseudo-label accuracy or None)``."""
+        ...
+
+
+class Strategy:
+    """A registered strategy; ``name`` is its full name with arguments (``fk:p_yz:sum``)."""
+
+    name: str = ""
+    uses_mc: bool = False  # needs at least two Monte-Carlo samples
+    estimator: str | None = None  # the pseudo-labels the pool's g must be computed with
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], defaults: dict[str, str | None]) -> Strategy:
+        if any(args):
+            raise AlfkError(f"strategy {cls.__name__} takes no ':' arguments")
+        return cls()
+
+    def choose(self, data: RoundData, P: int, seed: int) -> Picked:
+        raise NotImplementedError
+
+    @property
+    def dirname(self) -> str:
+        return self.name.replace(":", "-")
+
+
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", "alfk.strategies")
+
+
+def register_strategy(name: str) -> Callable[[type[Strategy]], type[Strategy]]:
+    """Class decorator: register a :class:`Strategy` subclass as ``name``."""
+    return STRATEGIES.register(name)
+
+
+def make_strategy(name: str, defaults: dict[str, str | None] | None = None) -> Strategy:
+    """A strategy from its name: ``entropy``, ``fk:p_yz:product``, ... ``defaults`` fill the
+    arguments a name leaves out (``estimator``, ``kernel``: the ``--pseudo-label`` and
+    ``--kernel`` options of ``select``)."""
+    head, *args = name.strip().split(":")
+    cls = STRATEGIES[head]
+    try:
+        strategy = cls.from_args(args, defaults or {})
+    except AlfkError as exc:
+        raise AlfkError(f"strategy {name.strip()!r}: {exc}") from None
+    strategy.name = name.strip()
+    return strategy
+
+
+def checked_rows(strategy: Strategy, picked: Picked, P: int, available: np.ndarray) -> np.ndarray:
+    """The picked rows as a fresh int64 array, after checking that they are P distinct
+    available rows (a plug-in's mistake is an error, never a silent re-send)."""
+    rows = np.array(picked.rows, dtype=np.int64).reshape(-1)
+    ok = len(rows) == P and len(np.unique(rows)) == P
+    ok = ok and bool(((rows >= 0) & (rows < len(available))).all()) and bool(available[rows].all())
+    if not ok:
+        raise AlfkError(
+            f"strategy {strategy.name} picked {len(rows)} rows that are not {P} distinct "
+            "available pool rows"
+        )
+    if len(picked.score) != P:
+        raise AlfkError(f"strategy {strategy.name} gave {len(picked.score)} scores for {P} rows")
     return rows
 
 
-def top_p(scores: np.ndarray, P: int, available: np.ndarray) -> np.ndarray:
-    """Rows of the ``P`` highest scores among the available rows; ties go to the smaller row."""
-    scores = np.asarray(scores).reshape(-1)
-    if scores.shape[0] != np.asarray(available).reshape(-1).shape[0]:
-        raise AlfkError(f"{scores.shape[0]} scores for {np.asarray(available).size} rows")
-    rows = _available_rows(int(P), available)
-    s = scores[rows].astype(np.float64)
-    if np.isnan(s).any():
-        raise AlfkError("acquisition scores contain NaN")
-    order = np.argsort(-s, kind="stable")  # rows ascend, so a stable sort keeps ties by row
-    return rows[order[: int(P)]].astype(np.int64)
+def _no_score(rows: np.ndarray) -> np.ndarray:
+    return np.full(len(rows), np.nan, dtype=np.float32)
 
 
-def random_rows(P: int, available: np.ndarray, seed: int) -> np.ndarray:
-    """``P`` distinct available rows drawn with ``np.random.default_rng(seed)``, in draw order."""
-    rows = _available_rows(int(P), available)
-    rng = np.random.default_rng(seed)
-    return rng.choice(rows, size=int(P), replace=False).astype(np.int64)
+def _top(scores_avail: np.ndarray, data: RoundData, P: int, passes: int) -> Picked:
+    """The P best available rows by a score computed for the available rows (in row order)."""
+    avail_rows = np.flatnonzero(data.available)
+    scores = np.full(len(data.available), -np.inf)
+    scores[avail_rows] = scores_avail
+    rows = baselines.top_p(scores, P, data.available)
+    return Picked(rows, scores[rows].astype(np.float32), passes)
 
 
-def _plogp(p: np.ndarray) -> np.ndarray:
-    """p·log p with 0·log 0 = 0 (float64)."""
-    p = np.asarray(p, dtype=np.float64)
-    out = np.zeros_like(p)
-    pos = p > 0
-    out[pos] = p[pos] * np.log(p[pos])
-    return out
+@register_strategy("random")
+class Random(Strategy):
+    """P available rows drawn uniformly (seeded)."""
+
+    def choose(self, data: RoundData, P: int, seed: int) -> Picked:
+        rows = baselines.random_rows(P, data.available, seed)
+        return Picked(rows, _no_score(rows))
 
 
-def entropy(probs: np.ndarray) -> np.ndarray:
-    """Predictive entropy in nats: [N, D] -> [N]."""
-    return -_plogp(probs).sum(axis=-1)
+class _Softmax(Strategy):
+    score: Callable[[np.ndarray], np.ndarray]
+
+    def choose(self, data: RoundData, P: int, seed: int) -> Picked:
+        avail = np.flatnonzero(data.available)
+        return _top(type(self).score(data.probs(avail)), data, P, len(avail))
 
 
-def margin(probs: np.ndarray) -> np.ndarray:
-    """Negative gap between the two largest probabilities: [N, D] -> [N]."""
-    p = np.asarray(probs, dtype=np.float64)
-    if p.shape[-1] < 2:
-        raise AlfkError("margin needs at least two classes")
-    top2 = np.partition(p, p.shape[-1] - 2, axis=-1)[..., -2:]
-    return -(top2[..., 1] - top2[..., 0])
+@register_strategy("entropy")
+class Entropy(_Softmax):
+    """Highest predictive entropy."""
+
+    score = staticmethod(baselines.entropy)
 
 
-def variation_ratio(mc_probs: np.ndarray) -> np.ndarray:
-    """1 − (votes for the modal argmax class)/K over K MC samples: [K, N, D] -> [N]."""
-    p = np.asarray(mc_probs)
-    k, n, d = p.shape
-    votes = p.argmax(axis=-1)  # [K, N]
-    counts = np.zeros((n, d), dtype=np.int64)
-    cols = np.arange(n)
-    for v in votes:
-        counts[cols, v] += 1
-    return 1.0 - counts.max(axis=1) / k
+@register_strategy("margin")
+class Margin(_Softmax):
+    """Smallest gap between the two most likely classes."""
+
+    score = staticmethod(baselines.margin)
 
 
-def bald(mc_probs: np.ndarray) -> np.ndarray:
-    """Mutual information H(mean_k p_k) − mean_k H(p_k): [K, N, D] -> [N]."""
-    p = np.asarray(mc_probs, dtype=np.float64)
-    return entropy(p.mean(axis=0)) - entropy(p).mean(axis=0)
+class _MonteCarlo(Strategy):
+    uses_mc = True
+    score: Callable[[np.ndarray], np.ndarray]
+
+    def choose(self, data: RoundData, P: int, seed: int) -> Picked:
+        avail = np.flatnonzero(data.available)
+        mc = data.mc_probs(avail, data.mc_samples, seed)
+        return _top(type(self).score(mc), data, P, data.mc_samples * len(avail))
 
 
-def _fork_devices(device: torch.device) -> list[int]:
-    if device.type != "cuda":
-        return []
-    return [device.index if device.index is not None else torch.cuda.current_device()]
+@register_strategy("varR")
+class VariationRatio(_MonteCarlo):
+    """Largest variation ratio over MC-dropout samples."""
+
+    score = staticmethod(baselines.variation_ratio)
 
 
-@torch.no_grad()
-def mc_dropout_probs(
-    model: nn.Module,
-    images: torch.Tensor,
-    spec: InputSpec,
-    K: int,
-    seed: int,
-    device: torch.device | str,
-    batch_size: int = 512,
-) -> np.ndarray:
-    """Softmax probabilities [K, N, D] (float32) from ``K`` stochastic forward passes.
+@register_strategy("bald")
+class BALD(_MonteCarlo):
+    """Largest mutual information between prediction and weights (MC dropout)."""
 
-    Only the dropout modules run in train mode; everything else (batch norm included) stays in
-    eval mode. ``images`` are uint8 [N, C, H, W] as decoded; they are normalised per batch. The
-    passes run under ``torch.random.fork_rng`` seeded with ``seed``, so the caller's RNG state is
-    untouched and the same seed (and batch size) gives the same probabilities. The model is moved
-    to ``device``; its train/eval flags are restored afterwards.
-    """
-    drops = [m for m in model.modules() if isinstance(m, _DROPOUT)]
-    if not drops:
-        raise AlfkError("MC dropout needs a model with dropout; lenet has it, resnets do not")
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise AlfkError(
-            f"expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
-        )
-    K, batch_size = int(K), int(batch_size)
-    if K < 1 or batch_size < 1:
-        raise AlfkError("K and batch_size must be at least 1")
-    device = torch.device(device)
-    norm = normalizer(spec)
-    flags = {m: m.training for m in model.modules()}
-    model.to(device)
-    n = images.shape[0]
-    out: np.ndarray | None = None
-    try:
-        model.eval()
-        for m in drops:
-            m.train()
-        with torch.random.fork_rng(devices=_fork_devices(device)):
-            torch.manual_seed(int(seed))
-            for start in range(0, n, batch_size):
-                x = norm(images[start : start + batch_size].to(device))
-                for k in range(K):
-                    p = torch.softmax(model(x).float(), dim=1).cpu().numpy()
-                    if out is None:
-                        out = np.empty((K, n, p.shape[1]), dtype=np.float32)
-                    out[k, start : start + x.shape[0]] = p
-    finally:
-        for m, flag in flags.items():
-            m.train(flag)
-    if out is None:  # no images
-        d = getattr(model, "num_classes", 0)
-        out = np.empty((K, 0, d), dtype=np.float32)
-    return out
+    score = staticmethod(baselines.bald)
 
 
-def coreset_rows(
-    features: np.ndarray, labelled: np.ndarray, P: int, available: np.ndarray
-) -> np.ndarray:
-    """Sener & Savarese core-set: greedy k-center with Euclidean distance, ``P`` picks in order.
+@register_strategy("coreset")
+class Coreset(Strategy):
+    """Sener & Savarese core-set: greedy k-center over z, labelled rows as the first centres."""
 
-    The labelled rows are the initial centres; with none labelled, the first pick is the available
-    row closest to the mean of the available features. Each further pick is the available row
-    whose distance to its nearest centre is largest (ties to the smaller row). Squared distances
-    are compared (same order); only an [N'] running minimum is kept, updated once per centre.
-    """
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2:
-        raise AlfkError(f"features must be [N, F], got shape {x.shape}")
-    n = x.shape[0]
-    labelled = np.asarray(labelled, dtype=bool).reshape(-1)
-    available = np.asarray(available, dtype=bool).reshape(-1)
-    if labelled.shape[0] != n or available.shape[0] != n:
-        raise AlfkError("features, labelled and available must have the same number of rows")
-    P = int(P)
-    rows = _available_rows(P, available)
-    if P == 0:
-        return np.empty(0, dtype=np.int64)
-    xa = x[rows]
-    best = np.full(rows.size, np.inf)
+    def choose(self, data: RoundData, P: int, seed: int) -> Picked:
+        z = data.features()
+        rows = baselines.coreset_rows(z, data.labelled, P, data.available)
+        return Picked(rows, _no_score(rows), len(data.labelled))
 
-    def add_centre(c: np.ndarray) -> None:
-        diff = xa - c
-        np.minimum(best, np.einsum("ij,ij->i", diff, diff), out=best)
 
-    picked: list[int] = []
-    centres = np.flatnonzero(labelled)
-    if centres.size == 0:
-        diff = xa - xa.mean(axis=0)
-        first = int(np.argmin(np.einsum("ij,ij->i", diff, diff)))
-        picked.append(first)
-        add_centre(xa[first])
-        best[first] = -np.inf
-    else:
-        for c in centres:
-            add_centre(x[c])
-    while len(picked) < P:
-        nxt = int(np.argmax(best))  # first occurrence: ties to the smaller row
-        picked.append(nxt)
-        add_centre(xa[nxt])
-        best[nxt] = -np.inf  # never picked twice, even among duplicates at distance 0
-    return rows[np.asarray(picked, dtype=np.int64)].astype(np.int64)
+@register_strategy("fk")
+@dataclass
+class FisherKernel(Strategy):
+    """The paper's method: ``fk[:ESTIMATOR[:KERNEL]]`` (defaults p_yz and sum)."""
+
+    estimator: str | None = DEFAULT_ESTIMATOR
+    kernel: str = "sum"
+    name: str = field(default="fk", repr=False)
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], defaults: dict[str, str | None]) -> Strategy:
+        if len(args) > 2:
+            raise AlfkError("use fk[:ESTIMATOR[:KERNEL]]")
+        est = (args[0] if args and args[0] else None) or defaults.get("estimator")
+        kernel = (args[1] if len(args) > 1 and args[1] else None) or defaults.get("kernel")
+        est = get_estimator(est or DEFAULT_ESTIMATOR).name
+        return cls(est, get_kernel(kernel or "sum").name)
+
+    @property
+    def uses_mc(self) -> bool:  # type: ignore[override]
+        return get_estimator(self.estimator or DEFAULT_ESTIMATOR).uses_mc
+
+    def choose(self, data: RoundData, P: int, seed: int) -> Picked:
+        est = get_estimator(self.estimator or DEFAULT_ESTIMATOR)
+        sel, pseudo_acc = data.fisher(est, get_kernel(self.kernel), P, seed)
+        n_avail = int(np.count_nonzero(data.available))
+        passes = 2 * (data.n_val + n_avail)
+        if est.uses_mc:
+            passes += data.mc_samples * (1 + data.num_classes) * n_avail
+        return Picked(sel.selected, sel.score, passes, pseudo_acc, sel)
+
+
+@register_strategy("pcc")
+class PCC(FisherKernel):
+    """The paper's PCC baseline: ``fk:p_yz:pcc``."""
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], defaults: dict[str, str | None]) -> Strategy:
+        if any(args):
+            raise AlfkError("pcc takes no ':' arguments (it is fk:p_yz:pcc)")
+        return cls(DEFAULT_ESTIMATOR, "pcc")

@@ -153,9 +153,13 @@ def test_simulate_on_the_gpu(tmp_path):
     pool = make_labelled(root / "pool", classes, 20, prefix="p")
     val = make_labelled(root / "val", classes, 4, prefix="v")
     test = make_labelled(root / "test", classes, 4, prefix="t")
-    rows = sim.simulate(pool, val, test, tmp_path / "res", ["random", "fk:p_yz", "varR"],
-                        rounds=2, P=4, seeds=[0], init="pretrain", pretrain_epochs=1, epochs=2,
-                        imbalance=2, rare=("2", "3"), mc_samples=3, device="cuda", workers=0)  # fmt: skip
+    options = sim.SimulateOptions(
+        pool=pool, val=val, test=test, out=tmp_path / "res",
+        strategies=("random", "fk:p_yz", "varR"), rounds=2, P=4, seeds=(0,), init="pretrain",
+        pretrain_epochs=1, epochs=2, imbalance=2, rare=("2", "3"), mc_samples=3, device="cuda",
+        workers=0,
+    )  # fmt: skip
+    rows = sim.simulate(options)
     assert [(r["strategy"], r["round"]) for r in rows] == [
         (s, k) for s in ("random", "fk:p_yz", "varR") for k in (1, 2)
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from alfk_cli import simulate as sim
 from alfk_cli.errors import AlfkError
+from alfk_cli.strategies import make_strategy
 from conftest import make_labelled
 
 CLASSES = ["0", "1", "2", "3"]
@@ -41,9 +43,15 @@ def run(folders, out, strategies=("random", "fk:p_yz"), **kw):
         "workers": 0,
     }
     args.update(kw)
-    return sim.simulate(
-        folders["pool"], folders["val"], folders["test"], out, list(strategies), **args
+    options = sim.SimulateOptions(
+        pool=folders["pool"],
+        val=folders["val"],
+        test=folders["test"],
+        out=out,
+        strategies=tuple(strategies),
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()},
     )
+    return sim.simulate(options)
 
 
 def without_timing(rows):
@@ -63,14 +71,27 @@ def test_biased_rows_keeps_floor_nonrare_over_r():
     assert len(sim.biased_rows(labels, [2, 3], 1, 0)) == 120
 
 
-def test_parse_strategy():
-    assert sim.parse_strategy("fk") == sim.Strategy("fk", "fk", "p_yz", "sum")
-    assert sim.parse_strategy("pcc") == sim.Strategy("pcc", "fk", "p_yz", "pcc")
-    assert sim.parse_strategy("fk:mc_mi:product").kernel == "product"
-    assert sim.parse_strategy("fk::pcc").estimator == "p_yz"
-    for bad in ("fk:nope", "fk:p_yz:cosine", "uncertainty", "random:x"):
-        with pytest.raises(AlfkError):
-            sim.parse_strategy(bad)
+def test_strategy_names_parse_with_defaults_and_fail_with_the_known_names():
+    fk = make_strategy("fk")
+    assert (fk.name, fk.estimator, fk.kernel, fk.dirname) == ("fk", "p_yz", "sum", "fk")
+    pcc = make_strategy("pcc")
+    assert (pcc.name, pcc.estimator, pcc.kernel) == ("pcc", "p_yz", "pcc")
+    assert make_strategy("fk:mc_mi:product").kernel == "product"
+    assert make_strategy("fk:mc_mi:product").uses_mc and not make_strategy("fk").uses_mc
+    assert make_strategy("fk::pcc").estimator == "p_yz"
+    assert make_strategy("fk:yhat").dirname == "fk-yhat"
+    assert make_strategy("fk", {"estimator": "yhat", "kernel": "product"}).kernel == "product"
+    assert make_strategy("fk:true", {"estimator": "yhat"}).estimator == "true"  # the name wins
+    assert make_strategy("varR").uses_mc and not make_strategy("entropy").uses_mc
+    for bad, says in (
+        ("fk:nope", "unknown pseudo-label estimator 'nope'"),
+        ("fk:p_yz:cosine", "unknown kernel 'cosine'; choose one of sum, pcc, product"),
+        ("uncertainty", "unknown strategy 'uncertainty'; choose one of random, entropy"),
+        ("random:x", "takes no ':' arguments"),
+        ("fk:p_yz:sum:x", "fk[:ESTIMATOR[:KERNEL]]"),
+    ):
+        with pytest.raises(AlfkError, match=re.escape(says)):
+            make_strategy(bad)
 
 
 def test_simulate_end_to_end_and_resume(folders, tmp_path, monkeypatch):

@@ -184,7 +184,7 @@ def test_failures_leave_no_file(env, tmp_path):
         (dict(), "pool", "p_yz pseudo-labels need --reference"),
         (dict(pseudo_label="true", reference=env / "val.h5"), "pool", "needs class sub-folders"),
         (dict(pseudo_label="yhat", model=env / "rot.pt"), "pool", "rotation-pretrained"),
-        (dict(pseudo_label="bogus"), "pool", "unknown pseudo-label method"),
+        (dict(pseudo_label="bogus"), "pool", "unknown pseudo-label estimator"),
         (dict(reference=tmp_path / "nope.h5"), "pool", "does not exist"),
     ]
     for kw, folder, message in cases:

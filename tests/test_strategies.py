@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from alfk_cli import strategies as st
+from alfk_cli import baselines as st
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import normalizer
 from alfk_cli.models import InputSpec, TapNet, build_model, get_arch

@@ -1,0 +1,269 @@
+"""Similarity kernels between images' standardised descriptors (docs/algorithm.md §4-6).
+
+A kernel scores a validation centre against a pool image from ``R_z = ẑ_v·ẑ`` and
+``R_g = ĝ_v·ĝ`` (``ẑ``, ``ĝ``: per-scale-slice standardised z and g). Built-ins:
+
+- ``sum``: ``R_z + R_g`` (the authors' code; one FAISS search over ``[ẑ; ĝ]``).
+- ``pcc``: ``R_z`` alone (the paper's PCC baseline; FAISS over ``ẑ``).
+- ``product``: ``R_z · R_g`` (the paper's practical Fisher kernel, PFK).
+
+A new kernel is one registered :class:`Kernel` subclass that defines :meth:`Kernel.combine`; the
+default search (blocked GEMMs with a running top-k, then canonical float64 rescoring, see
+:mod:`alfk_cli.search`) makes it exact and deterministic like the built-ins::
+
+    @KERNELS.register("fisher")
+    class FisherOnly(Kernel):
+        def combine(self, rz, rg):
+            return rg
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import numpy as np
+
+from alfk_cli.registry import Registry
+from alfk_cli.search import U32, U64, IPScorer, canon_dot, gamma_bound, row_norms
+from alfk_cli.standardize import standardize_into
+
+__all__ = ["KERNELS", "Buffers", "CombinedScorer", "Kernel", "get_kernel"]
+
+#: Scratch budget (bytes) for the two blocks of kernel scores in the default search (about 8k
+#: pool columns per block for 1250 centres: fast GEMMs, and the combine and top-k still run from
+#: cache-warm memory).
+BLOCK_BYTES = 80 << 20
+
+
+class Buffers:
+    """Scratch arrays reused from one pool chunk to the next (fresh large arrays cost page faults)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, rows: int, width: int) -> np.ndarray:
+        """A float32 ``[rows, width]`` view of the buffer ``key``."""
+        arr = self._arrays.get(key)
+        if arr is None or arr.shape[1] != width:
+            arr = self._arrays[key] = np.empty((self.capacity, width), dtype=np.float32)
+        return arr[:rows]
+
+
+class Kernel:
+    """A similarity computed from ``R_z`` and ``R_g``; subclasses define :meth:`combine`.
+
+    ``combine`` must be elementwise (it runs on numpy float64 and torch float32 arrays alike) and
+    affine in each of ``R_z`` and ``R_g`` separately (sums, products, weighted versions): the
+    error bound of the exact search, :meth:`error_bound`, relies on it; a kernel that is not
+    overrides :meth:`error_bound`. ``uses_g = False`` kernels get ``rg = None`` and never read g.
+    """
+
+    name: str = ""
+    uses_g: bool = True
+
+    def combine(self, rz: Any, rg: Any) -> Any:
+        raise NotImplementedError
+
+    def combine_inplace(self, rz: Any, rg: Any) -> Any:
+        """``combine`` that may overwrite ``rz`` (the search's scratch block)."""
+        return self.combine(rz, rg)
+
+    def gram(self, qz: np.ndarray, qg: np.ndarray | None, xz: np.ndarray, xg: Any) -> np.ndarray:
+        """Dense similarities ``[len(qz), len(xz)]`` (float32 in, float32 out): k-center's."""
+        return self.combine(qz @ xz.T, qg @ xg.T if self.uses_g else None)
+
+    def payload(self, z: np.ndarray, g: np.ndarray | None, dims: Any, buffers: Buffers) -> Any:
+        """One pool chunk standardised for :meth:`scorer`'s ``begin``: ``(ẑ, ĝ)`` by default."""
+        zs = buffers.get("z", z.shape[0], z.shape[1])
+        standardize_into(zs, z, dims)
+        if not self.uses_g:
+            return zs, None
+        gs = buffers.get("g", g.shape[0], g.shape[1])
+        standardize_into(gs, g, dims)
+        return zs, gs
+
+    def scorer(self, cz: np.ndarray, cg: np.ndarray | None, *, gpu: bool, norm_sq: float) -> Any:
+        """The exact-search scorer for standardised centres; ``norm_sq`` bounds ``|ẑ|², |ĝ|²``."""
+        return CombinedScorer(self, cz, cg, gpu, math.sqrt(norm_sq))
+
+    def error_bound(self, bz: Any, bg: Any, ez: Any, eg: Any) -> Any:
+        """Bound on ``|combine(a+δ, b+ε) − combine(a, b)|`` over ``|a| ≤ bz, |b| ≤ bg, |δ| ≤ ez,
+        |ε| ≤ eg`` (arrays, one entry per query), plus float32 rounding of ``combine``.
+
+        For a function affine in each argument the extremes lie at the corners of that box, so
+        the 16 corners are evaluated.
+        """
+        dev = np.zeros_like(np.asarray(bz, dtype=np.float64))
+        top = np.zeros_like(dev)
+        signs = list(itertools.product((-1.0, 1.0), repeat=4))
+        for sa, sb, sd, se in signs:
+            a, d = sa * bz, sd * ez
+            b, e = (sb * bg, se * eg) if self.uses_g else (None, None)
+            base = np.asarray(self.combine(a, b), dtype=np.float64)
+            moved = np.asarray(self.combine(a + d, None if b is None else b + e), dtype=np.float64)
+            dev = np.maximum(dev, np.abs(moved - base))
+            top = np.maximum(top, np.abs(moved))
+        return dev + 4 * U32 * top
+
+
+def get_kernel(kernel: str | Kernel) -> Kernel:
+    """A registered kernel by name (an instance passes through)."""
+    if isinstance(kernel, Kernel):
+        return kernel
+    return KERNELS[kernel]
+
+
+KERNELS: Registry[Kernel] = Registry("kernel", "alfk.kernels")
+
+
+def register_kernel(name: str) -> Any:
+    """Class decorator: register one instance of the decorated :class:`Kernel` as ``name``."""
+
+    def add(cls: type[Kernel]) -> type[Kernel]:
+        inst = cls()
+        inst.name = name
+        KERNELS.register(name)(inst)
+        return cls
+
+    return add
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+@register_kernel("sum")
+class SumKernel(Kernel):
+    """``R_z + R_g`` = the inner product of ``[ẑ; ĝ]``: one FAISS search, no score blocks."""
+
+    def combine(self, rz: Any, rg: Any) -> Any:
+        return rz + rg
+
+    def payload(self, z: np.ndarray, g: np.ndarray | None, dims: Any, buffers: Buffers) -> Any:
+        w = z.shape[1]
+        out = buffers.get("zg", z.shape[0], 2 * w)
+        standardize_into(out[:, :w], z, dims)
+        standardize_into(out[:, w:], g, dims)
+        return out
+
+    def scorer(self, cz: np.ndarray, cg: np.ndarray | None, *, gpu: bool, norm_sq: float) -> Any:
+        return IPScorer(np.concatenate([cz, cg], axis=1), gpu, max_norm=math.sqrt(2 * norm_sq))
+
+
+@register_kernel("pcc")
+class PCCKernel(Kernel):
+    """``R_z``: a sum of per-scale Pearson correlations of z; g is never read."""
+
+    uses_g = False
+
+    def combine(self, rz: Any, rg: Any) -> Any:
+        return rz
+
+    def payload(self, z: np.ndarray, g: np.ndarray | None, dims: Any, buffers: Buffers) -> Any:
+        out = buffers.get("z", z.shape[0], z.shape[1])
+        standardize_into(out, z, dims)
+        return out
+
+    def scorer(self, cz: np.ndarray, cg: np.ndarray | None, *, gpu: bool, norm_sq: float) -> Any:
+        return IPScorer(cz, gpu, max_norm=math.sqrt(norm_sq))
+
+
+@register_kernel("product")
+class ProductKernel(Kernel):
+    """``R_z · R_g``, the paper's PFK: the default blocked search, multiplying in place."""
+
+    def combine(self, rz: Any, rg: Any) -> Any:
+        return rz * rg
+
+    def combine_inplace(self, rz: Any, rg: Any) -> Any:
+        rz *= rg
+        return rz
+
+
+# ----------------------------------------------------------------------------- default search
+
+
+class CombinedScorer:
+    """Any kernel: blocked float32 torch GEMMs for ``R_z``/``R_g``, ``combine``, a running top-k
+    as the filter, and canonical float64 rescoring (see :func:`alfk_cli.search.exact_topk_stream`).
+    """
+
+    def __init__(
+        self, kernel: Kernel, qz: np.ndarray, qg: np.ndarray | None, gpu: bool, bound: float
+    ):
+        import torch
+
+        self.torch, self.kernel = torch, kernel
+        self.dev = torch.device("cuda" if gpu else "cpu")
+        self.qz = np.ascontiguousarray(qz, dtype=np.float32)
+        self.qg = None if qg is None else np.ascontiguousarray(qg, dtype=np.float32)
+        self.qz64 = self.qz.astype(np.float64)
+        self.qg64 = None if self.qg is None else self.qg.astype(np.float64)
+        self.tqz = torch.from_numpy(self.qz).to(self.dev)
+        self.tqg = None if self.qg is None else torch.from_numpy(self.qg).to(self.dev)
+        # per query: bounds on |R| and on the float32 GEMM error plus the float64 canonical error
+        self.eps_rows = self._error_bounds(bound)
+
+    def _error_bounds(self, bound: float) -> np.ndarray:
+        def side(q: np.ndarray | None) -> tuple[Any, Any]:
+            if q is None:
+                return None, None
+            b = row_norms(q) * bound
+            return b, gamma_bound(q.shape[1]) * b + 4 * q.shape[1] * U64 * b
+
+        bz, ez = side(self.qz)
+        bg, eg = side(self.qg)
+        return np.asarray(self.kernel.error_bound(bz, bg, ez, eg), dtype=np.float64)
+
+    def begin(self, payload: tuple[np.ndarray, np.ndarray | None]) -> None:
+        self.xz, self.xg = payload
+        self.txz = self.torch.from_numpy(self.xz).to(self.dev)
+        self.txg = None if self.xg is None else self.torch.from_numpy(self.xg).to(self.dev)
+
+    def eps(self, rows: np.ndarray) -> np.ndarray:
+        return self.eps_rows[rows]
+
+    def _queries(self, rows: np.ndarray) -> tuple[Any, Any]:
+        if rows.size == self.qz.shape[0]:
+            return self.tqz, self.tqg
+        sel = self.torch.from_numpy(rows).to(self.dev)
+        return self.tqz[sel], None if self.tqg is None else self.tqg[sel]
+
+    def approx(self, rows: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        qz, qg = self._queries(rows)
+        n, nr = self.txz.shape[0], rows.size
+        step = min(n, max(kp, BLOCK_BYTES // (8 * max(1, nr))))
+        # Two score blocks reused across the chunk (fresh large buffers cost page faults).
+        flat_z = torch.empty(nr * step, dtype=torch.float32, device=self.dev)
+        flat_g = None if qg is None else torch.empty_like(flat_z)
+        best_v = best_i = None
+        prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")  # no TF32/bf16: the error bound needs fp32
+        try:
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                s = flat_z[: nr * (b - a)].view(nr, b - a)
+                torch.matmul(qz, self.txz[a:b].T, out=s)
+                t = None
+                if flat_g is not None:
+                    t = flat_g[: nr * (b - a)].view(nr, b - a)
+                    torch.matmul(qg, self.txg[a:b].T, out=t)
+                v, i = torch.topk(self.kernel.combine_inplace(s, t), min(kp, b - a), dim=1)
+                i += a
+                if best_v is not None:
+                    v = torch.cat([best_v, v], dim=1)
+                    i = torch.cat([best_i, i], dim=1)
+                    v, pos = torch.topk(v, min(kp, v.shape[1]), dim=1)
+                    i = torch.gather(i, 1, pos)
+                best_v, best_i = v, i
+        finally:
+            torch.set_float32_matmul_precision(prev)
+        return best_v.cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
+
+    def canon(self, qrows: np.ndarray, xrows: np.ndarray) -> np.ndarray:
+        rz = canon_dot(self.qz64, self.xz, qrows, xrows)
+        rg = None if self.qg64 is None else canon_dot(self.qg64, self.xg, qrows, xrows)
+        return np.asarray(self.kernel.combine(rz, rg), dtype=np.float64)
