@@ -21,7 +21,7 @@ from rich.progress import Progress
 
 from alfk_cli import acquisition
 from alfk_cli.atomic import check_writable_dir
-from alfk_cli.embedding import EmbedSummary, embed_folder, trusted_files
+from alfk_cli.embedding import EmbedOptions, EmbedSummary, embed_folder, trusted_files
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageSet, scan_images
 from alfk_cli.scores import Scores, read_scores, write_scores
@@ -236,28 +236,29 @@ def run_select(
             _pretrain(pool_scan, ckpt, arch, pretrain_epochs, seed, device, workers, progress)
             report.pretrained = True
         report.checkpoint = ckpt
-        common = dict(
-            taps=taps,
-            workers=workers,
-            device=device,
-            seed=seed,
-            strict=strict,
-            quiet=quiet,
-            progress=progress,
-        )
+        options = EmbedOptions(taps=taps, workers=workers, device=device, seed=seed, strict=strict)
         report.embeds.append(
-            embed_folder(ckpt, val_dir, val_store, reuse=val_store, images=val_scan, **common)
+            embed_folder(
+                ckpt,
+                val_dir,
+                val_store,
+                options,
+                reuse=val_store,
+                images=val_scan,
+                progress=progress,
+            )
         )
         report.embeds.append(
             embed_folder(
                 ckpt,
                 pool_dir,
                 pool_store,
+                options,
                 reference=val_store,
                 pseudo_label=pseudo_label,
                 reuse=pool_store,
                 images=pool_scan,
-                **common,
+                progress=progress,
             )
         )
         scores, notes = score_stores(
