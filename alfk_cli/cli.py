@@ -422,26 +422,29 @@ def embed(
     true labels. A pool uses a pseudo-label estimator. An interrupted run resumes when re-run
     with the same arguments; an existing --out is updated, recomputing only new or changed images.
     """
-    from alfk_cli.embedding import embed_folder
+    from alfk_cli.embedding import EmbedOptions, embed_folder
     from alfk_cli.progress import make_progress
+    from alfk_cli.pseudolabels import MCConfig
 
     _outputs_ok(out, model, reference, images)
     _check_taps(_checkpoint_arch(model, "lenet"), taps)
+    options = EmbedOptions(
+        taps=taps,
+        pseudo_label=pseudo_label,
+        mc=MCConfig(samples=mc_samples),
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        seed=seed,
+        strict=strict,
+    )
     with make_progress(quiet) as progress:
         summary = embed_folder(
             model,
             images,
             out,
+            options,
             reference=reference,
-            taps=taps,
-            pseudo_label=pseudo_label,
-            mc_samples=mc_samples,
-            batch_size=batch_size,
-            workers=workers,
-            device=device,
-            seed=seed,
-            strict=strict,
-            quiet=quiet,
             progress=progress,
             reuse=out,  # rows of unchanged images in an existing --out are kept, not recomputed
         )
@@ -600,7 +603,7 @@ def select(
                 strict=strict,
                 exact_count=exact_count,
             )
-            result, notes, report = run_select(val, pool, options, quiet=quiet, progress=progress)
+            result, notes, report = run_select(val, pool, options, progress=progress)
         if report.pretrained:
             _say(quiet, f"no checkpoint given or cached: pretrained {report.checkpoint}")
         else:

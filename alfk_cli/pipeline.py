@@ -20,9 +20,10 @@ import numpy as np
 
 from alfk_cli import acquisition
 from alfk_cli.atomic import check_writable_dir
-from alfk_cli.embedding import EmbedSummary, embed_folder, trusted_files
+from alfk_cli.embedding import EmbedOptions, EmbedSummary, embed_folder, trusted_files
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageSet, scan_images
+from alfk_cli.pseudolabels import MCConfig
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.reproducible import seeded
 from alfk_cli.scores import Scores, read_scores, write_scores
@@ -309,7 +310,6 @@ def run_select(
     pool_dir: str | os.PathLike,
     options: SelectOptions,
     *,
-    quiet: bool = False,
     progress: ProgressSink | None = None,
 ) -> tuple[Scores, list[str], SelectReport]:
     """The nightly acquisition: P pool image paths in selection order, plus notes and a report."""
@@ -346,28 +346,36 @@ def run_select(
             _pretrain(pool_scan, ckpt, options, progress)
             report.pretrained = True
         report.checkpoint = ckpt
-        common = dict(
+        embed = EmbedOptions(
             taps=options.taps,
             workers=options.workers,
             device=options.device,
             seed=options.seed,
             strict=strict,
-            quiet=quiet,
-            progress=progress,
+            mc=MCConfig(samples=options.mc_samples),
         )
         report.embeds.append(
-            embed_folder(ckpt, val_dir, val_store, reuse=val_store, images=val_scan, **common)
+            embed_folder(
+                ckpt,
+                val_dir,
+                val_store,
+                embed,
+                reuse=val_store,
+                images=val_scan,
+                progress=progress,
+            )
         )
         report.embeds.append(
             embed_folder(
                 ckpt,
                 pool_dir,
                 pool_store,
+                embed,
                 reference=val_store,
                 pseudo_label=strategy.estimator or options.pseudo_label,
                 reuse=pool_store,
                 images=pool_scan,
-                **common,
+                progress=progress,
             )
         )
         score = ScoreOptions(

@@ -95,7 +95,7 @@ def folders(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("method", ["p_yz", "yhat", "mc_trace"])
 def test_embed_on_the_gpu_matches_the_cpu(folders, tmp_path, method):
-    common = dict(quiet=True, batch_size=16, workers=0, mc_samples=4)
+    common = dict(batch_size=16, workers=0, mc=MCConfig(samples=4))
     for dev in ("cpu", "cuda"):
         embed_folder(
             folders / "m.pt", folders / "val", tmp_path / f"val-{dev}.h5", device=dev, **common

@@ -68,7 +68,7 @@ def env(tmp_path_factory):
     truncated_jpeg(root / "bad" / "img0003b.jpg")
     bad_idat_png(root / "bad" / "img0007b.png")
     save_checkpoint(root / "m.pt", build_model("lenet", 3, seed=0), "lenet", CLASSES)
-    embedding.embed_folder(root / "m.pt", root / "val", root / "val.h5", quiet=True, workers=0)
+    embedding.embed_folder(root / "m.pt", root / "val", root / "val.h5", workers=0)
     return root
 
 

@@ -111,7 +111,7 @@ def test_a_file_deleted_during_the_run_is_skipped_and_listed(eco, tmp_path, monk
     victim = eco / "val" / found.paths[5]
     victim.unlink()  # after the scan, before the decode
     s = embedding.embed_folder(
-        eco / "init.pt", eco / "val", tmp_path / "v.h5", images=found, quiet=True, workers=0
+        eco / "init.pt", eco / "val", tmp_path / "v.h5", images=found, workers=0
     )
     assert (found.paths[5], "file disappeared during the run") in s.skipped
     assert s.images == 11 and not partial_path(tmp_path / "v.h5").exists()
@@ -136,7 +136,7 @@ def test_quiet_is_quiet_even_with_skipped_files(cli, eco):
 
 def test_resume_copies_finished_rows_when_the_pool_changed(eco, tmp_path, monkeypatch):
     out = tmp_path / "pool.h5"
-    args = dict(quiet=True, workers=0, batch_size=4, pseudo_label="yhat")
+    args = dict(workers=0, batch_size=4, pseudo_label="yhat")
     task = tmp_path / "task.pt"
     save_checkpoint(task, build_model("lenet", 3, seed=1), "lenet", ["a", "b", "c"])
     calls = {"n": 0}

@@ -16,6 +16,8 @@ from alfk_cli.atomic import partial_path
 from alfk_cli.checkpoint import save_checkpoint
 from alfk_cli.errors import AlfkError
 from alfk_cli.models import ROTATION_CLASSES, build_model
+from alfk_cli.progress import make_progress
+from alfk_cli.pseudolabels import MCConfig
 from alfk_cli.store import SCHEMA_VERSION, check_compatible, open_store
 from conftest import make_labelled, write_images
 
@@ -39,14 +41,13 @@ def env(tmp_path_factory):
         head="rotation",
     )
     s = embedding.embed_folder(
-        root / "m.pt", root / "val", root / "val.h5", quiet=True, batch_size=BS, workers=0
+        root / "m.pt", root / "val", root / "val.h5", batch_size=BS, workers=0
     )
     assert s.pseudo_label == "true" and s.images == 18
     return root
 
 
 def embed(env: Path, images: str, out: Path, **kw):
-    kw.setdefault("quiet", True)
     kw.setdefault("batch_size", BS)
     kw.setdefault("workers", 0)
     model = kw.pop("model", env / "m.pt")
@@ -181,7 +182,7 @@ def test_failures_leave_no_file(env, tmp_path):
             "pool",
             "taps conv2, not conv1,conv2,fc1",
         ),
-        (dict(), "pool", "p_yz pseudo-labels need --reference"),
+        (dict(), "pool", "p_yz pseudo-labels need a reference"),
         (dict(pseudo_label="true", reference=env / "val.h5"), "pool", "needs class sub-folders"),
         (dict(pseudo_label="yhat", model=env / "rot.pt"), "pool", "rotation-pretrained"),
         (dict(pseudo_label="bogus"), "pool", "unknown pseudo-label estimator"),
@@ -192,9 +193,7 @@ def test_failures_leave_no_file(env, tmp_path):
             embed(env, folder, out, **kw)
         assert _no_files(out), (kw, folder)
     with pytest.raises(AlfkError, match="no images found"):
-        embedding.embed_folder(
-            env / "m.pt", tmp_path / "empty", out, quiet=True, reference=env / "val.h5"
-        )
+        embedding.embed_folder(env / "m.pt", tmp_path / "empty", out, reference=env / "val.h5")
     assert _no_files(out)
     with pytest.raises(AlfkError, match="does not exist"):
         embed(env, "pool", tmp_path / "no" / "such" / "dir.h5", reference=env / "val.h5")
@@ -230,7 +229,7 @@ def test_undecodable_image_is_skipped_and_listed(env, tmp_path, monkeypatch):
     (clean / "img0013.png").unlink()
     ref = tmp_path / "ref.h5"
     embedding.embed_folder(
-        env / "m.pt", clean, ref, reference=env / "val.h5", quiet=True, batch_size=BS, workers=0
+        env / "m.pt", clean, ref, reference=env / "val.h5", batch_size=BS, workers=0
     )
     a, b = read_all(out), read_all(ref)
     for k in ("paths", "pseudo"):
@@ -267,7 +266,7 @@ def test_simulation_pool_keeps_true_labels_and_estimators(env, tmp_path):
             tmp_path / f"{method}1.h5",
             reference=env / "val.h5",
             pseudo_label=method,
-            mc_samples=4,
+            mc=MCConfig(samples=4),
         )
         embed(
             env,
@@ -275,7 +274,7 @@ def test_simulation_pool_keeps_true_labels_and_estimators(env, tmp_path):
             tmp_path / f"{method}2.h5",
             reference=env / "val.h5",
             pseudo_label=method,
-            mc_samples=4,
+            mc=MCConfig(samples=4),
             batch_size=16,
         )
         p1, p2 = (
@@ -348,9 +347,7 @@ def test_incremental_reuse_embeds_only_new_and_changed_images(env, tmp_path):
     shutil.copytree(env / "pool", pool)
     ref = env / "val.h5"
     first = tmp_path / "p1.h5"
-    embedding.embed_folder(
-        env / "m.pt", pool, first, reference=ref, quiet=True, batch_size=BS, workers=0
-    )
+    embedding.embed_folder(env / "m.pt", pool, first, reference=ref, batch_size=BS, workers=0)
     write_images(pool / "new", 5, seed=99)
     st = os.stat(pool / "img0003.png")
     os.utime(pool / "img0003.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "changed"
@@ -359,14 +356,13 @@ def test_incremental_reuse_embeds_only_new_and_changed_images(env, tmp_path):
         pool,
         tmp_path / "p2.h5",
         reference=ref,
-        quiet=True,
         batch_size=BS,
         workers=0,
         reuse=first,
     )
     assert inc.images == 45 and inc.reused == 39 and inc.computed == 6
     full = embedding.embed_folder(
-        env / "m.pt", pool, tmp_path / "p3.h5", reference=ref, quiet=True, batch_size=BS, workers=0
+        env / "m.pt", pool, tmp_path / "p3.h5", reference=ref, batch_size=BS, workers=0
     )
     assert full.computed == 45
     a, b = read_all(tmp_path / "p3.h5"), read_all(tmp_path / "p2.h5")
@@ -380,7 +376,6 @@ def test_incremental_reuse_embeds_only_new_and_changed_images(env, tmp_path):
         pool,
         tmp_path / "p4.h5",
         reference=ref,
-        quiet=True,
         batch_size=BS,
         workers=0,
         reuse=first,
@@ -393,7 +388,6 @@ def test_incremental_reuse_embeds_only_new_and_changed_images(env, tmp_path):
         pool,
         tmp_path / "p2.h5",
         reference=ref,
-        quiet=True,
         batch_size=BS,
         workers=0,
         reuse=tmp_path / "p2.h5",
@@ -403,10 +397,41 @@ def test_incremental_reuse_embeds_only_new_and_changed_images(env, tmp_path):
 
 
 def test_progress_bar_on_stderr_with_worker_processes(env, tmp_path, capsys):
-    s = embed(env, "pool", tmp_path / "p.h5", reference=env / "val.h5", quiet=False, workers=2)
+    with make_progress() as progress:
+        s = embed(env, "pool", tmp_path / "p.h5", reference=env / "val.h5", workers=2,
+                  progress=progress)  # fmt: skip
     assert s.computed == 40 and s.images_per_second > 0
     out, err = capsys.readouterr()
     assert out == "" and "embed" in err and "img/s" in err
+
+
+class Recorder:
+    """A ProgressSink that keeps every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def add_task(self, description, total=None, **fields):
+        self.calls.append(("add_task", description, total, fields))
+        return 7
+
+    def advance(self, task_id, advance=1):
+        self.calls.append(("advance", task_id, advance))
+
+    def update(self, task_id, **fields):
+        self.calls.append(("update", task_id, fields))
+
+
+def test_the_library_reports_progress_only_to_the_sink_it_is_given(env, tmp_path, capsys):
+    embed(env, "pool", tmp_path / "quiet.h5", reference=env / "val.h5")
+    assert capsys.readouterr() == ("", "")  # no sink: nothing drawn
+    rec = Recorder()
+    embed(env, "pool", tmp_path / "p.h5", reference=env / "val.h5", progress=rec)
+    assert capsys.readouterr() == ("", "")
+    assert rec.calls[0] == ("add_task", "embed pool", 40, {"completed": 0, "status": ""})
+    steps = [c[2]["advance"] for c in rec.calls[1:-1]]
+    assert sum(steps) == 40 and all(c[1] == 7 for c in rec.calls[1:])
+    assert rec.calls[-1][2]["status"].endswith("img/s")
 
 
 def test_reference_checksum_ignores_provenance_but_not_data(env, tmp_path):
@@ -433,7 +458,6 @@ def test_pool_sub_folders_that_are_not_classes_are_unlabelled(env, tmp_path):
         tmp_path / "days",
         tmp_path / "d.h5",
         reference=env / "val.h5",
-        quiet=True,
         workers=0,
     )
     assert s.images == 8 and not s.notes and (read_all(tmp_path / "d.h5")["labels"] == -1).all()
@@ -444,7 +468,6 @@ def test_pool_sub_folders_that_are_not_classes_are_unlabelled(env, tmp_path):
             tmp_path / "t.h5",
             reference=env / "val.h5",
             pseudo_label="true",
-            quiet=True,
         )
     write_images(tmp_path / "mixed" / "dog", 3, seed=3)
     write_images(tmp_path / "mixed" / "misc", 2, seed=4)
@@ -453,7 +476,6 @@ def test_pool_sub_folders_that_are_not_classes_are_unlabelled(env, tmp_path):
         tmp_path / "mixed",
         tmp_path / "m.h5",
         reference=env / "val.h5",
-        quiet=True,
         workers=0,
     )
     assert read_all(tmp_path / "m.h5")["labels"].tolist() == [1, 1, 1, -1, -1]

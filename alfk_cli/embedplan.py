@@ -1,0 +1,281 @@
+"""Planning an embed: everything decided before the first model pass (``plan_embed``).
+
+Which labels g is computed with (docs/algorithm.md §2-3):
+
+- a labelled folder (class sub-folders) without a reference is a **validation set**: g uses the
+  true labels, ``pseudo_label`` is ``true`` and the classes are the folder's;
+- anything else is a **pool**: g uses the estimator (default ``p_yz``, which needs a reference:
+  a validation store made from the same checkpoint and taps). ``true`` needs class sub-folders;
+  ``yhat`` and the MC estimators without a reference use the task checkpoint's classes (a
+  rotation checkpoint has no task classifier and is refused). A pool with class sub-folders
+  (simulation) keeps its true labels in ``labels``, mapped to the classes of the reference (or
+  checkpoint), while g uses the estimator; images under first-level sub-folders that are not
+  class names (``day1/``, ``day2/``) are unlabelled (−1).
+
+Planning writes nothing: a bad checkpoint, an unwritable output folder, a mismatched reference
+or an empty folder raise AlfkError before any file is created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alfk_cli import __version__
+from alfk_cli.atomic import check_writable_dir
+from alfk_cli.checkpoint import Checkpoint, load_checkpoint, task_model
+from alfk_cli.devices import resolve_device
+from alfk_cli.embedoptions import EmbedOptions
+from alfk_cli.embedreuse import trusted_files
+from alfk_cli.errors import AlfkError
+from alfk_cli.estimators import DEFAULT_ESTIMATOR, get_estimator
+from alfk_cli.images import ImageSet, scan_images
+from alfk_cli.models import InputSpec, resolve_taps, scale_dims
+from alfk_cli.pseudolabels import NearestReference
+from alfk_cli.storeformat import SCHEMA_VERSION, config_fingerprint, content_fingerprint
+from alfk_cli.storereader import FeatureStore, open_store
+from alfk_cli.storewriter import StoreHeader
+
+
+@dataclass(kw_only=True)
+class EmbedPlan:
+    """What ``plan_embed`` decided: the images and their labels, the model, the store's header
+    and its fingerprints. ``options`` are resolved: ``taps`` the tap names, ``pseudo_label`` the
+    method."""
+
+    out: Path
+    folder: str | os.PathLike  # the image folder as the caller gave it (for messages)
+    options: EmbedOptions
+    images: ImageSet
+    labels: np.ndarray  # per image: index into ``classes``, −1 unknown
+    classes: list[str]
+    class_source: str  # where the classes come from, for messages
+    not_classes: list[str]  # first-level sub-folders that are not class names
+    spec: InputSpec
+    model: torch.nn.Module
+    device: torch.device
+    labeler: NearestReference | None  # p_yz's nearest reference images
+    header: StoreHeader
+    config_fingerprint: str
+    fingerprint: str
+
+    @property
+    def method(self) -> str:
+        return str(self.options.pseudo_label)
+
+    @property
+    def taps(self) -> tuple[str, ...]:
+        return tuple(self.options.taps or ())
+
+    @property
+    def batch_size(self) -> int:
+        return self.options.batch_for(self.header.arch)
+
+    def notes(self) -> list[str]:
+        """What the caller should be told about the plan (sub-folders that are not classes)."""
+        nc = self.not_classes
+        if not nc or len(nc) >= len(self.images.classes):
+            return []
+        return [
+            f"sub-folders of {self.folder} that are not classes of {self.class_source}: "
+            f"{', '.join(nc[:5])}{' …' if len(nc) > 5 else ''}; their images are unlabelled"
+        ]
+
+
+def plan_embed(
+    checkpoint: str | os.PathLike,
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    options: EmbedOptions,
+    *,
+    reference: str | os.PathLike | None = None,
+    reuse: str | os.PathLike | None = None,
+    images: ImageSet | None = None,
+) -> EmbedPlan:
+    """Check the inputs and decide what the store ``out`` of ``folder`` will hold; writes nothing.
+
+    ``images``: the folder already scanned by the caller, else it is scanned here (files that
+    decoded into ``out`` or ``reuse`` before are trusted)."""
+    out = Path(out)
+    check_writable_dir(out)
+    if options.batch_size is not None and options.batch_size < 1:
+        raise AlfkError("the batch size must be at least 1")
+    method = get_estimator(options.pseudo_label).name if options.pseudo_label is not None else None
+    ckpt = load_checkpoint(checkpoint)
+    arch = ckpt.arch
+    explicit_taps = resolve_taps(arch, options.taps) if options.taps not in (None, "") else None
+    ref: FeatureStore | None = None
+    try:
+        if reference is not None:
+            ref = open_store(reference)
+            _check_reference(ref, ckpt, Path(checkpoint), explicit_taps, options.seed)
+        taps = explicit_taps or (ref.taps if ref is not None else resolve_taps(arch, None))
+        taps = resolve_taps(arch, list(taps))
+        if images is None:
+            images = scan_images(folder, strict=options.strict, trusted=trusted_files(out, reuse))
+        method, classes, class_source = _label_source(
+            method, images, folder, ref, ckpt, Path(checkpoint)
+        )
+        labels, not_classes = _remap_labels(images, classes)
+        if get_estimator(method).needs_labels and not_classes:
+            raise AlfkError(
+                f"pseudo-label method {method} needs class sub-folders; {folder} has {not_classes[0]!r}, "
+                f"which is not among the classes of {class_source} ({','.join(classes)})"
+            )
+        dev = resolve_device(options.device)
+        model = task_model(ckpt, classes, options.seed).to(dev)
+        if get_estimator(method).uses_mc and options.mc.samples < 2:
+            raise AlfkError("Monte-Carlo pseudo-labels need at least 2 samples")
+        resolved = replace(options, taps=tuple(taps), pseudo_label=method)
+        header, cfg_fp, fingerprint = _store_header(
+            ckpt, resolved, folder, reference, ref, images, classes, labels
+        )
+        labeler = (
+            NearestReference(ref.z[:], ref.labels[:], ref.scale_dims)
+            if ref is not None and get_estimator(method).needs_reference
+            else None
+        )
+    finally:
+        if ref is not None:
+            ref.close()
+    return EmbedPlan(
+        out=out, folder=folder, options=resolved, images=images, labels=labels, classes=classes,
+        class_source=class_source, not_classes=not_classes, spec=ckpt.input, model=model,
+        device=dev, labeler=labeler, header=header, config_fingerprint=cfg_fp,
+        fingerprint=fingerprint,
+    )  # fmt: skip
+
+
+def _store_header(
+    ckpt: Checkpoint,
+    options: EmbedOptions,
+    folder: str | os.PathLike,
+    reference: str | os.PathLike | None,
+    ref: FeatureStore | None,
+    images: ImageSet,
+    classes: list[str],
+    labels: np.ndarray,
+) -> tuple[StoreHeader, str, str]:
+    """The store's header, its config fingerprint and its content fingerprint."""
+    config = {
+        "schema_version": SCHEMA_VERSION,
+        "alfk_version": __version__,
+        "arch": ckpt.arch,
+        "checkpoint_sha256": ckpt.sha256,
+        "classes": list(classes),
+        # the reference's contents, not its file bytes: a rewrite with equal data keeps caches
+        "reference_data_sha256": ref.data_sha256() if ref is not None else None,
+        **options.fingerprint_dict(),  # taps, pseudo_label, mc, seed
+    }
+    cfg_fp = config_fingerprint(config)
+    sizes, mtimes = _file_stats(images)
+    fingerprint = content_fingerprint(config, images.paths, labels, sizes, mtimes)
+    header = StoreHeader(
+        image_root=str(Path(folder)),
+        arch=ckpt.arch,
+        checkpoint_sha256=ckpt.sha256,
+        pseudo_label=str(options.pseudo_label),
+        taps=tuple(options.taps or ()),
+        scale_dims=scale_dims(ckpt.arch, tuple(options.taps or ())),
+        classes=classes,
+        paths=images.paths,
+        labels=labels,
+        sizes=sizes,
+        mtime_ns=mtimes,
+        extra_attrs={
+            "seed": np.int64(options.seed),
+            "embed_config": json.dumps(config, sort_keys=True),
+            "config_fingerprint": cfg_fp,
+            "reference_path": str(reference) if reference is not None else "",
+        },
+    )
+    return header, cfg_fp, fingerprint
+
+
+def _label_source(
+    method: str | None,
+    images: ImageSet,
+    folder: str | os.PathLike,
+    ref: FeatureStore | None,
+    ckpt: Checkpoint,
+    model_path: Path,
+) -> tuple[str, list[str], str]:
+    """The pseudo-label method, the classes, and where the classes come from (for messages)."""
+    if ref is None and images.labelled and method in (None, "true"):
+        return "true", list(images.classes), str(folder)
+    method = method or DEFAULT_ESTIMATOR
+    est = get_estimator(method)
+    if est.needs_reference and ref is None:
+        raise AlfkError(
+            f"{method} pseudo-labels need a reference: the validation store embedded from the same "
+            "checkpoint and taps (or choose the yhat pseudo-labels)"
+        )
+    if est.needs_labels and not images.labelled:
+        raise AlfkError(
+            f"pseudo-label method {method} needs class sub-folders, and {folder} has none"
+        )
+    if ref is not None:
+        return method, ref.classes, f"reference {ref.path}"
+    if ckpt.head == "rotation":
+        raise AlfkError(
+            f"{method} pseudo-labels without a reference need a task checkpoint; {model_path} is "
+            "rotation-pretrained (its classifier is untrained)"
+        )
+    return method, list(ckpt.classes), f"checkpoint {model_path}"
+
+
+def _file_stats(images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+    """Size and mtime of each image: as scanned, or read now for a hand-made ImageSet."""
+    if images.sizes is not None and images.mtimes is not None:
+        return images.sizes, images.mtimes
+    sizes = np.empty(len(images), dtype=np.int64)
+    mtimes = np.empty(len(images), dtype=np.int64)
+    for i in range(len(images)):
+        st = os.stat(images.absolute(i))
+        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    return sizes, mtimes
+
+
+def _remap_labels(images: ImageSet, classes: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The pool's labels as indices into ``classes`` (the reference's or checkpoint's), and the
+    first-level sub-folders that are not class names: their images get −1 (unknown). A pool
+    split into arbitrary sub-folders (``day1/``, ``day2/``) is thus simply unlabelled."""
+    if not images.labelled:
+        return np.full(len(images), -1, dtype=np.int64), []
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in images.classes if c not in index]
+    table = np.array([index.get(c, -1) for c in images.classes], dtype=np.int64)
+    return table[images.labels], unknown
+
+
+def _check_reference(
+    ref: FeatureStore, ckpt: Checkpoint, model_path: Path, taps, seed: int
+) -> None:
+    """A reference must be a validation store of the same checkpoint (and taps, when given)."""
+    if ref.pseudo_label != "true" or len(ref) == 0 or (np.asarray(ref.labels[:]) < 0).any():
+        raise AlfkError(
+            f"reference {ref.path} is not a validation store (pseudo_label {ref.pseudo_label!r}); "
+            "embed the labelled validation folder without a reference first"
+        )
+    if ref.checkpoint_sha256 != ckpt.sha256:
+        raise AlfkError(
+            f"reference {ref.path} was embedded with another checkpoint "
+            f"(sha256 {ref.checkpoint_sha256[:12]}…, {model_path} is {ckpt.sha256[:12]}…)"
+        )
+    if taps is not None and tuple(taps) != ref.taps:
+        raise AlfkError(
+            f"reference {ref.path} was embedded with taps {','.join(ref.taps)}, not {','.join(taps)}"
+        )
+    if ckpt.head == "rotation" and ref.seed is not None and ref.seed != seed:
+        raise AlfkError(
+            f"reference {ref.path} was embedded with seed {ref.seed}, which initialised the "
+            f"classifier of the rotation checkpoint {model_path}; use the same seed"
+        )
+
+
+__all__ = ["EmbedPlan", "plan_embed"]
