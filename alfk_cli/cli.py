@@ -476,7 +476,7 @@ def score(
 ) -> None:
     """Find misclassified validation images, pick k-center centres among them, and select the P
     pool images with the highest Fisher-kernel similarity (rank-major, no duplicates)."""
-    from alfk_cli.pipeline import ScoreOptions, score_stores
+    from alfk_cli.scoring import ScoreOptions, score_stores
 
     _outputs_ok(out, val, pool, exclude, model)
     options = ScoreOptions(
