@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -43,9 +42,12 @@ def _one_of(value: str | None, allowed, option: str) -> str | None:
 
 
 def _check_device(value: str) -> str:
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", (value or "").lower()) is None:
-        raise typer.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N", param_hint="--device")
-    return value
+    from alfk_cli.devices import parse_device
+
+    try:
+        return parse_device(value)
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
 
 
 def _check_kernel(value: str) -> str:
