@@ -288,7 +288,7 @@ def _pretrain(
     progress: Progress | None,
 ) -> None:
     from alfk_cli.devices import resolve_device
-    from alfk_cli.training import ROTNET_MILESTONES, default_config, pretrain_checkpoint
+    from alfk_cli.training import TrainOptions, pretrain_checkpoint
 
-    cfg = default_config(arch, epochs, seed=seed, workers=workers, milestones=ROTNET_MILESTONES)
-    pretrain_checkpoint(images, out, arch, cfg, resolve_device(device), progress=progress)
+    options = TrainOptions(arch=arch, epochs=epochs, seed=seed, workers=workers)
+    pretrain_checkpoint(images, out, options, device=resolve_device(device), progress=progress)

@@ -258,10 +258,9 @@ def fit(
         ImageSource.from_tensors(x, y, spec),
         ImageSource.from_tensors(held_x, held_y, spec),
         cfg,
-        device,
-        None,
-        "fit",
-        transform,
+        device=device,
+        description="fit",
+        transform=transform,
     )
     return result.best_epoch, result.best_accuracy
 
@@ -541,7 +540,7 @@ def _initial_model(
         model = build_model(arch, len(ROTATION_CLASSES), seed=seed)
         cfg = default_config(
             arch,
-            pretrain_epochs,
+            epochs=pretrain_epochs,
             seed=seed,
             workers=workers,
             milestones=ROTNET_MILESTONES,
@@ -755,7 +754,9 @@ def simulate(
                 idx = torch.tensor(order, dtype=torch.long)
 
                 # fit seeds (and scopes) torch's RNG with cfg.seed itself
-                cfg = default_config(arch, epochs, seed=rs, workers=workers, eval_every=eval_every)
+                cfg = default_config(
+                    arch, epochs=epochs, seed=rs, workers=workers, eval_every=eval_every
+                )
                 t0 = time.perf_counter()
                 best_epoch, val_acc = fit(
                     model,
