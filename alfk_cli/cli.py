@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -43,9 +42,12 @@ def _one_of(value: str | None, allowed, option: str) -> str | None:
 
 
 def _check_device(value: str) -> str:
-    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", (value or "").lower()) is None:
-        raise typer.BadParameter(f"{value!r}: use auto, cpu, cuda or cuda:N", param_hint="--device")
-    return value
+    from alfk_cli.devices import parse_device
+
+    try:
+        return parse_device(value)
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
 
 
 def _check_kernel(value: str) -> str:
@@ -186,6 +188,18 @@ def _accuracy_table(
     return table
 
 
+def _say_training(quiet: bool, init: Path | None, head: str, start) -> None:
+    """What ``train`` says before its first epoch; ``start`` is a ``training.TrainStart``."""
+    if init is not None:
+        fresh = ", ".join(start.fresh) or "nothing"
+        _say(quiet, f"initialised from {init} ({head} checkpoint); fresh: {fresh}")
+    _say(
+        quiet,
+        f"training {start.arch} on {start.train_images} images ({len(start.classes)} classes), "
+        f"validating on {start.val_images}, device {start.device}",
+    )
+
+
 @app.command(epilog="Example: alfk train --data labeled/ --val val/ --init init.pt --out model.pt")
 def train(
     data: Annotated[
@@ -217,64 +231,47 @@ def train(
     quiet: Quiet = False,
 ) -> None:
     """Train the task model on labelled images; keep the epoch with the best validation accuracy."""
-    from alfk_cli.checkpoint import init_from, load_checkpoint, save_checkpoint
+    from alfk_cli.checkpoint import load_checkpoint
     from alfk_cli.devices import resolve_device
-    from alfk_cli.images import check_same_classes, scan_images
-    from alfk_cli.models import build_model, get_arch
+    from alfk_cli.images import scan_images
     from alfk_cli.progress import make_progress
-    from alfk_cli.training import default_config, train_classifier
+    from alfk_cli.training import TrainOptions, train_checkpoint
 
     _outputs_ok(out, data, val)  # --init may be --out: it is read first, the output is atomic
     dev = resolve_device(device)
     start = load_checkpoint(init, arch) if init else None
-    arch = arch or (start.arch if start else "lenet")
-    spec = get_arch(arch).input
     data_set = scan_images(data, strict=strict)
     val_set = scan_images(val, strict=strict)
     _report_skipped(data_set.skipped, data, quiet)
     _report_skipped(val_set.skipped, val, quiet)
-    check_same_classes(data_set, val_set)
-    cfg = default_config(arch, epochs, lr, momentum, weight_decay, batch_size, seed, workers)
-    model = build_model(arch, len(data_set.classes), seed=seed)
-    if start is not None:
-        skipped = init_from(model, start)
-        _say(
-            quiet,
-            f"initialised from {init} ({start.head} checkpoint); fresh: {', '.join(skipped) or 'nothing'}",
-        )
-    _say(
-        quiet,
-        f"training {arch} on {len(data_set)} images ({len(data_set.classes)} classes), "
-        f"validating on {len(val_set)}, device {dev}",
+    options = TrainOptions(
+        arch=arch,
+        epochs=epochs,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+        workers=workers,
     )
+    head = start.head if start else ""
     with make_progress(quiet) as progress:
-        result = train_classifier(model, data_set, val_set, spec, cfg, dev, progress)
+        report = train_checkpoint(
+            data_set,
+            val_set,
+            out,
+            options,
+            device=dev,
+            init=start,
+            progress=progress,
+            on_start=lambda s: _say_training(quiet, init, head, s),
+        )
+    result = report.result
     _report_skipped(result.skipped, data, quiet)
-    info = {
-        "task": "train",
-        "data": str(data),
-        "val": str(val),
-        "init": str(init) if init else "",
-        "init_sha256": start.sha256 if start else "",
-        "epochs": cfg.epochs,
-        "lr": cfg.lr,
-        "momentum": cfg.momentum,
-        "weight_decay": cfg.weight_decay,
-        "batch_size": cfg.batch_size,
-        "seed": seed,
-        "best_epoch": result.best_epoch,
-        "val_accuracy": result.best_accuracy,
-        "train_images": len(data_set),
-    }
-    save_checkpoint(out, model.cpu(), arch, data_set.classes, "classifier", info)
     if not quiet:
+        title = f"validation accuracy, epoch {result.best_epoch} of {report.config.epochs}"
         stderr.print(
-            _accuracy_table(
-                f"validation accuracy, epoch {result.best_epoch} of {cfg.epochs}",
-                val_set.classes,
-                result.best_accuracy,
-                result.per_class,
-            )
+            _accuracy_table(title, val_set.classes, result.best_accuracy, result.per_class)
         )
     _say(quiet, f"wrote {out}")
 
@@ -311,26 +308,35 @@ def pretrain(
     quiet: Quiet = False,
 ) -> None:
     """Rotation self-supervised pretraining (RotNet) of the task network on unlabelled images."""
-    from alfk_cli.checkpoint import ROTATION_CLASSES
     from alfk_cli.devices import resolve_device
     from alfk_cli.images import scan_images
     from alfk_cli.progress import make_progress
-    from alfk_cli.training import ROTNET_MILESTONES, default_config, pretrain_checkpoint
+    from alfk_cli.training import TrainOptions, pretrain_checkpoint
 
     _outputs_ok(out, images)
     dev = resolve_device(device)
     found = scan_images(images, strict=strict)
     _report_skipped(found.skipped, images, quiet)
-    cfg = default_config(
-        arch, epochs, lr, momentum, weight_decay, batch_size, seed, workers, ROTNET_MILESTONES
+    options = TrainOptions(
+        arch=arch,
+        epochs=epochs,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+        workers=workers,
     )
     _say(quiet, f"rotation pretraining {arch} on {len(found)} images, device {dev}")
     with make_progress(quiet) as progress:
-        result = pretrain_checkpoint(found, out, arch, cfg, dev, holdout, progress)
+        report = pretrain_checkpoint(
+            found, out, options, device=dev, holdout=holdout, progress=progress
+        )
+    result = report.result
     _report_skipped(result.skipped, images, quiet)
     if not quiet:
-        title = f"held-out rotation accuracy, epoch {result.best_epoch} of {cfg.epochs}"
-        labels = [f"{c}°" for c in ROTATION_CLASSES]
+        title = f"held-out rotation accuracy, epoch {result.best_epoch} of {report.config.epochs}"
+        labels = [f"{c}°" for c in report.classes]
         stderr.print(_accuracy_table(title, labels, result.best_accuracy, result.per_class))
     _say(quiet, f"wrote {out}")
 

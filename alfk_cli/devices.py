@@ -1,30 +1,63 @@
-"""Resolve ``--device auto|cpu|cuda``."""
+"""Device names (``auto``, ``cpu``, ``cuda``, ``cuda:N``): one parser, resolution, autocast.
+
+torch is imported inside the functions that need it, so that :func:`parse_device` stays cheap for
+the command-line validator and for FAISS searches that run on the CPU.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import torch
+from typing import TYPE_CHECKING
 
 from alfk_cli.errors import AlfkError
 
+if TYPE_CHECKING:
+    import torch
+
+#: The spellings :func:`parse_device` accepts (any case), for help texts and messages.
+DEVICE_NAMES = "auto, cpu, cuda or cuda:N"
+
+_DEVICE = re.compile(r"auto|cpu|cuda(?::([0-9]+))?")
+
+
+def parse_device(name: str) -> str:
+    """Validate and normalise a device name: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, in any
+    case (``CUDA:01`` -> ``cuda:1``). Raises :class:`AlfkError` for anything else."""
+    m = _DEVICE.fullmatch(name.lower()) if isinstance(name, str) else None
+    if m is None:
+        raise AlfkError(f"unknown device {name!r}; use {DEVICE_NAMES}")
+    return m[0] if m[1] is None else f"cuda:{int(m[1])}"
+
 
 def resolve_device(name: str = "auto") -> torch.device:
-    name = (name or "auto").lower()
+    """The torch device for ``name`` (see :func:`parse_device`); ``auto`` is CUDA when available.
+
+    Asking for CUDA without a CUDA device, or for a CUDA index the machine lacks, raises
+    :class:`AlfkError`.
+    """
+    import torch
+
+    name = parse_device(name or "auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise AlfkError("--device cuda was asked for, but no CUDA device is available")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise AlfkError(f"unknown device {name!r}; use auto, cpu or cuda")
+            raise AlfkError(f"device {name} was asked for, but no CUDA device is available")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise AlfkError(
+                f"device {name} was asked for, but there are only "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return torch.device(name)
 
 
 def autocast(device: torch.device):
     """bf16 mixed precision on CUDA; a no-op context on the CPU."""
+    import torch
+
     return torch.autocast(
         device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
     )
@@ -38,6 +71,8 @@ def full_precision() -> Iterator[None]:
     moved by up to 7% on single images against the CPU (benchmarks/bench_gpu_precision.py), and
     g is what the selection ranks by. Training keeps TF32 and bf16. A no-op on the CPU.
     """
+    import torch
+
     flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:

@@ -165,15 +165,14 @@ def _pretrain(
     images: ImageSet, out: Path, options: SelectOptions, progress: ProgressSink | None
 ) -> None:
     from alfk_cli.devices import resolve_device
-    from alfk_cli.training import ROTNET_MILESTONES, default_config, pretrain_checkpoint
+    from alfk_cli.training import TrainOptions, pretrain_checkpoint
 
-    cfg = default_config(
-        options.arch,
+    train = TrainOptions(
+        arch=options.arch,
         epochs=options.pretrain_epochs,
         seed=options.seed,
         workers=options.workers,
-        milestones=ROTNET_MILESTONES,
     )
     pretrain_checkpoint(
-        images, out, options.arch, cfg, resolve_device(options.device), progress=progress
+        images, out, train, device=resolve_device(options.device), progress=progress
     )

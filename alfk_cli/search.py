@@ -34,8 +34,6 @@ __all__ = [
     "use_gpu",
 ]
 
-DEVICES = ("auto", "cpu", "cuda")
-
 #: Neighbours fetched per chunk beyond k, so that a tie or near-tie at the k-th place is detected.
 EXTRA = 8
 #: FAISS GPU k-selection limit; larger searches run on the CPU (results are identical).
@@ -50,18 +48,20 @@ _gpu_resources: Any = None
 
 
 def use_gpu(device: str) -> bool:
-    """Whether searches should run on the GPU for ``device`` (``auto``, ``cpu`` or ``cuda``).
+    """Whether searches should run on the GPU for ``device`` (``auto``, ``cpu``, ``cuda`` or
+    ``cuda:N``, as :func:`alfk_cli.devices.parse_device` reads them).
 
-    True for ``cuda``/``auto`` when torch sees a CUDA device and the installed FAISS has GPU
-    support. ``cuda`` without a CUDA device raises :class:`AlfkError`; ``cuda`` with a CPU-only
-    FAISS (the ``faiss-cpu`` wheel off Linux x86_64) searches on the CPU, since the search is exact
-    and its results are the same there: the model still runs on the GPU.
+    True for ``cuda``/``cuda:N``/``auto`` when torch sees a CUDA device and the installed FAISS has
+    GPU support. ``cuda`` without a CUDA device raises :class:`AlfkError`, as
+    :func:`alfk_cli.devices.resolve_device` does; ``cuda`` with a CPU-only FAISS (the ``faiss-cpu``
+    wheel off Linux x86_64) searches on the CPU, since the search is exact and its results are
+    the same there: the model still runs on the GPU.
     """
-    if device not in DEVICES:
-        raise AlfkError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)}")
-    from alfk_cli.devices import resolve_device  # imports torch: only when a GPU may be used
+    from alfk_cli.devices import parse_device, resolve_device
 
-    return resolve_device(device).type == "cuda" and faiss.get_num_gpus() > 0
+    if parse_device(device) == "cpu":
+        return False
+    return resolve_device(device).type == "cuda" and faiss.get_num_gpus() > 0  # imports torch
 
 
 def _gpu_res() -> Any:

@@ -57,10 +57,9 @@ def fit(
         ImageSource.from_tensors(x, y, spec),
         ImageSource.from_tensors(held_x, held_y, spec),
         cfg,
-        device,
-        None,
-        "fit",
-        transform,
+        device=device,
+        description="fit",
+        transform=transform,
     )
     return result.best_epoch, result.best_accuracy
 

@@ -3,19 +3,24 @@
 Both trainers keep the epoch with the best held-out accuracy (never a test set) and return its
 weights. Images are decoded once into memory when they fit (``images.fits_in_memory``), else
 streamed from disk by a DataLoader.
+
+:func:`train_checkpoint` and :func:`pretrain_checkpoint` are the jobs behind ``alfk train`` and
+``alfk pretrain``: they take :class:`TrainOptions`, report to an optional
+:class:`~alfk_cli.reporting.ProgressSink` and raise :class:`AlfkError`; they print nothing.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 
 from alfk_cli.devices import autocast
 from alfk_cli.errors import AlfkError
@@ -28,11 +33,18 @@ from alfk_cli.images import (
     preload,
 )
 from alfk_cli.models import InputSpec, TapNet
+from alfk_cli.reporting import ProgressSink
 from alfk_cli.reproducible import loader_generator, seeded
 
+if TYPE_CHECKING:
+    from alfk_cli.checkpoint import Checkpoint
 
-@dataclass
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """Every value of a training run, resolved (see :func:`default_config` and
+    :meth:`TrainOptions.config` for the architecture's defaults)."""
+
     epochs: int = 30
     lr: float = 0.05
     momentum: float = 0.5
@@ -154,75 +166,65 @@ def fit(
     train_src: ImageSource,
     held_src: ImageSource,
     cfg: TrainConfig,
+    *,
     device: torch.device,
-    progress: Progress | None,
-    description: str,
+    progress: ProgressSink | None = None,
+    description: str = "train",
     transform=None,
 ) -> TrainResult:
     """The training loop of every trainer: SGD with step decay; the held-out set is evaluated
-    every ``cfg.eval_every`` epochs and after the last, and the best such epoch is kept.
+    every ``cfg.eval_every`` epochs and after the last, and the best such epoch is kept (its
+    weights are loaded into ``model``). ``transform`` maps (x, y) batches (rotations).
 
     Dropout draws from torch's global RNG, so the loop runs under ``seeded(cfg.seed)``: the same
     seed gives the same weights whatever the caller drew before, and the caller's RNG is left as
     it was. Shuffling has its own generator, seeded alike.
     """
-    with seeded(cfg.seed, device):
-        return _fit(model, train_src, held_src, cfg, device, progress, description, transform)
-
-
-def _fit(
-    model: TapNet,
-    train_src: ImageSource,
-    held_src: ImageSource,
-    cfg: TrainConfig,
-    device: torch.device,
-    progress: Progress | None,
-    description: str,
-    transform=None,
-) -> TrainResult:
     if len(train_src) == 0:
         raise AlfkError("no readable training images")
-    model.to(device)
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.MultiStepLR(
-        opt, milestones(cfg.epochs, cfg.milestones), gamma=0.1
-    )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    norm = normalizer(train_src.spec)
-    steps = math.ceil(len(train_src) / cfg.batch_size)
-    task = progress.add_task(description, total=cfg.epochs * steps, status="") if progress else None
-    best: tuple[float, int, dict, list[float]] = (-1.0, 0, {}, [])
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        total, n = 0.0, 0
-        for img, label in train_src.batches(cfg.batch_size, shuffle=True, generator=gen):
-            x, y = norm(img.to(device)), label.to(device)
-            if transform is not None:
-                x, y = transform(x, y)
-            with autocast(device):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, n = total + loss.item() * len(y), n + len(y)
+    with seeded(cfg.seed, device):
+        model.to(device)
+        opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        sched = torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones(cfg.epochs, cfg.milestones), gamma=0.1
+        )
+        gen = torch.Generator().manual_seed(cfg.seed)
+        norm = normalizer(train_src.spec)
+        steps = math.ceil(len(train_src) / cfg.batch_size)
+        task = None
+        if progress is not None:
+            task = progress.add_task(description, total=cfg.epochs * steps, status="")
+        best: tuple[float, int, dict, list[float]] = (-1.0, 0, {}, [])
+        history = []
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            total, n = 0.0, 0
+            for img, label in train_src.batches(cfg.batch_size, shuffle=True, generator=gen):
+                x, y = norm(img.to(device)), label.to(device)
+                if transform is not None:
+                    x, y = transform(x, y)
+                with autocast(device):
+                    loss = F.cross_entropy(model(x).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, n = total + loss.item() * len(y), n + len(y)
+                if task is not None:
+                    progress.advance(task)
+            sched.step()
+            if epoch % max(1, cfg.eval_every) and epoch != cfg.epochs:
+                continue
+            acc, per = evaluate(model, held_src, device, transform)
+            history.append({"epoch": epoch, "loss": total / max(n, 1), "accuracy": acc})
+            if acc > best[0]:
+                best = (acc, epoch, copy.deepcopy(model.state_dict()), per)
             if task is not None:
-                progress.advance(task)
-        sched.step()
-        if epoch % max(1, cfg.eval_every) and epoch != cfg.epochs:
-            continue
-        acc, per = evaluate(model, held_src, device, transform)
-        history.append({"epoch": epoch, "loss": total / max(n, 1), "accuracy": acc})
-        if acc > best[0]:
-            best = (acc, epoch, copy.deepcopy(model.state_dict()), per)
-        if task is not None:
-            progress.update(
-                task,
-                status=f"loss {total / max(n, 1):.3f} held-out acc {acc:.3f} (best {best[0]:.3f})",
-            )
-    model.load_state_dict(best[2])
+                loss_ = total / max(n, 1)
+                status = f"loss {loss_:.3f} held-out acc {acc:.3f} (best {best[0]:.3f})"
+                progress.update(task, status=status)
+        model.load_state_dict(best[2])
     return TrainResult(best[1], best[0], best[3], history, train_src.bad + held_src.bad)
 
 
@@ -253,7 +255,8 @@ def train_classifier(
     spec: InputSpec,
     cfg: TrainConfig,
     device: torch.device,
-    progress: Progress | None = None,
+    *,
+    progress: ProgressSink | None = None,
 ) -> TrainResult:
     """Supervised training on ``data``; the epoch with the best accuracy on ``val`` is kept."""
     return fit(
@@ -261,9 +264,9 @@ def train_classifier(
         ImageSource(data, spec, workers=cfg.workers),
         ImageSource(val, spec, workers=cfg.workers),
         cfg,
-        device,
-        progress,
-        "train",
+        device=device,
+        progress=progress,
+        description="train",
     )
 
 
@@ -289,8 +292,9 @@ def pretrain_rotation(
     spec: InputSpec,
     cfg: TrainConfig,
     device: torch.device,
+    *,
     holdout: float = 0.1,
-    progress: Progress | None = None,
+    progress: ProgressSink | None = None,
 ) -> TrainResult:
     """Rotation self-supervision on any folder (labels ignored); ``model`` has a 4-way head.
 
@@ -306,7 +310,14 @@ def pretrain_rotation(
     train_src = ImageSource(images, spec, train_rows, cfg.workers)
     held_src = ImageSource(images, spec, held_rows, cfg.workers)
     return fit(
-        model, train_src, held_src, cfg, device, progress, "pretrain", transform=rotate_batch
+        model,
+        train_src,
+        held_src,
+        cfg,
+        device=device,
+        progress=progress,
+        description="pretrain",
+        transform=rotate_batch,
     )
 
 
@@ -315,6 +326,7 @@ ROTNET_MILESTONES = (3 / 8, 6 / 8)  # ×0.1 at epochs 3 and 6 of 8 (RotNet on MN
 
 def default_config(
     arch: str,
+    *,
     epochs: int,
     lr: float | None = None,
     momentum: float | None = None,
@@ -329,7 +341,7 @@ def default_config(
     from alfk_cli.models import get_arch
 
     d = get_arch(arch).train_defaults
-    cfg = TrainConfig(
+    return TrainConfig(
         epochs=epochs,
         lr=d["lr"] if lr is None else lr,
         momentum=d["momentum"] if momentum is None else momentum,
@@ -338,27 +350,137 @@ def default_config(
         seed=seed,
         workers=workers,
         eval_every=eval_every,
+        **({} if milestones is None else {"milestones": milestones}),
     )
-    if milestones is not None:
-        cfg.milestones = milestones
-    return cfg
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions:
+    """What a user chooses for ``train`` or ``pretrain``; None means the architecture's default
+    (:func:`default_config`), and ``arch`` None means the ``init`` checkpoint's, else lenet."""
+
+    arch: str | None = None
+    epochs: int = 30
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    workers: int = 2
+
+    def config(self, arch: str, milestones: tuple[float, ...] | None = None) -> TrainConfig:
+        """The resolved configuration for ``arch``."""
+        return default_config(
+            arch,
+            epochs=self.epochs,
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            workers=self.workers,
+            milestones=milestones,
+        )
+
+
+@dataclass(frozen=True)
+class TrainStart:
+    """What a training job is about to do, reported before the first epoch."""
+
+    arch: str
+    train_images: int
+    val_images: int
+    classes: list[str]
+    device: torch.device
+    # the weights not taken from the ``init`` checkpoint (names); empty without one
+    fresh: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """The outcome of :func:`train_checkpoint` or :func:`pretrain_checkpoint`."""
+
+    arch: str
+    classes: list[str]  # the checkpoint's class names (rotation angles for pretraining)
+    config: TrainConfig
+    result: TrainResult
+
+
+def train_checkpoint(
+    data: ImageSet,
+    val: ImageSet,
+    out: str | Path,
+    options: TrainOptions,
+    *,
+    device: torch.device,
+    init: Checkpoint | None = None,
+    progress: ProgressSink | None = None,
+    on_start: Callable[[TrainStart], None] | None = None,
+) -> TrainReport:
+    """Train a classifier on ``data`` (keeping the best epoch on ``val``) and save it to ``out``.
+
+    The network is ``options.arch`` (else ``init``'s architecture, else lenet), seeded with
+    ``options.seed`` and initialised from ``init`` when given (a rotation head or a classifier of
+    another shape stays fresh). ``on_start`` hears what will be trained before the first epoch.
+    The checkpoint's ``info`` records the folders, ``init`` and its SHA-256, the configuration
+    and the best epoch.
+    """
+    from alfk_cli.checkpoint import init_from, save_checkpoint
+    from alfk_cli.images import check_same_classes
+    from alfk_cli.models import build_model, get_arch
+
+    check_same_classes(data, val)
+    arch = options.arch or (init.arch if init else "lenet")
+    if init is not None and init.arch != arch:
+        raise AlfkError(f"checkpoint {init.path} was made for {init.arch}, not {arch}")
+    cfg = options.config(arch)
+    model = build_model(arch, len(data.classes), seed=cfg.seed)
+    fresh = init_from(model, init) if init is not None else []
+    if on_start is not None:
+        on_start(TrainStart(arch, len(data), len(val), list(data.classes), device, fresh))
+    result = train_classifier(
+        model, data, val, get_arch(arch).input, cfg, device, progress=progress
+    )
+    info = {
+        "task": "train",
+        "data": str(data.root),
+        "val": str(val.root),
+        "init": str(init.path) if init and init.path else "",
+        "init_sha256": init.sha256 if init else "",
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "best_epoch": result.best_epoch,
+        "val_accuracy": result.best_accuracy,
+        "train_images": len(data),
+    }
+    save_checkpoint(out, model.cpu(), arch, data.classes, "classifier", info)
+    return TrainReport(arch, list(data.classes), cfg, result)
 
 
 def pretrain_checkpoint(
     images: ImageSet,
-    out,
-    arch: str,
-    cfg: TrainConfig,
+    out: str | Path,
+    options: TrainOptions,
+    *,
     device: torch.device,
     holdout: float = 0.1,
-    progress: Progress | None = None,
-) -> TrainResult:
-    """Rotation-pretrain a fresh ``arch`` network on ``images`` and save it to ``out``."""
+    progress: ProgressSink | None = None,
+) -> TrainReport:
+    """Rotation-pretrain a fresh ``options.arch`` network (lenet when None) on ``images`` and
+    save it to ``out``; the learning rate drops at :data:`ROTNET_MILESTONES`."""
     from alfk_cli.checkpoint import save_checkpoint
     from alfk_cli.models import ROTATION_CLASSES, build_model, get_arch
 
+    arch = options.arch or "lenet"
+    cfg = options.config(arch, milestones=ROTNET_MILESTONES)
     model = build_model(arch, len(ROTATION_CLASSES), seed=cfg.seed)
-    result = pretrain_rotation(model, images, get_arch(arch).input, cfg, device, holdout, progress)
+    result = pretrain_rotation(
+        model, images, get_arch(arch).input, cfg, device, holdout=holdout, progress=progress
+    )
     info = {
         "task": "pretrain",
         "images": str(images.root),
@@ -371,4 +493,4 @@ def pretrain_checkpoint(
         "rotation_accuracy": result.best_accuracy,
     }
     save_checkpoint(out, model.cpu(), arch, list(ROTATION_CLASSES), "rotation", info)
-    return result
+    return TrainReport(arch, list(ROTATION_CLASSES), cfg, result)

@@ -76,7 +76,7 @@ def test_bf16_autocast_training_learns_and_keeps_float32_weights():
     train, held = ImageSource.from_tensors(x, y, spec), ImageSource.from_tensors(xv, yv, spec)
     model = build_model("lenet", 3, seed=0)
     cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, workers=0)
-    result = fit(model, train, held, cfg, CUDA, None, "train")
+    result = fit(model, train, held, cfg, device=CUDA)
     assert result.best_accuracy > 0.9
     assert all(p.dtype == torch.float32 and p.is_cuda for p in model.parameters())
     # the same weights on the CPU (float32 throughout) classify the held-out set as well

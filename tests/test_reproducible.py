@@ -180,7 +180,7 @@ def test_training_leaves_the_callers_rng_as_it_was():
 
     x = torch.randint(0, 255, (12, 1, 28, 28), dtype=torch.uint8)
     y = torch.arange(12) % 3
-    cfg = default_config("lenet", 1, seed=4, workers=0)
+    cfg = default_config("lenet", epochs=1, seed=4, workers=0)
     weights = []
     for caller_seed in (123, 321):  # two callers in different RNG states
         torch.manual_seed(caller_seed)
@@ -223,7 +223,7 @@ def test_streamed_training_gives_the_preloaded_weights(inputs, monkeypatch, work
 
     data, val = scan_images(inputs / "lab"), scan_images(inputs / "val")
     spec = get_arch("lenet").input
-    cfg = default_config("lenet", 2, batch_size=5, seed=3, workers=workers)
+    cfg = default_config("lenet", epochs=2, batch_size=5, seed=3, workers=workers)
     weights = []
     for streamed in (False, True):
         monkeypatch.setattr("alfk_cli.training.fits_in_memory", lambda *_a, s=streamed: not s)
