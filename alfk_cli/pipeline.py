@@ -165,7 +165,7 @@ def _pretrain(
     images: ImageSet, out: Path, options: SelectOptions, progress: ProgressSink | None
 ) -> None:
     from alfk_cli.devices import resolve_device
-    from alfk_cli.training import TrainOptions, pretrain_checkpoint
+    from alfk_cli.training_jobs import TrainOptions, pretrain_checkpoint
 
     train = TrainOptions(
         arch=options.arch,

@@ -172,7 +172,7 @@ def claim_folder(out: Path, config: dict[str, Any], not_compared: Sequence[str] 
                 raise ValueError("not an object")
         except (ValueError, UnicodeDecodeError):
             raise AlfkError(
-                f"{cfg_path} is damaged (not a JSON object); remove it, or choose another --out"
+                f"{cfg_path} is damaged (not a JSON object); remove it, or choose another results folder"
             ) from None
         differ = sorted(
             k
@@ -182,7 +182,7 @@ def claim_folder(out: Path, config: dict[str, Any], not_compared: Sequence[str] 
         if differ:
             raise AlfkError(
                 f"{out} holds a simulation with other arguments ({', '.join(differ)} differ); "
-                "choose another --out, or repeat the arguments to resume"
+                "choose another results folder, or repeat the arguments to resume"
             )
     out.mkdir(parents=True, exist_ok=True)
     write_json(cfg_path, config)

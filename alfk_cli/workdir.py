@@ -48,7 +48,7 @@ def locked(workdir: Path) -> Iterator[None]:
         who = fh.read().strip() or "another process"
         fh.close()
         raise AlfkError(
-            f"another alfk select is running in {workdir} ({who}); wait for it or use --workdir"
+            f"another alfk select is running in {workdir} ({who}); wait for it or give another work folder"
         ) from None
     _HELD.add(key)
     try:

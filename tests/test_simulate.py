@@ -146,7 +146,7 @@ def test_simulate_end_to_end_and_resume(folders, tmp_path, monkeypatch):
     assert without_timing(run(folders, out)) == without_timing(rows)
     assert calls == []
 
-    with pytest.raises(AlfkError, match="choose another --out"):
+    with pytest.raises(AlfkError, match="choose another results folder"):
         run(folders, out, P=4)
 
 
@@ -242,6 +242,6 @@ def test_cli_simulate_and_plot(folders, tmp_path, cli):
         "simulate", "--pool", folders["pool"], "--val", folders["val"], "--test", folders["test"],
         "--strategies", "random", "--rounds", "1", "--P", "4", "--out", out, "--device", "cpu",
     )  # fmt: skip
-    assert res.exit_code == 1 and "choose another --out" in res.stderr
+    assert res.exit_code == 1 and "choose another results folder" in res.stderr
     res = cli("simulate", "--help")
     assert res.exit_code == 0 and "Example:" in res.stdout

@@ -1,0 +1,218 @@
+"""The command line's shared pieces: option types, parse-time checks, and stderr wording.
+
+Option values are checked when the command line is parsed (exit 2, before any work), against the
+library's own registries, imported only then so that ``--help`` stays fast. Everything for
+humans goes to stderr; stdout carries data only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from alfk_cli.errors import AlfkError
+from alfk_cli.names import printable
+from alfk_cli.progress import stderr
+
+
+def one_of(value: str | None, allowed, option: str) -> str | None:
+    if value is not None and value not in allowed:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+    return value
+
+
+def check_device(value: str) -> str:
+    from alfk_cli.devices import parse_device
+
+    try:
+        return parse_device(value)
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
+
+
+def check_kernel(value: str) -> str:
+    from alfk_cli.acquisition import KERNELS
+
+    return one_of(value, KERNELS, "--kernel")
+
+
+def check_pseudo_label(value: str | None) -> str | None:
+    from alfk_cli.estimators import ESTIMATORS
+
+    return one_of(value, ESTIMATORS, "--pseudo-label")
+
+
+def check_strategy(value: str) -> str:
+    from alfk_cli.strategies import make_strategy
+
+    try:
+        make_strategy(value)
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--strategy") from None
+    return value
+
+
+def check_arch(value: str | None) -> str | None:
+    from alfk_cli.models import ARCHS
+
+    return one_of(value, tuple(ARCHS), "--arch")
+
+
+def check_format(value: str) -> str:
+    from alfk_cli.scores import FORMATS
+
+    return one_of(value, FORMATS, "--format")
+
+
+def check_taps(arch: str, taps: str | None) -> None:
+    """``--taps`` against the architecture it will be used with (known once the checkpoint is)."""
+    from alfk_cli.models import resolve_taps
+
+    if taps:
+        try:
+            resolve_taps(arch, taps)
+        except AlfkError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--taps") from None
+
+
+def checkpoint_arch(model: Path | None, default: str) -> str:
+    """The architecture of ``model`` (read before any work), else ``default``."""
+    if model is None:
+        return default
+    from alfk_cli.checkpoint import load_checkpoint
+
+    return load_checkpoint(model).arch
+
+
+def outputs_ok(out: Path, *inputs: Path | None) -> None:
+    """Fail before any work when ``out`` cannot be written or is one of the command's inputs."""
+    from alfk_cli.atomic import check_output
+
+    check_output(out, *inputs)
+
+
+# Options shared by several commands.
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        callback=check_device,
+        help="auto, cpu, cuda or cuda:N (auto = cuda when available).",
+    ),
+]
+Seed = Annotated[
+    int, typer.Option("--seed", help="Seed for initialisation, shuffling and sampling.")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summaries on stderr.")]
+Strict = Annotated[
+    bool,
+    typer.Option(
+        "--strict", help="Fail on unreadable or non-image files instead of skipping them."
+    ),
+]
+Workers = Annotated[
+    int, typer.Option("--workers", min=0, help="Image-decoding worker processes (0: none).")
+]
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        "--arch", callback=check_arch, help="lenet, resnet10, resnet18 or a plug-in's (alfk list)."
+    ),
+]
+ExactCount = Annotated[
+    bool,
+    typer.Option(
+        "--exact-count",
+        help="Fail when fewer than P pool images are left (default: select the ones left, "
+        "with a warning).",
+    ),
+]
+
+
+def say(quiet: bool, message: str) -> None:
+    if not quiet:
+        stderr.print(message)
+
+
+def say_note(quiet: bool, note: str) -> None:
+    """A library note: ``warning: …`` ones as they are, the others as ``note: …``."""
+    say(quiet, note if note.startswith("warning:") else f"note: {note}")
+
+
+def report_skipped(skipped: list[tuple[str, str]] | list[str], root: Path, quiet: bool) -> None:
+    """List files that were skipped, on stderr (unless --quiet)."""
+    if not skipped or quiet:
+        return
+    stderr.print(f"[yellow]warning:[/] skipped {len(skipped)} file(s) under {root}:")
+    for item in skipped[:20]:
+        path, reason = item if isinstance(item, tuple) else (item, "could not be decoded")
+        stderr.print(f"  {printable(str(root / path))}: {reason}", markup=False)
+    if len(skipped) > 20:
+        stderr.print(f"  … and {len(skipped) - 20} more")
+
+
+def accuracy_table(title: str, classes: list[str], overall: float, per_class: list[float]) -> Table:
+    from rich import box
+
+    from alfk_cli.progress import plain_output
+
+    # no box-drawing characters in a log file
+    table = Table(
+        title=title, title_justify="left", box=box.ASCII2 if plain_output() else box.HEAVY_HEAD
+    )
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, acc in zip(classes, per_class, strict=False):
+        table.add_row(name, "-" if acc != acc else f"{100 * acc:.1f}%")
+    table.add_row("[bold]overall", f"[bold]{100 * overall:.2f}%")
+    return table
+
+
+Kernel = Annotated[
+    str,
+    typer.Option(
+        "--kernel",
+        "-k",
+        callback=check_kernel,
+        help="sum (R_z+R_g, default), product (R_z·R_g, the paper's PFK) or pcc (R_z).",
+    ),
+]
+PseudoLabel = Annotated[
+    str | None,
+    typer.Option(
+        "--pseudo-label",
+        callback=check_pseudo_label,
+        help="Labels for a pool's g: p_yz (default), yhat, true, mc_trace or mc_mi.",
+    ),
+]
+Taps = Annotated[
+    str | None,
+    typer.Option("--taps", help="A preset (L80, L768, ...) or comma-separated tap names."),
+]
+Exclude = Annotated[
+    Path | None,
+    typer.Option("--exclude", help="File of pool images to leave out (one path per line)."),
+]
+StrategyName = Annotated[
+    str,
+    typer.Option(
+        "--strategy",
+        callback=check_strategy,
+        help="fk[:ESTIMATOR[:KERNEL]] (default fk: the paper's method, with --pseudo-label and "
+        "--kernel), pcc, random, entropy, margin, varR, bald, coreset, or a plug-in's "
+        "(alfk list strategies).",
+    ),
+]
+McSamples = Annotated[
+    int, typer.Option("--mc-samples", min=2, help="K for varR, bald, mc_trace and mc_mi.")
+]
+
+
+def csv_list(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise typer.BadParameter(f"give a comma-separated list of {what}")
+    return items

@@ -1,0 +1,293 @@
+"""``alfk embed``, ``score`` and ``select``: the commands that read and write stores."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from alfk_cli.cli_app import app
+from alfk_cli.cli_options import (
+    Device,
+    ExactCount,
+    Exclude,
+    Kernel,
+    McSamples,
+    PseudoLabel,
+    Quiet,
+    Seed,
+    StrategyName,
+    Strict,
+    Taps,
+    Workers,
+    check_arch,
+    check_format,
+    check_taps,
+    checkpoint_arch,
+    outputs_ok,
+    report_skipped,
+    say,
+    say_note,
+)
+from alfk_cli.errors import AlfkError
+
+
+def _embed_summary(s, quiet: bool) -> None:
+    for note in s.notes:
+        say_note(quiet, note)
+    rate = f", {s.images_per_second:.0f} images/s" if s.computed else ""
+    acc = (
+        f", pseudo-label accuracy {100 * s.pseudo_accuracy:.1f}%"
+        if s.pseudo_accuracy is not None
+        else ""
+    )
+    say(
+        quiet,
+        f"{s.out}: {s.images} images ({s.computed} computed, {s.reused} reused, {s.resumed} resumed), "
+        f"{len(s.skipped)} skipped, {s.seconds:.1f} s{rate}; pseudo-labels {s.pseudo_label}{acc}",
+    )
+
+
+@app.command(
+    epilog="Example: alfk embed --model init.pt --images unlabeled/ --reference val.h5 --out pool.h5"
+)
+def embed(
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Checkpoint (pretrained or trained).")
+    ],
+    images: Annotated[Path, typer.Option("--images", "-i", help="Image folder to embed.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Feature store (HDF5) to write.")],
+    reference: Annotated[
+        Path | None,
+        typer.Option("--reference", "-r", help="Validation store (same model and taps), for p_yz."),
+    ] = None,
+    taps: Taps = None,
+    pseudo_label: PseudoLabel = None,
+    mc_samples: Annotated[
+        int, typer.Option("--mc-samples", min=2, help="K for mc_trace and mc_mi.")
+    ] = 32,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1)] = None,
+    workers: Workers = 2,
+    device: Device = "auto",
+    seed: Seed = 0,
+    strict: Strict = False,
+    quiet: Quiet = False,
+) -> None:
+    """Compute multi-scale features z and Fisher scores g for every image into a feature store.
+
+    A labelled folder (class sub-folders) with no --reference is a validation set: g uses the
+    true labels. A pool uses a pseudo-label estimator. An interrupted run resumes when re-run
+    with the same arguments; an existing --out is updated, recomputing only new or changed images.
+    """
+    from alfk_cli.embedding import EmbedOptions, embed_folder
+    from alfk_cli.progress import make_progress
+    from alfk_cli.pseudolabels import MCConfig
+
+    outputs_ok(out, model, reference, images)
+    check_taps(checkpoint_arch(model, "lenet"), taps)
+    options = EmbedOptions(
+        taps=taps,
+        pseudo_label=pseudo_label,
+        mc=MCConfig(samples=mc_samples),
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        seed=seed,
+        strict=strict,
+    )
+    with make_progress(quiet) as progress:
+        summary = embed_folder(
+            model,
+            images,
+            out,
+            options,
+            reference=reference,
+            progress=progress,
+            reuse=out,  # rows of unchanged images in an existing --out are kept, not recomputed
+        )
+    report_skipped(summary.skipped, images, quiet)
+    _embed_summary(summary, quiet)
+
+
+@app.command(epilog="Example: alfk score --val val.h5 --pool pool.h5 --P 1250 --out scores.h5")
+def score(
+    val: Annotated[Path, typer.Option("--val", "-v", help="Validation feature store.")],
+    pool: Annotated[
+        Path, typer.Option("--pool", "-p", help="Pool feature store (same model and taps).")
+    ],
+    P: Annotated[int, typer.Option("--P", "-P", min=1, help="How many pool images to select.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Scores file (HDF5) to write.")],
+    strategy: StrategyName = "fk",
+    kernel: Kernel = "sum",
+    exclude: Exclude = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", "-m", help="The stores' checkpoint (for varR and bald only)."),
+    ] = None,
+    mc_samples: McSamples = 32,
+    exact_count: ExactCount = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    workers: Workers = 2,
+    quiet: Quiet = False,
+) -> None:
+    """Find misclassified validation images, pick k-center centres among them, and select the P
+    pool images with the highest Fisher-kernel similarity (rank-major, no duplicates)."""
+    from alfk_cli.scoring import ScoreOptions, score_stores
+
+    outputs_ok(out, val, pool, exclude, model)
+    options = ScoreOptions(
+        P=P,
+        strategy=strategy,
+        kernel=kernel,
+        exclude=exclude,
+        seed=seed,
+        device=device,
+        exact_count=exact_count,
+        checkpoint=model,
+        mc_samples=mc_samples,
+        workers=workers,
+    )
+    scores, notes = score_stores(val, pool, out, options)
+    for note in notes:
+        say_note(quiet, note)
+    how = f"by {scores.attrs.get('strategy')}"
+    if len(scores.centers):
+        how = (
+            f"with {len(scores.centers)} centres "
+            f"({scores.attrs.get('misclassified')} misclassified validation images)"
+        )
+    say(quiet, f"selected {len(scores.selected)} images {how}; wrote {out}")
+
+
+SelectP = Annotated[int | None, typer.Option("--P", "-P", min=1, help="How many images to select.")]
+ValFolder = Annotated[
+    Path | None, typer.Option("--val", "-v", help="Validation folder (class sub-folders).")
+]
+PoolFolder = Annotated[Path | None, typer.Option("--pool", "-p", help="Unlabelled pool folder.")]
+ScoresFile = Annotated[
+    Path | None,
+    typer.Option("--scores", "-s", help="Print a scores file of 'alfk score' instead."),
+]
+SelectModel = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Task checkpoint (default: newest in the work folder, else pretrain one).",
+    ),
+]
+PretrainArch = Annotated[
+    str,
+    typer.Option(
+        "--arch", callback=check_arch, help="Architecture to pretrain when there is no checkpoint."
+    ),
+]
+Workdir = Annotated[
+    Path | None,
+    typer.Option(
+        "--workdir", "-w", help="Cache folder (default: .alfk/<pool name> beside the pool)."
+    ),
+]
+Format = Annotated[
+    str, typer.Option("--format", "-f", callback=check_format, help="txt (paths), csv or jsonl.")
+]
+
+
+@app.command(
+    epilog="Examples: alfk select --val val/ --pool unlabeled/ --P 1250 > to_label.txt  |  "
+    "alfk select --scores scores.h5 --format csv"
+)
+def select(
+    P: SelectP = None,
+    val: ValFolder = None,
+    pool: PoolFolder = None,
+    scores: ScoresFile = None,
+    model: SelectModel = None,
+    arch: PretrainArch = "lenet",
+    workdir: Workdir = None,
+    exclude: Exclude = None,
+    strategy: StrategyName = "fk",
+    kernel: Kernel = "sum",
+    pseudo_label: PseudoLabel = None,
+    mc_samples: McSamples = 32,
+    taps: Taps = None,
+    fmt: Format = "txt",
+    exact_count: ExactCount = False,
+    seed: Seed = 0,
+    device: Device = "auto",
+    workers: Workers = 2,
+    strict: Strict = False,
+    quiet: Quiet = False,
+) -> None:
+    """Print the P pool images to label next, one per line, in selection order.
+
+    With --val and --pool it runs every stage that is out of date (pretrain when no model is
+    given or cached, embed of new images only, score) in the work folder.
+    """
+    if scores is not None:
+        if val is not None or pool is not None:
+            raise typer.BadParameter(
+                "give either --scores or --val and --pool", param_hint="--scores"
+            )
+        from alfk_cli.scores import read_scores
+
+        result, short = read_scores(scores).head(P, exact=exact_count)
+        if short:
+            say_note(quiet, short)
+    else:
+        if val is None or pool is None or P is None:
+            raise typer.BadParameter("needs --val DIR, --pool DIR and --P N (or --scores FILE)")
+        from alfk_cli.pipeline import SelectOptions
+
+        if exclude is not None and not exclude.is_file():
+            what = "is a folder, not a file" if exclude.is_dir() else "does not exist"
+            raise AlfkError(f"exclude file {exclude} {what}")
+        check_taps(checkpoint_arch(model, arch), taps)
+        options = SelectOptions(
+            P=P, model=model, arch=arch, workdir=workdir, exclude=exclude, strategy=strategy,
+            kernel=kernel, pseudo_label=pseudo_label, mc_samples=mc_samples, taps=taps,
+            seed=seed, device=device, workers=workers, strict=strict, exact_count=exact_count,
+        )  # fmt: skip
+        result = _run_select(val, pool, options, quiet)
+    _print_selection(result, fmt)
+
+
+def _run_select(val: Path, pool: Path, options, quiet: bool):
+    """The orchestrator with progress on stderr, then what it did."""
+    from alfk_cli.pipeline import run_select
+    from alfk_cli.progress import make_progress
+
+    with make_progress(quiet) as progress:
+        result, notes, report = run_select(val, pool, options, progress=progress)
+    if report.pretrained:
+        say(quiet, f"no checkpoint given or cached: pretrained {report.checkpoint}")
+    else:
+        say(quiet, f"model {report.checkpoint}")
+    for folder, s in zip((val, pool), report.embeds):
+        report_skipped(s.skipped, folder, quiet)
+        _embed_summary(s, quiet)
+    for note in notes:
+        say_note(quiet, note)
+    say(
+        quiet,
+        f"selected {len(result.selected)} of the pool in {report.seconds:.1f} s "
+        f"(work folder {report.workdir})",
+    )
+    return result
+
+
+def _print_selection(result, fmt: str) -> None:
+    """The selection on stdout, one line per image; a reader that hangs up early is fine."""
+    out = sys.stdout
+    try:
+        for line in result.lines(fmt):
+            out.write(line + "\n")
+        out.flush()
+    except BrokenPipeError:  # e.g. `alfk select ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as exc:  # e.g. > /dev/full, or a full disk behind the redirection
+        raise AlfkError(f"cannot write the selection to standard output: {exc.strerror}") from None
