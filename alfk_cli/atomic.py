@@ -76,7 +76,9 @@ def check_output(dest: str | os.PathLike, *inputs: str | os.PathLike | None) -> 
         if src is None:
             continue
         if same_file(dest, src):
-            raise AlfkError(f"the output {dest} is also an input ({src}); choose another output name")
+            raise AlfkError(
+                f"the output {dest} is also an input ({src}); choose another output name"
+            )
 
 
 def commit(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:

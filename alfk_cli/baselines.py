@@ -139,8 +139,8 @@ def mc_dropout_probs(
                         out = np.empty((K, n, p.shape[1]), dtype=np.float32)
                     out[k, start : start + x.shape[0]] = p
     finally:
-        for m, flag in flags.items():
-            m.train(flag)
+        for module, flag in flags.items():
+            module.train(flag)
     if out is None:  # no images
         d = getattr(model, "num_classes", 0)
         out = np.empty((K, 0, d), dtype=np.float32)

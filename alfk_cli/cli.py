@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,6 +25,13 @@ from alfk_cli import cli_train  # noqa: F401
 from alfk_cli import cli_stores  # noqa: F401
 from alfk_cli import cli_simulate  # noqa: F401
 # isort: on
+
+if TYPE_CHECKING:
+
+    class _UsageError(Exception):
+        """What ``_run`` needs of Typer's (or click's) usage errors."""
+
+        def show(self) -> None: ...
 
 
 @app.command("list", epilog="Example: alfk list strategies")
@@ -62,13 +69,16 @@ def _root(
     """Deep active learning on biased image collections (Fisher-kernel self-supervision)."""
 
 
-def _usage_error_type() -> type[Exception]:
+def _usage_error_type() -> type[_UsageError]:
     """The base of Typer's usage errors: its own since Typer vendored click, click's before."""
     import typer.exceptions
 
-    base = getattr(typer.exceptions, "TyperException", None)
+    # Any: which class it is depends on the installed Typer
+    base: Any = getattr(typer.exceptions, "TyperException", None)
     if base is None:  # pragma: no cover - Typer before it vendored click
-        from click.exceptions import ClickException as base
+        from click.exceptions import ClickException
+
+        base = ClickException
     return base
 
 

@@ -7,8 +7,9 @@ humans goes to stderr; stdout carries data only.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.table import Table
@@ -17,8 +18,10 @@ from alfk_cli.errors import AlfkError
 from alfk_cli.names import printable
 from alfk_cli.progress import stderr
 
+_Value = TypeVar("_Value", bound="str | None")
 
-def one_of(value: str | None, allowed, option: str) -> str | None:
+
+def one_of(value: _Value, allowed: Collection[str], option: str) -> _Value:
     if value is not None and value not in allowed:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
     return value

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
@@ -21,6 +21,9 @@ from alfk_cli.cli_options import (
 )
 from alfk_cli.errors import AlfkError
 from alfk_cli.progress import stderr
+
+if TYPE_CHECKING:
+    from alfk_cli.simulate import InitName
 
 SimPool = Annotated[
     Path, typer.Option("--pool", "-p", help="Labelled pool (class sub-folders, labels hidden).")
@@ -107,10 +110,11 @@ def simulate(
         seed_list = tuple(int(s) for s in csv_list(seeds, "seeds"))
     except ValueError:
         raise typer.BadParameter("seeds must be integers", param_hint="--seeds") from None
+    assert arch is not None  # --arch defaults to lenet here and cannot be given empty
     options = SimulateOptions(
         pool=pool, val=val, test=test, out=out,
         strategies=tuple(csv_list(strategies, "strategies")), rounds=rounds, P=P,
-        seeds=seed_list, arch=arch, taps=taps, init=init, epochs=epochs,
+        seeds=seed_list, arch=arch, taps=taps, init=cast("InitName", init), epochs=epochs,
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,
         workers=workers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
@@ -33,6 +33,9 @@ from alfk_cli.cli_options import (
     say_note,
 )
 from alfk_cli.errors import AlfkError
+
+if TYPE_CHECKING:
+    from alfk_cli.scores import ScoreFormat, Scores
 
 
 def _embed_summary(s, quiet: bool) -> None:
@@ -253,7 +256,7 @@ def select(
             seed=seed, device=device, workers=workers, strict=strict, exact_count=exact_count,
         )  # fmt: skip
         result = _run_select(val, pool, options, quiet)
-    _print_selection(result, fmt)
+    _print_selection(result, cast("ScoreFormat", fmt))  # check_format checked it at parse time
 
 
 def _run_select(val: Path, pool: Path, options, quiet: bool):
@@ -280,7 +283,7 @@ def _run_select(val: Path, pool: Path, options, quiet: bool):
     return result
 
 
-def _print_selection(result, fmt: str) -> None:
+def _print_selection(result: Scores, fmt: ScoreFormat) -> None:
     """The selection on stdout, one line per image; a reader that hangs up early is fine."""
     out = sys.stdout
     try:

@@ -74,7 +74,7 @@ def describe_batch(
         logits, feats = model.forward_taps(x, taps, leaf_first_tap=True)
         z = concat_pooled([f.detach() for f in feats])
         out_logits = logits.detach()
-        if labels is None:
+        if label_fn is not None:  # exactly one of labels and label_fn was given
             labels = label_fn(z, out_logits)
         labels = torch.as_tensor(labels).to(device=logits.device, dtype=torch.long).reshape(-1)
         if labels.shape[0] != logits.shape[0]:

@@ -35,7 +35,7 @@ from alfk_cli.embedreuse import trusted_files
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import DEFAULT_ESTIMATOR, get_estimator
 from alfk_cli.images import ImageSet, scan_images
-from alfk_cli.models import InputSpec, resolve_taps, scale_dims
+from alfk_cli.models import InputSpec, TapNet, resolve_taps, scale_dims
 from alfk_cli.pseudolabels import NearestReference
 from alfk_cli.storeformat import SCHEMA_VERSION, config_fingerprint, content_fingerprint
 from alfk_cli.storereader import FeatureStore, open_store
@@ -57,7 +57,7 @@ class EmbedPlan:
     class_source: str  # where the classes come from, for messages
     not_classes: list[str]  # first-level sub-folders that are not class names
     spec: InputSpec
-    model: torch.nn.Module
+    model: TapNet
     device: torch.device
     labeler: NearestReference | None  # p_yz's nearest reference images
     header: StoreHeader

@@ -95,15 +95,12 @@ def reusable_rows(
         return None, empty, empty
     where = {p: i for i, p in enumerate(prev.paths)}
     p_size, p_mtime = prev.file["size"][:], prev.file["mtime_ns"][:]
+    sizes, mtimes = header.sizes, header.mtime_ns
+    assert sizes is not None and mtimes is not None, "an embed header carries file stats"
     src, dst = [], []
     for i, path in enumerate(header.paths):
         j = where.get(path)
-        if (
-            j is not None
-            and not done[i]
-            and p_size[j] == header.sizes[i]
-            and p_mtime[j] == header.mtime_ns[i]
-        ):
+        if j is not None and not done[i] and p_size[j] == sizes[i] and p_mtime[j] == mtimes[i]:
             src.append(j)
             dst.append(i)
     if not dst:
@@ -152,8 +149,10 @@ def resume_rows(earlier: Path | None, writer: StoreWriter, header: StoreHeader) 
             )
             if done[j]
         }
+        sizes, mtimes = header.sizes, header.mtime_ns
+        assert sizes is not None and mtimes is not None, "an embed header carries file stats"
         src, dst = [], []
-        for i, key in enumerate(zip(header.paths, header.sizes.tolist(), header.mtime_ns.tolist())):
+        for i, key in enumerate(zip(header.paths, sizes.tolist(), mtimes.tolist())):
             j = old.get(key)
             if j is not None and not writer.done[i]:
                 src.append(j)

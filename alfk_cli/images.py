@@ -69,7 +69,7 @@ class ImageSet:
 def _walk(root: Path) -> list[str]:
     """Every non-hidden file under ``root`` as a sorted POSIX path relative to it, following the
     folder structure only."""
-    found = []
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
@@ -116,7 +116,7 @@ def _scan_chunk(
             out.append((f"unreadable ({exc.strerror})", 0, 0))
             continue
         if os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
-            reason = "not an image file"
+            reason: str | None = "not an image file"
         elif (bad_name := name_problem(rel)) is not None:
             reason = bad_name
         elif verify and trusted.get(rel) != (st.st_size, st.st_mtime_ns):
@@ -221,7 +221,7 @@ def _load_image(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
     with Image.open(path) as im:
         im = im.convert("L" if spec.channels == 1 else "RGB")
         if im.size != (spec.size, spec.size):
-            im = im.resize((spec.size, spec.size), Image.BILINEAR)
+            im = im.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8)
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)

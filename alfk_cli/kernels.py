@@ -81,6 +81,7 @@ class Kernel:
         standardize_into(zs, z, dims)
         if not self.uses_g:
             return zs, None
+        assert g is not None, "a kernel that uses g is given g"
         gs = buffers.get("g", g.shape[0], g.shape[1])
         standardize_into(gs, g, dims)
         return zs, gs
@@ -142,6 +143,7 @@ class SumKernel(Kernel):
         return rz + rg
 
     def payload(self, z: np.ndarray, g: np.ndarray | None, dims: Any, buffers: Buffers) -> Any:
+        assert g is not None, "a kernel that uses g is given g"
         w = z.shape[1]
         out = buffers.get("zg", z.shape[0], 2 * w)
         standardize_into(out[:, :w], z, dims)
@@ -249,6 +251,7 @@ class CombinedScorer:
                 torch.matmul(qz, self.txz[a:b].T, out=s)
                 t = None
                 if flat_g is not None:
+                    assert self.txg is not None, "queries with g score pool chunks with g"
                     t = flat_g[: nr * (b - a)].view(nr, b - a)
                     torch.matmul(qg, self.txg[a:b].T, out=t)
                 v, i = torch.topk(self.kernel.combine_inplace(s, t), min(kp, b - a), dim=1)
@@ -261,9 +264,13 @@ class CombinedScorer:
                 best_v, best_i = v, i
         finally:
             torch.set_float32_matmul_precision(prev)
+        assert best_v is not None and best_i is not None, "a pool chunk has at least one row"
         return best_v.cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
 
     def canon(self, qrows: np.ndarray, xrows: np.ndarray) -> np.ndarray:
         rz = canon_dot(self.qz64, self.xz, qrows, xrows)
-        rg = None if self.qg64 is None else canon_dot(self.qg64, self.xg, qrows, xrows)
+        rg = None
+        if self.qg64 is not None:
+            assert self.xg is not None, "queries with g score pool chunks with g"
+            rg = canon_dot(self.qg64, self.xg, qrows, xrows)
         return np.asarray(self.kernel.combine(rz, rg), dtype=np.float64)

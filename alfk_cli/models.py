@@ -68,7 +68,7 @@ class TapNet(nn.Module):
     ):
         super().__init__()
         self.stage_names = [name for name, _ in stages]
-        self.stages = nn.ModuleDict(stages)
+        self.stages = nn.ModuleDict(dict(stages))
         self.head = head  # pooling / flattening / dropout between the last stage and the classifier
         self.classifier = classifier
 

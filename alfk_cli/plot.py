@@ -27,7 +27,7 @@ def _strategies(rows: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(r["strategy"] for r in rows))
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not vals:
         return math.nan, math.nan
@@ -38,7 +38,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 def curves(rows: Sequence[dict], field: str) -> dict[str, list[tuple[int, float, float, int]]]:
     """{strategy: [(labels, mean, std over seeds, seeds), ...]} by increasing labels."""
-    by: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    by: dict[str, dict[int, list[float | None]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by[r["strategy"]][int(r["labels"])].append(r.get(field))
     out = {}
@@ -122,7 +122,8 @@ def labels_to_reach(rows: Sequence[dict], target_accuracy: float) -> dict[str, f
     out: dict[str, float | None] = {}
     for s in _strategies(rows):
         reached = list(first[s].values())
-        out[s] = None if any(v is None for v in reached) else sum(reached) / len(reached)
+        counts = [v for v in reached if v is not None]
+        out[s] = None if len(counts) < len(reached) else sum(counts) / len(counts)
     return out
 
 

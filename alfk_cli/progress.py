@@ -111,8 +111,9 @@ class PlainProgress:
         if status is not None:
             task.status = status
         task.summaries += summary
-        step = int(10 * task.completed / task.total) if task.total else 0
-        finished = bool(task.total) and task.completed >= task.total
+        total = task.total or 0.0  # None (unknown) and 0 both mean: no steps to count
+        step = int(10 * task.completed / total) if total else 0
+        finished = bool(total) and task.completed >= total
         if finished and (summary or not task.summaries):
             task.done = True  # a trainer's last evaluation comes after its last step
             self._line(task, f"done in {time.monotonic() - task.started:.1f} s")

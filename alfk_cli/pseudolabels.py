@@ -156,6 +156,10 @@ class MCConfig:
         return d
 
 
+#: Per-image RNG seeds, as :func:`image_keys` makes them (int64 array) or as plain ints.
+ImageKeys = Sequence[int] | np.ndarray
+
+
 def image_keys(seed: int, names: Sequence[str]) -> np.ndarray:
     """One 63-bit RNG seed per image from the run seed and the image's name (relative path)."""
     out = np.empty(len(names), dtype=np.int64)
@@ -166,7 +170,7 @@ def image_keys(seed: int, names: Sequence[str]) -> np.ndarray:
 
 
 def draw_perturbations(
-    keys: Sequence[int], cfg: MCConfig, shape: Sequence[int], device: torch.device | str = "cpu"
+    keys: ImageKeys, cfg: MCConfig, shape: Sequence[int], device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotation angles in degrees [B, K] and unit Gaussian noise [B, K, C, H, W] for images of
     ``shape`` (C, H, W); image i's come from its own generator seeded by ``keys[i]``.
@@ -197,7 +201,7 @@ def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def perturb(images: torch.Tensor, keys: Sequence[int], cfg: MCConfig) -> torch.Tensor:
+def perturb(images: torch.Tensor, keys: ImageKeys, cfg: MCConfig) -> torch.Tensor:
     """K perturbed copies of each image: [B, C, H, W] in [0, 1] -> [B·K, C, H, W] (image-major).
 
     Each copy is rotated about the image centre by an angle uniform in ±``max_degrees`` degrees,
@@ -254,7 +258,7 @@ def mc_scores(
     images: torch.Tensor,
     spec: InputSpec,
     taps: Sequence[str],
-    keys: Sequence[int],
+    keys: ImageKeys,
     cfg: MCConfig = MCConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class MC scores (trace [B, D], mutual information [B, D]; float64, on the CPU).
@@ -305,7 +309,7 @@ def mc_labels(
     images: torch.Tensor,
     spec: InputSpec,
     taps: Sequence[str],
-    keys: Sequence[int],
+    keys: ImageKeys,
     cfg: MCConfig = MCConfig(),
 ) -> torch.Tensor:
     """``mc_trace`` or ``mc_mi`` pseudo-labels [B] (int64, on the images' device)."""

@@ -13,8 +13,10 @@ from typing import Any, Protocol
 class ProgressSink(Protocol):
     """Where long-running stages report: one task per stage, advanced step by step."""
 
-    def add_task(self, description: str, total: float | None = None, **fields: Any) -> Any:
-        """Start a task; returns its id for :meth:`advance` and :meth:`update`."""
+    def add_task(self, description: str, *, total: float | None = None, **fields: Any) -> Any:
+        """Start a task; returns its id for :meth:`advance` and :meth:`update`.
+
+        ``total`` is keyword-only: rich's ``Progress.add_task`` takes ``start`` second."""
 
     def advance(self, task_id: Any, advance: float = 1) -> None:
         """``advance`` more steps of the task are done."""

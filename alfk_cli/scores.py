@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import h5py
 import numpy as np
@@ -28,7 +29,9 @@ from alfk_cli.store import open_hdf5
 KIND = "alfk-scores"
 SCHEMA_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
-FORMATS = ("txt", "csv", "jsonl")
+#: How ``alfk select`` prints a selection (``--format``).
+ScoreFormat = Literal["txt", "csv", "jsonl"]
+FORMATS: tuple[ScoreFormat, ...] = ("txt", "csv", "jsonl")
 _NODES = ("selected", "score", "center", "centers", "paths", "predicted", "center_paths")
 
 
@@ -75,7 +78,7 @@ class Scores:
         )
         return sub, warning
 
-    def lines(self, fmt: str = "txt") -> Iterator[str]:
+    def lines(self, fmt: ScoreFormat = "txt") -> Iterator[str]:
         """The selection as text lines: ``txt`` paths only; ``csv`` and ``jsonl`` add the rank,
         the kernel score, the predicted class and the matched validation image."""
         if fmt not in FORMATS:

@@ -128,16 +128,21 @@ class IPScorer:
         b = self.qnorm[rows] * self.bound
         return self.gamma * b + 4 * self.q.shape[1] * U64 * b
 
+    def _chunk(self) -> np.ndarray:
+        assert self.x is not None, "begin() gives the pool chunk first"
+        return self.x
+
     def approx(self, rows: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
         q = self.q if rows.size == self.q.shape[0] else self.q[rows]
+        x = self._chunk()
         if self.gpu and kp <= GPU_MAX_K:
-            dist, idx = faiss.knn_gpu(_gpu_res(), q, self.x, kp, metric=faiss.METRIC_INNER_PRODUCT)
+            dist, idx = faiss.knn_gpu(_gpu_res(), q, x, kp, metric=faiss.METRIC_INNER_PRODUCT)
         else:
-            dist, idx = faiss.knn(q, self.x, kp, faiss.METRIC_INNER_PRODUCT)
+            dist, idx = faiss.knn(q, x, kp, faiss.METRIC_INNER_PRODUCT)
         return dist, idx
 
     def canon(self, qrows: np.ndarray, xrows: np.ndarray) -> np.ndarray:
-        return canon_dot(self.q64, self.x, qrows, xrows)
+        return canon_dot(self.q64, self._chunk(), qrows, xrows)
 
 
 def exact_topk_stream(

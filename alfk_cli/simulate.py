@@ -74,7 +74,9 @@ __all__ = [
     "simulate",
 ]
 
-INITS = ("pretrain", "random")
+#: How each seed's initial model is made: rotation pretraining on the pool, or random weights.
+InitName = Literal["pretrain", "random"]
+INITS: tuple[InitName, ...] = ("pretrain", "random")
 # Options that change how a run is computed, not what it computes (not compared on resume).
 _NOT_COMPARED = ("device", "workers")
 
@@ -95,7 +97,7 @@ class SimulateOptions:
     seeds: tuple[int, ...] = (0,)
     arch: str = "lenet"
     taps: str | tuple[str, ...] | None = None
-    init: Literal["pretrain", "random"] = "pretrain"
+    init: InitName = "pretrain"
     epochs: int = 50
     pretrain_epochs: int = 8
     eval_every: int = 1

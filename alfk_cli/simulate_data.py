@@ -43,7 +43,7 @@ def load_folder(
         raise AlfkError(f"no readable images in {root}")
     # images that failed to decode are left out and listed with the scan's skips
     failed = [
-        (found.paths[i], decode_failure(found.absolute(i), spec)) for i in np.flatnonzero(~ok)
+        (found.paths[i], decode_failure(found.absolute(int(i)), spec)) for i in np.flatnonzero(~ok)
     ]
     images = ImageSet(
         found.root,

@@ -63,13 +63,29 @@ class Picked:
 
 class RoundData(Protocol):
     """What a strategy may read about the pool in one round. Rows index the whole pool;
-    ``available`` marks those that may be picked, ``labelled`` those already labelled."""
+    ``available`` marks those that may be picked, ``labelled`` those already labelled.
 
-    available: np.ndarray
-    labelled: np.ndarray
-    mc_samples: int  # K for Monte-Carlo strategies
-    num_classes: int
-    n_val: int  # validation images (for counting model passes)
+    The values are read-only here: an implementation may hold them as attributes or compute
+    them as properties."""
+
+    @property
+    def available(self) -> np.ndarray: ...
+
+    @property
+    def labelled(self) -> np.ndarray: ...
+
+    @property
+    def mc_samples(self) -> int:
+        """K for Monte-Carlo strategies."""
+        ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def n_val(self) -> int:
+        """Validation images (for counting model passes)."""
+        ...
 
     def probs(self, rows: np.ndarray) -> np.ndarray:
         """Softmax probabilities ``[len(rows), D]`` of the current model (eval mode)."""

@@ -70,22 +70,28 @@ class ImageSource:
     """Batches of (uint8 images, labels, rows) from an ImageSet, preloaded when it fits."""
 
     def __init__(
-        self, images: ImageSet, spec: InputSpec, rows: Sequence[int] | None = None, workers: int = 2
+        self,
+        images: ImageSet,
+        spec: InputSpec,
+        rows: Sequence[int] | np.ndarray | None = None,
+        workers: int = 2,
     ):
-        self.images, self.spec, self.workers = images, spec, workers
-        rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
+        # None only from from_tensors, whose images are all in ``cache``
+        self.images: ImageSet | None = images
+        self.spec, self.workers = spec, workers
+        idx = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.cache: torch.Tensor | None = None
         self.bad: list[tuple[str, str]] = []
-        if fits_in_memory(len(rows), spec):
+        if fits_in_memory(len(idx), spec):
             sub = ImageSet(
-                images.root, [images.paths[r] for r in rows], images.labels[rows], images.classes
+                images.root, [images.paths[r] for r in idx], images.labels[idx], images.classes
             )
-            self.cache, ok = preload(sub, spec, workers)
-            self.bad = [self._failure(sub, i) for i in np.flatnonzero(~ok)]
+            cache, ok = preload(sub, spec, workers)
+            self.bad = [self._failure(sub, int(i)) for i in np.flatnonzero(~ok)]
             keep = np.flatnonzero(ok)
-            self.cache, rows = self.cache[torch.from_numpy(keep)], rows[keep]
-        self.rows = rows
-        self.labels = torch.from_numpy(images.labels[rows])
+            self.cache, idx = cache[torch.from_numpy(keep)], idx[keep]
+        self.rows = idx
+        self.labels = torch.from_numpy(images.labels[idx])
 
     def _failure(self, images: ImageSet, i: int) -> tuple[str, str]:
         path = images.absolute(int(i))
@@ -119,13 +125,15 @@ class ImageSource:
                 idx = order[s : s + batch_size]
                 yield self.cache[idx], self.labels[idx]
             return
-        ds = ImageDataset(self.images, self.spec, self.rows[order.numpy()])
+        images = self.images
+        assert images is not None, "a source without a cache reads from an ImageSet"
+        ds = ImageDataset(images, self.spec, self.rows[order.numpy()])
         loader = torch.utils.data.DataLoader(
             ds, batch_size=batch_size, num_workers=self.workers, generator=loader_generator()
         )
         for img, label, rows, ok in loader:
             if not ok.all():
-                self.bad.extend(self._failure(self.images, r) for r in rows[~ok].tolist())
+                self.bad.extend(self._failure(images, r) for r in rows[~ok].tolist())
             yield img[ok], label[ok]
 
 
@@ -209,7 +217,7 @@ def fit(
                 loss.backward()
                 opt.step()
                 total, n = total + loss.item() * len(y), n + len(y)
-                if task is not None:
+                if progress is not None and task is not None:
                     progress.advance(task)
             sched.step()
             if epoch % max(1, cfg.eval_every) and epoch != cfg.epochs:
@@ -218,7 +226,7 @@ def fit(
             history.append({"epoch": epoch, "loss": total / max(n, 1), "accuracy": acc})
             if acc > best[0]:
                 best = (acc, epoch, copy.deepcopy(model.state_dict()), per)
-            if task is not None:
+            if progress is not None and task is not None:
                 loss_ = total / max(n, 1)
                 status = f"loss {loss_:.3f} held-out acc {acc:.3f} (best {best[0]:.3f})"
                 progress.update(task, status=status)
