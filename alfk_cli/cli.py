@@ -24,6 +24,7 @@ from alfk_cli.progress import stderr
 from alfk_cli import cli_train  # noqa: F401
 from alfk_cli import cli_stores  # noqa: F401
 from alfk_cli import cli_simulate  # noqa: F401
+from alfk_cli import cli_history  # noqa: F401
 # isort: on
 
 if TYPE_CHECKING:

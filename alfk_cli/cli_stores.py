@@ -195,6 +195,14 @@ Workdir = Annotated[
         "--workdir", "-w", help="Cache folder (default: .alfk/<pool name> beside the pool)."
     ),
 ]
+NoLedger = Annotated[
+    bool,
+    typer.Option(
+        "--no-ledger",
+        help="Neither record this selection in the work folder's ledger nor leave out the images "
+        "it lists.",
+    ),
+]
 Format = Annotated[
     str, typer.Option("--format", "-f", callback=check_format, help="txt (paths), csv or jsonl.")
 ]
@@ -220,6 +228,7 @@ def select(
     taps: Taps = None,
     fmt: Format = "txt",
     exact_count: ExactCount = False,
+    no_ledger: NoLedger = False,
     seed: Seed = 0,
     device: Device = "auto",
     workers: Workers = 2,
@@ -254,6 +263,7 @@ def select(
             P=P, model=model, arch=arch, workdir=workdir, exclude=exclude, strategy=strategy,
             kernel=kernel, pseudo_label=pseudo_label, mc_samples=mc_samples, taps=taps,
             seed=seed, device=device, workers=workers, strict=strict, exact_count=exact_count,
+            ledger=not no_ledger,
         )  # fmt: skip
         result = _run_select(val, pool, options, quiet)
     _print_selection(result, cast("ScoreFormat", fmt))  # check_format checked it at parse time

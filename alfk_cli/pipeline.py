@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from alfk_cli import ledger
 from alfk_cli.embedding import EmbedOptions, EmbedSummary, embed_folder, trusted_files
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageSet, scan_images
 from alfk_cli.pseudolabels import MCConfig
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.scores import Scores
-from alfk_cli.scoring import ScoreOptions, score_stores
+from alfk_cli.scoring import ScoreOptions, cached_scores, score_stores
 from alfk_cli.strategies import make_strategy
 from alfk_cli.workdir import default_workdir, locked, newest_checkpoint
 
@@ -64,6 +65,7 @@ class SelectOptions:
     pretrain_epochs: int = 8
     exact_count: bool = False
     mc_samples: int = 32
+    ledger: bool = True  # record the selection in the work folder's ledger; leave out earlier ones
 
 
 def run_select(
@@ -136,9 +138,45 @@ def run_select(
             mc_samples=options.mc_samples,
             workers=options.workers,
         )
-        scores, notes = score_stores(val_store, pool_store, wd / "scores.h5", score)
+        scores, notes = _score(val_store, pool_store, wd, score, options, pool_arg)
     report.seconds = time.perf_counter() - t0
     return scores, notes, report
+
+
+def _score(
+    val_store: Path,
+    pool_store: Path,
+    wd: Path,
+    score: ScoreOptions,
+    options: SelectOptions,
+    pool_arg: str,
+) -> tuple[Scores, list[str]]:
+    """Score, leaving out what the ledger says was sent, and record the selection.
+
+    A run whose inputs equal the last recorded run's (same stores, options and earlier runs)
+    prints that run's selection again and records nothing: a retry never sends new images."""
+    out = wd / "scores.h5"
+    if not options.ledger:
+        return score_stores(val_store, pool_store, out, score)
+    runs = ledger.history(wd) if (wd / ledger.FILE_NAME).is_file() else []
+    if runs:
+        last = runs[-1]
+        earlier = replace(score, sent=frozenset(ledger.sent_paths(wd, before=last.id)))
+        cached = cached_scores(val_store, pool_store, out, earlier)
+        if cached is not None and cached[0].paths == ledger.run_paths(wd, last.id):
+            return cached[0], [*cached[1], f"the inputs of run {last.id}: its selection again"]
+    scores, notes = score_stores(
+        val_store, pool_store, out, replace(score, sent=frozenset(ledger.sent_paths(wd)))
+    )
+    if len(scores.selected):
+        settings = {
+            k: str(v) if isinstance(v, os.PathLike) else v for k, v in asdict(options).items()
+        }
+        run_id = ledger.record(
+            wd, scores, pool=pool_arg, strategy=options.strategy, options=settings, P=options.P
+        )
+        notes.append(f"recorded as run {run_id} in {wd / ledger.FILE_NAME}")
+    return scores, notes
 
 
 def _scan(

@@ -27,7 +27,7 @@ from alfk_cli.store_round import StoreRound
 from alfk_cli.strategies import Strategy, checked_rows, make_strategy
 from alfk_cli.workdir import match_exclusions
 
-__all__ = ["ScoreOptions", "score_stores"]
+__all__ = ["ScoreOptions", "cached_scores", "score_stores"]
 
 
 def _same_files(pool_paths: list[str], pool_root: str, val: FeatureStore) -> np.ndarray:
@@ -76,6 +76,7 @@ class ScoreOptions:
     checkpoint: str | os.PathLike | None = None
     mc_samples: int = 32
     workers: int = 0
+    sent: frozenset[str] = frozenset()  # paths inside the pool sent in earlier runs (the ledger)
 
 
 def score_stores(
@@ -88,17 +89,7 @@ def score_stores(
     ``out``. Returns the scores and notes for the user (e.g. the no-misclassified fallback)."""
     check_writable_dir(out)
     with open_store(val_path) as val, open_store(pool_path) as pool:
-        check_compatible(val, pool)
-        if (np.asarray(val.labels[:]) < 0).any():
-            raise AlfkError(
-                f"{val.path} has images without labels; the validation store needs class sub-folders"
-            )
-        strategy = make_strategy(
-            options.strategy, {"estimator": pool.pseudo_label, "kernel": options.kernel}
-        )
-        root = options.image_root if options.image_root is not None else pool.image_root
-        drop, notes = _left_out(val, pool, root, options.exclude)
-        key = _cache_key(val, pool, root, drop, strategy, options)
+        strategy, root, drop, notes, key = _prepare(val, pool, options)
         if options.reuse:
             cached = _cached(out, key)
             if cached is not None:
@@ -134,6 +125,40 @@ def score_stores(
         }
         _write(out, sel, val, pool, root, attrs)
     return read_scores(out), notes
+
+
+def cached_scores(
+    val_path: str | os.PathLike,
+    pool_path: str | os.PathLike,
+    out: str | os.PathLike,
+    options: ScoreOptions,
+) -> tuple[Scores, list[str]] | None:
+    """The scores file ``out`` if it was made from these stores and options, else None."""
+    with open_store(val_path) as val, open_store(pool_path) as pool:
+        key = _prepare(val, pool, options)[4]
+    return _cached(out, key)
+
+
+def _prepare(
+    val: FeatureStore, pool: FeatureStore, options: ScoreOptions
+) -> tuple[Strategy, str, set[int], list[str], str]:
+    """Checks, the strategy, the printed root, the rows left out, notes and the cache key."""
+    check_compatible(val, pool)
+    if (np.asarray(val.labels[:]) < 0).any():
+        raise AlfkError(
+            f"{val.path} has images without labels; the validation store needs class sub-folders"
+        )
+    strategy = make_strategy(
+        options.strategy, {"estimator": pool.pseudo_label, "kernel": options.kernel}
+    )
+    root = options.image_root if options.image_root is not None else pool.image_root
+    drop, notes = _left_out(val, pool, root, options.exclude)
+    if options.sent:
+        sent = {i for i, p in enumerate(pool.paths) if p in options.sent} - drop
+        if sent:
+            notes.append(f"left out {len(sent)} pool image(s) sent in earlier runs (the ledger)")
+        drop |= sent
+    return strategy, root, drop, notes, _cache_key(val, pool, root, drop, strategy, options)
 
 
 def _left_out(

@@ -63,7 +63,9 @@ def _stdout_lines(r) -> list[str]:
     return [ln for ln in r.stdout.splitlines() if ln]
 
 
-SELECT = ("select", "--val", "val", "--pool", "pool", "--model", "init.pt", "--device", "cpu")
+SELECT = (
+    "select", "--val", "val", "--pool", "pool", "--model", "init.pt", "--device", "cpu", "--no-ledger",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- strategy

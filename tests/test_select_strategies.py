@@ -29,7 +29,7 @@ def world(tmp_path, monkeypatch):
 
 def _select(cli, *args: str) -> list[str]:
     r = cli("select", "--val", "val", "--pool", "pool", "--P", str(P), "--model", "model.pt",
-            "--device", "cpu", "--workers", "0", "--exclude", "sent.txt", *args)  # fmt: skip
+            "--device", "cpu", "--workers", "0", "--exclude", "sent.txt", "--no-ledger", *args)  # fmt: skip
     assert r.exit_code == 0, r.stderr
     return r.stdout.splitlines()
 
