@@ -35,6 +35,7 @@ from alfk_cli.cli_options import (
     say_note,
 )
 from alfk_cli.errors import AlfkError
+from alfk_cli.label_studio import FROM_NAME, TO_NAME
 
 if TYPE_CHECKING:
     from alfk_cli.scores import ScoreFormat, Scores
@@ -230,7 +231,8 @@ LsToName = Annotated[
 
 @app.command(
     epilog="Examples: alfk select --val val/ --pool unlabeled/ --P 1250 > to_label.txt  |  "
-    "alfk select --scores scores.h5 --format csv"
+    "alfk select --scores scores.h5 --format csv  |  "
+    "alfk select --scores scores.h5 --format label-studio --url-prefix s3://bucket/pool/ > tasks.json"
 )
 def select(
     P: SelectP = None,
@@ -248,8 +250,8 @@ def select(
     taps: Taps = None,
     fmt: Format = "txt",
     url_prefix: UrlPrefix = None,
-    ls_from_name: LsFromName = "choice",
-    ls_to_name: LsToName = "image",
+    ls_from_name: LsFromName = FROM_NAME,
+    ls_to_name: LsToName = TO_NAME,
     exact_count: ExactCount = False,
     seed: Seed = 0,
     device: Device = "auto",
@@ -324,8 +326,8 @@ def _label_studio_options(
         opt
         for opt, value, default in (
             ("--url-prefix", url_prefix, None),
-            ("--ls-from-name", from_name, "choice"),
-            ("--ls-to-name", to_name, "image"),
+            ("--ls-from-name", from_name, FROM_NAME),
+            ("--ls-to-name", to_name, TO_NAME),
         )
         if value != default
     ]
@@ -347,7 +349,8 @@ def _selection_lines(result: Scores, fmt: ScoreFormat, export: dict) -> Iterable
 
 
 def _print_selection(result: Scores, fmt: ScoreFormat, export: dict) -> None:
-    """The selection on stdout, one line per image; a reader that hangs up early is fine."""
+    """The selection on stdout (one line per image, or one JSON document); a reader that hangs
+    up early is fine."""
     out = sys.stdout
     try:
         for line in _selection_lines(result, fmt, export):

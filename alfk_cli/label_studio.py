@@ -43,7 +43,7 @@ def image_urls(scores: Scores, url_prefix: str | None = None) -> list[str]:
     (``/`` kept); without a prefix, the path as ``alfk select`` prints it."""
     if url_prefix is None:
         return scores.printed_paths()
-    return [url_prefix + quote(p.replace("\\", "/"), safe="/") for p in scores.paths]
+    return [url_prefix + quote(p, safe="/") for p in scores.paths]  # paths are POSIX
 
 
 def tasks(
