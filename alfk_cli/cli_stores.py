@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
 
@@ -33,6 +35,7 @@ from alfk_cli.cli_options import (
     say_note,
 )
 from alfk_cli.errors import AlfkError
+from alfk_cli.label_studio import FROM_NAME, TO_NAME
 
 if TYPE_CHECKING:
     from alfk_cli.scores import ScoreFormat, Scores
@@ -204,13 +207,40 @@ NoLedger = Annotated[
     ),
 ]
 Format = Annotated[
-    str, typer.Option("--format", "-f", callback=check_format, help="txt (paths), csv or jsonl.")
+    str,
+    typer.Option(
+        "--format",
+        "-f",
+        callback=check_format,
+        help="txt (paths), csv, jsonl or label-studio (a Label Studio tasks JSON).",
+    ),
+]
+UrlPrefix = Annotated[
+    str | None,
+    typer.Option(
+        "--url-prefix",
+        help="label-studio: data.image = PREFIX + the URL-quoted path inside the pool folder "
+        "(default: the printed path).",
+    ),
+]
+LsFromName = Annotated[
+    str,
+    typer.Option(
+        "--ls-from-name", help="label-studio: the labelling config's <Choices> name (from_name)."
+    ),
+]
+LsToName = Annotated[
+    str,
+    typer.Option(
+        "--ls-to-name", help="label-studio: the labelling config's <Image> name (to_name)."
+    ),
 ]
 
 
 @app.command(
     epilog="Examples: alfk select --val val/ --pool unlabeled/ --P 1250 > to_label.txt  |  "
-    "alfk select --scores scores.h5 --format csv"
+    "alfk select --scores scores.h5 --format csv  |  "
+    "alfk select --scores scores.h5 --format label-studio --url-prefix s3://bucket/pool/ > tasks.json"
 )
 def select(
     P: SelectP = None,
@@ -227,6 +257,9 @@ def select(
     mc_samples: McSamples = 32,
     taps: Taps = None,
     fmt: Format = "txt",
+    url_prefix: UrlPrefix = None,
+    ls_from_name: LsFromName = FROM_NAME,
+    ls_to_name: LsToName = TO_NAME,
     exact_count: ExactCount = False,
     no_ledger: NoLedger = False,
     seed: Seed = 0,
@@ -240,6 +273,7 @@ def select(
     With --val and --pool it runs every stage that is out of date (pretrain when no model is
     given or cached, embed of new images only, score) in the work folder.
     """
+    export = _label_studio_options(fmt, url_prefix, ls_from_name, ls_to_name)
     if scores is not None:
         if val is not None or pool is not None:
             raise typer.BadParameter(
@@ -266,7 +300,7 @@ def select(
             ledger=not no_ledger,
         )  # fmt: skip
         result = _run_select(val, pool, options, quiet)
-    _print_selection(result, cast("ScoreFormat", fmt))  # check_format checked it at parse time
+    _print_selection(result, cast("ScoreFormat", fmt), export)  # fmt checked at parse time
 
 
 def _run_select(val: Path, pool: Path, options, quiet: bool):
@@ -293,11 +327,43 @@ def _run_select(val: Path, pool: Path, options, quiet: bool):
     return result
 
 
-def _print_selection(result: Scores, fmt: ScoreFormat) -> None:
-    """The selection on stdout, one line per image; a reader that hangs up early is fine."""
+def _label_studio_options(
+    fmt: str, url_prefix: str | None, from_name: str, to_name: str
+) -> dict[str, str | None]:
+    """The keyword arguments of ``label_studio.tasks``; the options are refused with another
+    ``--format`` (before any work), and empty names always."""
+    given = [
+        opt
+        for opt, value, default in (
+            ("--url-prefix", url_prefix, None),
+            ("--ls-from-name", from_name, FROM_NAME),
+            ("--ls-to-name", to_name, TO_NAME),
+        )
+        if value != default
+    ]
+    if given and fmt != "label-studio":
+        raise typer.BadParameter("only with --format label-studio", param_hint=given[0])
+    for opt, name in (("--ls-from-name", from_name), ("--ls-to-name", to_name)):
+        if not name.strip():
+            raise typer.BadParameter("give the labelling config's tag name", param_hint=opt)
+    return {"url_prefix": url_prefix, "from_name": from_name, "to_name": to_name}
+
+
+def _selection_lines(result: Scores, fmt: ScoreFormat, export: dict) -> Iterable[str]:
+    """``Scores.lines``, or the Label Studio tasks as one JSON document (``[]`` when empty)."""
+    if fmt != "label-studio":
+        return result.lines(fmt)
+    from alfk_cli.label_studio import tasks
+
+    return [json.dumps(tasks(result, **export), indent=1)]
+
+
+def _print_selection(result: Scores, fmt: ScoreFormat, export: dict) -> None:
+    """The selection on stdout (one line per image, or one JSON document); a reader that hangs
+    up early is fine."""
     out = sys.stdout
     try:
-        for line in result.lines(fmt):
+        for line in _selection_lines(result, fmt, export):
             out.write(line + "\n")
         out.flush()
     except BrokenPipeError:  # e.g. `alfk select ... | head`: the reader has what it wanted

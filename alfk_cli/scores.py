@@ -30,8 +30,8 @@ KIND = "alfk-scores"
 SCHEMA_VERSION = 1
 _STR = h5py.string_dtype("utf-8")
 #: How ``alfk select`` prints a selection (``--format``).
-ScoreFormat = Literal["txt", "csv", "jsonl"]
-FORMATS: tuple[ScoreFormat, ...] = ("txt", "csv", "jsonl")
+ScoreFormat = Literal["txt", "csv", "jsonl", "label-studio"]
+FORMATS: tuple[ScoreFormat, ...] = ("txt", "csv", "jsonl", "label-studio")
 _NODES = ("selected", "score", "center", "centers", "paths", "predicted", "center_paths")
 
 
@@ -80,9 +80,16 @@ class Scores:
 
     def lines(self, fmt: ScoreFormat = "txt") -> Iterator[str]:
         """The selection as text lines: ``txt`` paths only; ``csv`` and ``jsonl`` add the rank,
-        the kernel score, the predicted class and the matched validation image."""
+        the kernel score, the predicted class and the matched validation image;
+        ``label-studio`` is one JSON document of tasks with the default names
+        (``label_studio.tasks`` takes the options)."""
         if fmt not in FORMATS:
             raise AlfkError(f"unknown format {fmt!r}; use {', '.join(FORMATS)}")
+        if fmt == "label-studio":
+            from alfk_cli.label_studio import tasks
+
+            yield from json.dumps(tasks(self), indent=1).splitlines()
+            return
         paths = self.printed_paths()
         if fmt == "txt":
             yield from paths
