@@ -9,6 +9,7 @@ import typer
 
 from alfk_cli.cli_app import app
 from alfk_cli.cli_options import Quiet, csv_list
+from alfk_cli.names import printable
 from alfk_cli.progress import stderr
 
 labels_app = typer.Typer(
@@ -93,3 +94,7 @@ def import_labels(
     if report.missing:
         parts.append(f"{len(report.missing)} missing images skipped")
     stderr.print("; ".join(parts), markup=False, highlight=False, soft_wrap=True)
+    for path in report.missing[:20]:
+        stderr.print(f"  missing: {printable(path)}", markup=False, highlight=False)
+    if len(report.missing) > 20:
+        stderr.print(f"  … and {len(report.missing) - 20} more", markup=False, highlight=False)

@@ -26,7 +26,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alfk_cli.atomic import partial_path
+from alfk_cli.atomic import disk_error, partial_path
 from alfk_cli.errors import AlfkError
 from alfk_cli.label_import import Labelled
 from alfk_cli.names import name_problem, printable
@@ -101,9 +101,24 @@ def file_labels(
             report.already += 1
         else:
             steps.append(step)
-    for step in steps:
-        _write(step, report)
+    if steps:
+        _check_writable(into)
+    for step in steps:  # each file appears whole (a link, or a renamed copy): a re-run resumes
+        try:
+            _write(step, report)
+        except OSError as exc:
+            reason = disk_error(exc) or exc.strerror or str(exc)
+            raise AlfkError(f"cannot file {step.dest}: {reason}") from None
     return report
+
+
+def _check_writable(into: Path) -> None:
+    """Fail before the first file when ``into`` (or the folder it will be made in) is read-only."""
+    folder = into
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise AlfkError(f"cannot write under {into}: {folder} is not a writable folder")
 
 
 def _choose(

@@ -186,7 +186,7 @@ def test_missing_image(cli, pool, tmp_path):
     assert r.exit_code == 1 and "gone.png" in r.stderr and "task 2" in r.stderr
     assert not (tmp_path / "labeled").exists()
     r = cli("labels", "import", export, "--into", "labeled", "--skip-missing")
-    assert r.exit_code == 0 and "1 missing" in r.stderr
+    assert r.exit_code == 0 and "1 missing" in r.stderr and "missing: pool/gone.png" in r.stderr
     assert _files(tmp_path / "labeled") == ["cat/img0000.png"]
 
 
@@ -244,3 +244,15 @@ def test_copies_when_links_cannot_cross_file_systems(cli, pool, tmp_path, monkey
     again = cli("labels", "import", export, "--into", "labeled")
     assert "3 already there" in again.stderr
     assert not [p for p in (tmp_path / "labeled").rglob(".*")]
+
+
+def test_a_failed_write_is_a_one_line_error(cli, pool, tmp_path, monkeypatch):
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "link", full)
+    r = cli("labels", "import", _standard_export(tmp_path), "--into", "labeled")
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        f"error: cannot file {Path('labeled/cat/img0000.png')}: no space left on device"
+    ]
