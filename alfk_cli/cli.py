@@ -23,6 +23,7 @@ from alfk_cli.progress import stderr
 # isort: off
 from alfk_cli import cli_train  # noqa: F401
 from alfk_cli import cli_stores  # noqa: F401
+from alfk_cli import cli_labels  # noqa: F401
 from alfk_cli import cli_simulate  # noqa: F401
 from alfk_cli import cli_history  # noqa: F401
 # isort: on

@@ -1,0 +1,183 @@
+"""Read labels back from the labelling tool: a Label Studio export or a ``path,label`` CSV.
+
+Accepted files (the formats are Label Studio's, https://labelstud.io/guide/export, with the task
+layout of https://labelstud.io/guide/task_format):
+
+- **JSON** (Label Studio's "JSON" export): a list of tasks, each
+  ``{"id": 7, "data": {"image": ..., "alfk_path": ...}, "annotations": [{"result": [{"type":
+  "choices", "value": {"choices": ["cat"]}, ...}], "was_cancelled": false, ...}]}``. The latest
+  annotation counts (by ``updated_at``, else ``created_at``, else its place in the list); a task
+  whose latest annotation is cancelled, or that has none or no choice, is skipped.
+- **JSON_MIN** (Label Studio's "JSON_MIN" export): a list of flat records, the task's data fields
+  and one field per control, ``{"id": 7, "image": ..., "alfk_path": ..., "choice": "cat"}``; the
+  label is the ``choice`` field (the image-classification template's control), else any field
+  holding ``{"choices": [...]}``.
+- **CSV**: a header with ``path`` and ``label`` columns, one image per row; an empty label skips
+  the row.
+
+Which image: ``alfk_path`` (the path as ``alfk select`` printed it), else ``image`` when it is a
+local path; relative paths are joined to ``root``. A URL-style ``image`` (``/data/local-files/?d=``,
+``s3://``, ``http://``) names no local file unless ``url_prefix`` strips it to a path (then joined
+to ``root``, URL-decoded).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from alfk_cli.errors import AlfkError
+from alfk_cli.names import printable
+
+# Label Studio serves uploads and local-storage files under /data/; anything with a scheme is a URL.
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SERVED = ("/data/upload/", "/data/local-files/")
+# JSON_MIN fields that are never the label
+_NOT_LABELS = frozenset(
+    {"id", "image", "alfk_path", "annotator", "annotation_id", "created_at", "updated_at"}
+)
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """One task or row: which pool image, which class, or why it is skipped."""
+
+    where: str  # how messages name it: "export.json task 7", "labels.csv line 3"
+    source: Path | None  # the pool image, joined to root; None when skipped
+    label: str | None  # None when skipped
+    skip: str | None = None  # "cancelled" or "unlabelled"
+
+
+def read_labels(
+    path: str | Path, *, root: str | Path = ".", url_prefix: str | None = None
+) -> list[Labelled]:
+    """The labels in one export file (JSON, JSON_MIN or CSV, told apart by their content)."""
+    path, root = Path(path), Path(root)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise AlfkError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise AlfkError(f"{path} is a folder, not an export file") from None
+    except UnicodeDecodeError:
+        raise AlfkError(f"{path} is not UTF-8 text (a JSON or CSV export)") from None
+    except OSError as exc:
+        raise AlfkError(f"cannot read {path}: {exc.strerror}") from None
+    if text.lstrip()[:1] in ("[", "{"):
+        return _read_json(path, text, root, url_prefix)
+    return _read_csv(path, text, root)
+
+
+def _read_json(path: Path, text: str, root: Path, url_prefix: str | None) -> list[Labelled]:
+    try:
+        tasks = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AlfkError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if isinstance(tasks, dict):
+        tasks = [tasks]
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
+        raise AlfkError(f"{path} is not a Label Studio export (a list of tasks)")
+    out = []
+    for i, task in enumerate(tasks):
+        where = f"{path.name} task {task.get('id', f'#{i + 1}')}"
+        if "annotations" in task or isinstance(task.get("data"), dict):
+            data = task.get("data") if isinstance(task.get("data"), dict) else {}
+            label, skip = _task_label(task, where)
+        else:  # JSON_MIN: the data fields and the controls side by side
+            data = task
+            label, skip = _min_label(task, where)
+        source = _image(data, where, root, url_prefix) if skip is None else None
+        out.append(Labelled(where, source, label, skip))
+    return out
+
+
+def _task_label(task: dict[str, Any], where: str) -> tuple[str | None, str | None]:
+    """(label, None) or (None, why skipped) from a task's latest annotation."""
+    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
+    if not annotations:
+        return None, "unlabelled"
+    latest = max(
+        enumerate(annotations),
+        key=lambda ia: (str(ia[1].get("updated_at") or ia[1].get("created_at") or ""), ia[0]),
+    )[1]
+    if latest.get("was_cancelled"):
+        return None, "cancelled"
+    choices: list[Any] = []
+    for result in latest.get("result") or []:
+        value = result.get("value") if isinstance(result, dict) else None
+        if isinstance(value, dict) and isinstance(value.get("choices"), list):
+            choices.extend(c for c in value["choices"] if c not in choices)
+    return _one_choice(choices, where)
+
+
+def _min_label(record: dict[str, Any], where: str) -> tuple[str | None, str | None]:
+    if record.get("was_cancelled"):
+        return None, "cancelled"
+    if "choice" in record:
+        value = record["choice"]
+        choices = value.get("choices", []) if isinstance(value, dict) else [value]
+    else:
+        choices = []
+        for key, value in record.items():
+            if key not in _NOT_LABELS and isinstance(value, dict) and "choices" in value:
+                choices.extend(c for c in value["choices"] if c not in choices)
+    return _one_choice([c for c in choices if c not in (None, "")], where)
+
+
+def _one_choice(choices: list[Any], where: str) -> tuple[str | None, str | None]:
+    if not choices:
+        return None, "unlabelled"
+    if len(choices) > 1:
+        shown = ", ".join(printable(str(c)) for c in choices)
+        raise AlfkError(f"{where} has several choices ({shown}); an image goes in one class")
+    if not isinstance(choices[0], str):
+        raise AlfkError(f"{where}: the choice {choices[0]!r} is not a class name")
+    return choices[0], None
+
+
+def _image(data: dict[str, Any], where: str, root: Path, url_prefix: str | None) -> Path:
+    """The pool image a task names: its alfk_path, else its image when that is a local path."""
+    alfk_path = data.get("alfk_path")
+    if isinstance(alfk_path, str) and alfk_path:
+        return root / alfk_path
+    image = data.get("image")
+    if not isinstance(image, str) or not image:
+        raise AlfkError(f"{where} names no image (no alfk_path or image in its data)")
+    if url_prefix and image.startswith(url_prefix):
+        return root / unquote(image[len(url_prefix) :]).lstrip("/")
+    if _SCHEME.match(image) or image.startswith(_SERVED):
+        raise AlfkError(
+            f"{where}: its image {printable(image)} is a URL, not a local file; give the task "
+            "an alfk_path, or the URL prefix to strip"
+        )
+    return root / image
+
+
+def _read_csv(path: Path, text: str, root: Path) -> list[Labelled]:
+    rows = csv.reader(text.splitlines())
+    header = [h.strip().lower() for h in next(rows, [])]
+    if "path" not in header or "label" not in header:
+        raise AlfkError(
+            f"{path} is neither a Label Studio JSON export nor a CSV with a path,label header"
+        )
+    ip, il = header.index("path"), header.index("label")
+    out = []
+    for n, row in enumerate(rows, start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{path.name} line {n}"
+        if len(row) <= max(ip, il):
+            raise AlfkError(f"{where} has {len(row)} columns; the header has {len(header)}")
+        if not row[ip]:
+            raise AlfkError(f"{where} has an empty path")
+        label = row[il].strip()
+        if not label:
+            out.append(Labelled(where, None, None, "unlabelled"))
+        else:
+            out.append(Labelled(where, root / row[ip], label))
+    return out
