@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -67,6 +68,13 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Options file (TOML; default: alfk.toml in the work folder). Flags win over it.",
+        ),
+    ] = None,
 ) -> None:
     """Deep active learning on biased image collections (Fisher-kernel self-supervision)."""
 
@@ -86,9 +94,13 @@ def _usage_error_type() -> type[_UsageError]:
 
 def _run() -> int:
     """The app without Typer's standalone handling, so that every outcome maps to our codes."""
+    from alfk_cli.cli_config import ENV_PREFIX, default_map
+
     usage_error = _usage_error_type()
+    group = typer.main.get_command(app)
+    defaults = default_map(group, sys.argv[1:])
     try:
-        rc = app(standalone_mode=False)
+        rc = group.main(standalone_mode=False, default_map=defaults, auto_envvar_prefix=ENV_PREFIX)
     except typer.Abort:  # EOF on a prompt, or Ctrl-C in older Typer
         raise KeyboardInterrupt from None
     except usage_error as exc:  # usage errors: Typer's message, exit 2
