@@ -28,7 +28,9 @@ FORMAT_VERSION = 1
 class Checkpoint:
     arch: str
     classes: list[str]  # class names in logit order; the rotation head has ROTATION_CLASSES
-    head: str  # "classifier" (task model) or "rotation" (self-supervised pretraining)
+    # "classifier" (task model), "rotation" (self-supervised pretraining) or "imagenet"
+    # (torchvision weights, alfk_cli.backbones)
+    head: str
     input: InputSpec
     state_dict: dict[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)  # hyper-parameters, metrics, provenance
@@ -87,7 +89,17 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpo
         raise AlfkError(
             f"cannot read checkpoint {path}: not an alfk checkpoint ({type(exc).__name__})"
         ) from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+    return checkpoint_from_dict(raw, path, arch)
+
+
+def is_checkpoint_dict(raw: object) -> bool:
+    """Whether ``raw`` (what ``torch.load`` returned) claims to be an alfk checkpoint."""
+    return isinstance(raw, dict) and raw.get("format") == FORMAT
+
+
+def checkpoint_from_dict(raw: object, path: Path, arch: str | None = None) -> Checkpoint:
+    """The :class:`Checkpoint` in ``raw``, the dict loaded from the file ``path``."""
+    if not isinstance(raw, dict) or not is_checkpoint_dict(raw):
         raise AlfkError(f"{path} is not an alfk checkpoint")
     if raw.get("format_version") != FORMAT_VERSION:
         raise AlfkError(
@@ -111,11 +123,12 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpo
 def init_from(model: TapNet, ckpt: Checkpoint) -> list[str]:
     """Load every weight of ``ckpt`` into ``model`` except a classifier that does not fit.
 
-    The classifier is skipped when its shape differs or when it is a rotation head (a 4-class
-    task must not inherit the rotation classifier). Returns the names that were skipped.
+    The classifier is skipped when its shape differs or when it is not a task classifier: a
+    rotation head (a 4-class task must not inherit the rotation classifier) or the ImageNet head
+    of torchvision weights (:mod:`alfk_cli.backbones`). Returns the names that were skipped.
     """
     own = model.state_dict()
-    skip_head = ckpt.head == "rotation"
+    skip_head = ckpt.head != "classifier"
     skipped, load = [], {}
     for name, tensor in ckpt.state_dict.items():
         is_head = name.startswith("classifier.")
@@ -159,8 +172,10 @@ def task_model(ckpt: Checkpoint, classes: list[str], seed: int = 0) -> TapNet:
 __all__ = [
     "ROTATION_CLASSES",
     "Checkpoint",
+    "checkpoint_from_dict",
     "file_sha256",
     "init_from",
+    "is_checkpoint_dict",
     "load_checkpoint",
     "save_checkpoint",
     "task_model",

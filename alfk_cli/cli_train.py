@@ -28,7 +28,8 @@ def _say_training(quiet: bool, init: Path | None, head: str, start) -> None:
     """What ``train`` says before its first epoch; ``start`` is a ``training_jobs.TrainStart``."""
     if init is not None:
         fresh = ", ".join(start.fresh) or "nothing"
-        say(quiet, f"initialised from {init} ({head} checkpoint); fresh: {fresh}")
+        what = "torchvision ImageNet weights" if head == "imagenet" else f"{head} checkpoint"
+        say(quiet, f"initialised from {init} ({what}); fresh: {fresh}")
     say(
         quiet,
         f"training {start.arch} on {start.train_images} images ({len(start.classes)} classes), "
@@ -50,7 +51,11 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
     init: Annotated[
         Path | None,
-        typer.Option("--init", help="Start from this checkpoint (pretrained or a previous model)."),
+        typer.Option(
+            "--init",
+            help="Start from this checkpoint (pretrained or a previous model), a torchvision "
+            "resnet18 state-dict file, or torchvision:resnet18 (ImageNet weights).",
+        ),
     ] = None,
     arch: Arch = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
@@ -67,7 +72,7 @@ def train(
     quiet: Quiet = False,
 ) -> None:
     """Train the task model on labelled images; keep the epoch with the best validation accuracy."""
-    from alfk_cli.checkpoint import load_checkpoint
+    from alfk_cli.backbones import load_start
     from alfk_cli.devices import resolve_device
     from alfk_cli.images import scan_images
     from alfk_cli.progress import make_progress
@@ -75,7 +80,7 @@ def train(
 
     outputs_ok(out, data, val)  # --init may be --out: it is read first, the output is atomic
     dev = resolve_device(device)
-    start = load_checkpoint(init, arch) if init else None
+    start = load_start(init, arch) if init else None
     data_set = scan_images(data, strict=strict)
     val_set = scan_images(val, strict=strict)
     report_skipped(data_set.skipped, data, quiet)
