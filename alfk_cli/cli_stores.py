@@ -235,6 +235,14 @@ LsToName = Annotated[
         "--ls-to-name", help="label-studio: the labelling config's <Image> name (to_name)."
     ),
 ]
+ReportFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--report",
+        help="Also write the selection as one self-contained HTML page (thumbnails grouped by "
+        "matched validation image, class histograms).",
+    ),
+]
 
 
 @app.command(
@@ -262,6 +270,7 @@ def select(
     ls_to_name: LsToName = TO_NAME,
     exact_count: ExactCount = False,
     no_ledger: NoLedger = False,
+    report: ReportFile = None,
     seed: Seed = 0,
     device: Device = "auto",
     workers: Workers = 2,
@@ -274,16 +283,14 @@ def select(
     given or cached, embed of new images only, score) in the work folder.
     """
     export = _label_studio_options(fmt, url_prefix, ls_from_name, ls_to_name)
+    if report is not None:
+        outputs_ok(report, val, pool, scores, exclude, model)
     if scores is not None:
         if val is not None or pool is not None:
             raise typer.BadParameter(
                 "give either --scores or --val and --pool", param_hint="--scores"
             )
-        from alfk_cli.scores import read_scores
-
-        result, short = read_scores(scores).head(P, exact=exact_count)
-        if short:
-            say_note(quiet, short)
+        result, val_store = _read_selection(scores, P, exact_count, quiet, report is not None)
     else:
         if val is None or pool is None or P is None:
             raise typer.BadParameter("needs --val DIR, --pool DIR and --P N (or --scores FILE)")
@@ -299,12 +306,39 @@ def select(
             seed=seed, device=device, workers=workers, strict=strict, exact_count=exact_count,
             ledger=not no_ledger,
         )  # fmt: skip
-        result = _run_select(val, pool, options, quiet)
+        result, val_store = _run_select(val, pool, options, quiet)
     _print_selection(result, cast("ScoreFormat", fmt), export)  # fmt checked at parse time
+    if report is not None:
+        _write_report(report, result, val_store, quiet)
 
 
-def _run_select(val: Path, pool: Path, options, quiet: bool):
-    """The orchestrator with progress on stderr, then what it did."""
+def _read_selection(
+    scores: Path, P: int | None, exact: bool, quiet: bool, want_val: bool
+) -> tuple[Scores, Path | None]:
+    """The first P of a scores file, and (for --report) its validation store when unchanged."""
+    from alfk_cli.scores import read_scores
+
+    result, short = read_scores(scores).head(P, exact=exact)
+    if short:
+        say_note(quiet, short)
+    if not want_val:
+        return result, None
+    from alfk_cli.report import recorded_val_store
+
+    return result, recorded_val_store(result)
+
+
+def _write_report(out: Path, result: Scores, val_store: Path | None, quiet: bool) -> None:
+    from alfk_cli.report import write_report
+
+    write_report(out, result, val_store=val_store)
+    what = "" if val_store is not None else " (no validation store: scores-file classes only)"
+    say(quiet, f"wrote report {out}{what}")
+
+
+def _run_select(val: Path, pool: Path, options, quiet: bool) -> tuple[Scores, Path]:
+    """The orchestrator with progress on stderr, then what it did; the selection and the
+    validation store it used."""
     from alfk_cli.pipeline import run_select
     from alfk_cli.progress import make_progress
 
@@ -324,7 +358,7 @@ def _run_select(val: Path, pool: Path, options, quiet: bool):
         f"selected {len(result.selected)} of the pool in {report.seconds:.1f} s "
         f"(work folder {report.workdir})",
     )
-    return result
+    return result, report.workdir / "val.h5"
 
 
 def _label_studio_options(
