@@ -57,8 +57,10 @@ def list_registered(
             sys.stdout.write("".join(f"{n}\n" for n in registry))
 
 
-def _version(value: bool) -> None:
-    if value:
+def _version(ctx: typer.Context, value: bool) -> None:
+    # ALFK_VERSION in the environment must not turn every command into --version
+    source = ctx.get_parameter_source("version")
+    if value and getattr(source, "name", "") == "COMMANDLINE":
         print(__version__)
         raise typer.Exit()
 

@@ -96,3 +96,10 @@ def test_a_bad_options_file_is_one_clear_error(cli, world, text, code, says):
     assert r.exit_code == code and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = cli("--config", "missing.toml", "list")
     assert r.exit_code == 1 and "options file missing.toml does not exist" in r.stderr
+
+
+def test_the_environment_cannot_turn_a_command_into_version(cli, world, monkeypatch):
+    monkeypatch.setenv("ALFK_VERSION", "1")
+    r = cli("list", "kernels")
+    assert r.exit_code == 0 and r.stdout.splitlines()[:3] == ["sum", "pcc", "product"]
+    assert cli("--version").stdout.strip() == __import__("alfk_cli").__version__
