@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 
 from alfk_cli.cli_app import app
-from alfk_cli.errors import AlfkError
 
 
 @app.command(
@@ -42,10 +41,9 @@ def history(
     else:
         raise typer.BadParameter("give --pool or --workdir (one of them)", param_hint="--pool")
     if run is not None:
-        found = {r.id: r for r in ledger.history(wd)}
-        if run not in found:
-            raise AlfkError(f"the ledger in {wd} has no run {run}")
-        lines = [os.path.join(found[run].pool, p) for p in ledger.run_paths(wd, run)]
+        paths = ledger.run_paths(wd, run)  # an unknown run is an error here
+        pool_arg = next(r.pool for r in ledger.history(wd) if r.id == run)
+        lines = [os.path.join(pool_arg, p) for p in paths]
     else:
         lines = ["run\tstarted\tP\tselected\tstrategy\tcheckpoint"]
         lines += [

@@ -20,7 +20,7 @@ from alfk_cli.images import ImageSet, scan_images
 from alfk_cli.pseudolabels import MCConfig
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.scores import Scores
-from alfk_cli.scoring import ScoreOptions, cached_scores, score_stores
+from alfk_cli.scoring import ScoreOptions, score_stores
 from alfk_cli.strategies import make_strategy
 from alfk_cli.workdir import default_workdir, locked, newest_checkpoint
 
@@ -159,15 +159,13 @@ def _score(
     if not options.ledger:
         return score_stores(val_store, pool_store, out, score)
     runs = ledger.history(wd) if (wd / ledger.FILE_NAME).is_file() else []
-    if runs:
-        last = runs[-1]
-        earlier = replace(score, sent=frozenset(ledger.sent_paths(wd, before=last.id)))
-        cached = cached_scores(val_store, pool_store, out, earlier)
-        if cached is not None and cached[0].paths == ledger.run_paths(wd, last.id):
-            return cached[0], [*cached[1], f"the inputs of run {last.id}: its selection again"]
-    scores, notes = score_stores(
-        val_store, pool_store, out, replace(score, sent=frozenset(ledger.sent_paths(wd)))
-    )
+    last = runs[-1] if runs else None
+    sent = replace(score, sent=frozenset(ledger.sent_paths(wd)))
+    before_last = None if last is None else frozenset(ledger.sent_paths(wd, before=last.id))
+    scores, notes = score_stores(val_store, pool_store, out, sent, repeat_sent=before_last)
+    if last is not None and scores.attrs.get("cache_key") == last.scores_key:
+        # the scores file the last run made, from the same inputs: its selection again
+        return scores, [*notes, f"the inputs of run {last.id}: its selection again"]
     if len(scores.selected):
         settings = {
             k: str(v) if isinstance(v, os.PathLike) else v for k, v in asdict(options).items()

@@ -27,7 +27,7 @@ from alfk_cli.store_round import StoreRound
 from alfk_cli.strategies import Strategy, checked_rows, make_strategy
 from alfk_cli.workdir import match_exclusions
 
-__all__ = ["ScoreOptions", "cached_scores", "score_stores"]
+__all__ = ["ScoreOptions", "score_stores"]
 
 
 def _same_files(pool_paths: list[str], pool_root: str, val: FeatureStore) -> np.ndarray:
@@ -84,16 +84,28 @@ def score_stores(
     pool_path: str | os.PathLike,
     out: str | os.PathLike,
     options: ScoreOptions,
+    *,
+    repeat_sent: frozenset[str] | None = None,
 ) -> tuple[Scores, list[str]]:
     """Select ``options.P`` pool images against the validation store; write the scores file
-    ``out``. Returns the scores and notes for the user (e.g. the no-misclassified fallback)."""
+    ``out``. Returns the scores and notes for the user (e.g. the no-misclassified fallback).
+
+    ``repeat_sent``: with ``reuse``, an existing ``out`` made with these images left out as sent
+    (instead of ``options.sent``) is returned as it is: the previous run, repeated unchanged."""
     check_writable_dir(out)
     with open_store(val_path) as val, open_store(pool_path) as pool:
-        strategy, root, drop, notes, key = _prepare(val, pool, options)
+        strategy, root, base, base_notes = _prepare(val, pool, options)
+        if options.reuse and repeat_sent is not None:
+            drop, _ = _with_sent(pool, base, base_notes, repeat_sent)
+            cached = _cached(out, _cache_key(val, pool, root, drop, strategy, options))
+            if cached is not None:
+                return cached
+        drop, notes = _with_sent(pool, base, base_notes, options.sent)
+        key = _cache_key(val, pool, root, drop, strategy, options)
         if options.reuse:
             cached = _cached(out, key)
             if cached is not None:
-                return cached[0], cached[1]
+                return cached
         left = len(pool) - len(drop)
         if left < options.P:
             if options.exact_count:
@@ -127,22 +139,10 @@ def score_stores(
     return read_scores(out), notes
 
 
-def cached_scores(
-    val_path: str | os.PathLike,
-    pool_path: str | os.PathLike,
-    out: str | os.PathLike,
-    options: ScoreOptions,
-) -> tuple[Scores, list[str]] | None:
-    """The scores file ``out`` if it was made from these stores and options, else None."""
-    with open_store(val_path) as val, open_store(pool_path) as pool:
-        key = _prepare(val, pool, options)[4]
-    return _cached(out, key)
-
-
 def _prepare(
     val: FeatureStore, pool: FeatureStore, options: ScoreOptions
-) -> tuple[Strategy, str, set[int], list[str], str]:
-    """Checks, the strategy, the printed root, the rows left out, notes and the cache key."""
+) -> tuple[Strategy, str, set[int], list[str]]:
+    """Checks, the strategy, the printed root, the rows left out before the ledger, and notes."""
     check_compatible(val, pool)
     if (np.asarray(val.labels[:]) < 0).any():
         raise AlfkError(
@@ -153,12 +153,18 @@ def _prepare(
     )
     root = options.image_root if options.image_root is not None else pool.image_root
     drop, notes = _left_out(val, pool, root, options.exclude)
-    if options.sent:
-        sent = {i for i, p in enumerate(pool.paths) if p in options.sent} - drop
-        if sent:
-            notes.append(f"left out {len(sent)} pool image(s) sent in earlier runs (the ledger)")
-        drop |= sent
-    return strategy, root, drop, notes, _cache_key(val, pool, root, drop, strategy, options)
+    return strategy, root, drop, notes
+
+
+def _with_sent(
+    pool: FeatureStore, drop: set[int], notes: list[str], sent: frozenset[str]
+) -> tuple[set[int], list[str]]:
+    """``drop`` and ``notes`` extended by the pool images sent in earlier runs (new objects)."""
+    rows = {i for i, p in enumerate(pool.paths) if p in sent} - drop if sent else set()
+    if not rows:
+        return set(drop), list(notes)
+    note = f"left out {len(rows)} pool image(s) sent in earlier runs (the ledger)"
+    return drop | rows, [*notes, note]
 
 
 def _left_out(
