@@ -71,16 +71,9 @@ class Estimator:
 ESTIMATORS: Registry[Estimator] = Registry("pseudo-label estimator", "alfk.estimators")
 
 
-def register_estimator(name: str) -> Callable[[type[Estimator]], type[Estimator]]:
+def register_estimator(name: str) -> Callable[[type], type]:
     """Class decorator: register one instance of the decorated :class:`Estimator` as ``name``."""
-
-    def add(cls: type[Estimator]) -> type[Estimator]:
-        inst = cls()
-        inst.name = name
-        ESTIMATORS.register(name)(inst)
-        return cls
-
-    return add
+    return ESTIMATORS.register_instance(name)
 
 
 def get_estimator(name: str | Estimator) -> Estimator:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -120,16 +121,9 @@ def get_kernel(kernel: str | Kernel) -> Kernel:
 KERNELS: Registry[Kernel] = Registry("kernel", "alfk.kernels")
 
 
-def register_kernel(name: str) -> Any:
+def register_kernel(name: str) -> Callable[[type], type]:
     """Class decorator: register one instance of the decorated :class:`Kernel` as ``name``."""
-
-    def add(cls: type[Kernel]) -> type[Kernel]:
-        inst = cls()
-        inst.name = name
-        KERNELS.register(name)(inst)
-        return cls
-
-    return add
+    return KERNELS.register_instance(name)
 
 
 # ----------------------------------------------------------------------------- built-ins

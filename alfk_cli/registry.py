@@ -57,6 +57,18 @@ class Registry(Mapping[str, T], Generic[T]):
 
         return add
 
+    def register_instance(self, name: str) -> Callable[[type], type]:
+        """Class decorator: register one instance of the decorated class as ``name`` (its
+        ``name`` attribute set to it) and return the class unchanged."""
+
+        def add(cls: type) -> type:
+            inst = cls()
+            inst.name = name
+            self.register(name)(inst)
+            return cls
+
+        return add
+
     def unregister(self, name: str) -> None:
         """Remove ``name`` (tests that register a toy object clean up with this)."""
         self._items.pop(name, None)
