@@ -72,3 +72,18 @@ def cli(capsys):
         return Result(code, out, err)
 
     return run
+
+
+@pytest.fixture
+def small_world(tmp_path, monkeypatch) -> Path:
+    """In a fresh working directory: val/ (3 classes × 4 images), a flat pool/ of 30 images and
+    init.pt, a rotation-pretrained LeNet checkpoint (untrained weights, seeded)."""
+    from alfk_cli.checkpoint import save_checkpoint
+    from alfk_cli.models import ROTATION_CLASSES, build_model
+
+    monkeypatch.chdir(tmp_path)
+    make_labelled(Path("val"), ["a", "b", "c"], 4)
+    write_images(Path("pool"), 30, seed=10)
+    model = build_model("lenet", len(ROTATION_CLASSES), seed=0)
+    save_checkpoint("init.pt", model, "lenet", list(ROTATION_CLASSES), head="rotation")
+    return tmp_path

@@ -9,25 +9,15 @@ from pathlib import Path
 import h5py
 import pytest
 
-from alfk_cli.checkpoint import save_checkpoint
-from alfk_cli.models import ROTATION_CLASSES, build_model
-from conftest import make_labelled, write_images
-
 WD = Path(".alfk/pool")
 
 
 @pytest.fixture
-def world(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def world(small_world, monkeypatch):
     for name in [k for k in os.environ if k.startswith("ALFK_")]:
         monkeypatch.delenv(name)
-    make_labelled(Path("val"), ["a", "b", "c"], 4)
-    write_images(Path("pool"), 30, seed=10)
-    save_checkpoint(
-        "init.pt", build_model("lenet", 4, seed=0), "lenet", list(ROTATION_CLASSES), head="rotation"
-    )
     WD.mkdir(parents=True)
-    return tmp_path
+    return small_world
 
 
 def _select(cli, *args: str):

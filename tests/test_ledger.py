@@ -8,22 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from alfk_cli.checkpoint import save_checkpoint
-from alfk_cli.models import ROTATION_CLASSES, build_model
-from conftest import make_labelled, write_images
+from conftest import write_images
 
 LEDGER = Path(".alfk/pool/ledger.sqlite")
 
 
 @pytest.fixture
-def world(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    make_labelled(Path("val"), ["a", "b", "c"], 4)
-    write_images(Path("pool"), 30, seed=10)
-    save_checkpoint(
-        "init.pt", build_model("lenet", 4, seed=0), "lenet", list(ROTATION_CLASSES), head="rotation"
-    )
-    return tmp_path
+def world(small_world):
+    return small_world
 
 
 def _select(cli, *args: str) -> tuple[list[str], str]:

@@ -14,35 +14,27 @@ import torch
 from test_descriptors import _reference as autograd_reference
 from torch import nn
 
-from alfk_cli.checkpoint import load_checkpoint, save_checkpoint, task_model
+from alfk_cli.checkpoint import load_checkpoint, task_model
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import ESTIMATORS, Estimator, register_estimator
 from alfk_cli.images import load_image, normalizer
 from alfk_cli.kernels import KERNELS, Kernel, register_kernel
 from alfk_cli.models import (
     ARCHITECTURES,
-    ROTATION_CLASSES,
     InputSpec,
     TapNet,
-    build_model,
     register_arch,
     resolve_taps,
 )
 from alfk_cli.registry import Registry, UnknownName
 from alfk_cli.store import open_store
 from alfk_cli.strategies import STRATEGIES, Picked, Strategy, register_strategy
-from conftest import make_labelled, write_images
+from conftest import make_labelled
 
 
 @pytest.fixture
-def world(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    make_labelled(Path("val"), ["a", "b", "c"], 4)
-    write_images(Path("pool"), 30, seed=10)
-    save_checkpoint(
-        "init.pt", build_model("lenet", 4, seed=0), "lenet", list(ROTATION_CLASSES), head="rotation"
-    )
-    return tmp_path
+def world(small_world):
+    return small_world
 
 
 @pytest.fixture
