@@ -16,7 +16,6 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from alfk_cli.errors import AlfkError
 from alfk_cli.registry import Registry
@@ -167,6 +166,34 @@ _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 # --- ResNets (torchvision BasicBlock and ImageNet stem) -----------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock`` (torchvision/models/resnet.py, BSD-3-Clause): the same
+    sub-modules, created in the same order (so the same seed draws the same weights) and the same
+    state-dict keys, so torchvision's ResNet weights load unchanged (``backbones``). Written out
+    because importing torchvision costs seconds (its ``ops`` import ``torch._dynamo``), which every
+    command that builds a model paid; ``tests/test_models.py`` checks it against torchvision's."""
+
+    expansion = 1
+
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x if self.downsample is None else self.downsample(x)
+        return self.relu(out)
 
 
 def _resnet_layer(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:

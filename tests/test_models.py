@@ -64,3 +64,37 @@ def test_seeded_build_is_reproducible():
         assert ka == kb and torch.equal(va, vb)
     c = build_model("resnet10", 3, seed=6)
     assert not torch.equal(a.classifier.weight, c.classifier.weight)
+
+
+@pytest.mark.parametrize("stride,down", [(1, False), (2, True)])
+def test_basic_block_is_torchvisions(stride, down):
+    """alfk's own BasicBlock (torchvision is not imported on the command path: seconds of start-up)
+    draws the same weights from the same seed, has the same keys and computes the same output."""
+    from torchvision.models.resnet import BasicBlock as Reference
+
+    from alfk_cli.models import BasicBlock
+
+    def make(cls):
+        torch.manual_seed(3)
+        ds = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, 2, bias=False), torch.nn.BatchNorm2d(16))
+        return cls(8, 16 if down else 8, stride, ds if down else None).eval()
+
+    ours, ref = make(BasicBlock), make(Reference)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    x = torch.randn(2, 8, 12, 12)
+    assert torch.equal(ours(x), ref(x))
+
+
+def test_commands_do_not_import_torchvision():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, alfk_cli.cli, alfk_cli.models, alfk_cli.pipeline, alfk_cli.training_jobs\n"
+        "alfk_cli.models.build_model('resnet18', 3, seed=0)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
