@@ -117,7 +117,21 @@ Strict = Annotated[
     ),
 ]
 Workers = Annotated[
-    int, typer.Option("--workers", min=0, help="Image-decoding worker processes (0: none).")
+    int | None,
+    typer.Option(
+        "--workers",
+        min=0,
+        help="Image-decoding worker processes (default: the cores available, at most 16; "
+        "0: decode in the main process).",
+    ),
+]
+PoolList = Annotated[
+    Path | None,
+    typer.Option(
+        "--pool-list",
+        help="File naming the images, one path per line relative to the folder ('-': standard "
+        "input), instead of walking the folder; names already in the store are not re-stat'ed.",
+    ),
 ]
 Arch = Annotated[
     str | None,

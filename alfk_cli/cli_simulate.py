@@ -94,7 +94,7 @@ def simulate(
     eval_every: EvalEvery = 1,
     mc_samples: McSamples = 32,
     device: Device = "auto",
-    workers: Workers = 2,
+    workers: Workers = None,
     plot: Plot = True,
     quiet: Quiet = False,
 ) -> None:

@@ -18,6 +18,7 @@ from alfk_cli.cli_options import (
     Exclude,
     Kernel,
     McSamples,
+    PoolList,
     PseudoLabel,
     Quiet,
     Seed,
@@ -76,10 +77,11 @@ def embed(
         int, typer.Option("--mc-samples", min=2, help="K for mc_trace and mc_mi.")
     ] = 32,
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", min=1)] = None,
-    workers: Workers = 2,
+    workers: Workers = None,
     device: Device = "auto",
     seed: Seed = 0,
     strict: Strict = False,
+    pool_list: PoolList = None,
     quiet: Quiet = False,
 ) -> None:
     """Compute multi-scale features z and Fisher scores g for every image into a feature store.
@@ -92,7 +94,7 @@ def embed(
     from alfk_cli.progress import make_progress
     from alfk_cli.pseudolabels import MCConfig
 
-    outputs_ok(out, model, reference, images)
+    outputs_ok(out, model, reference, images, _list_file(pool_list))
     check_taps(checkpoint_arch(model, "lenet"), taps)
     options = EmbedOptions(
         taps=taps,
@@ -103,6 +105,7 @@ def embed(
         device=device,
         seed=seed,
         strict=strict,
+        pool_list=pool_list,
     )
     with make_progress(quiet) as progress:
         summary = embed_folder(
@@ -137,7 +140,7 @@ def score(
     exact_count: ExactCount = False,
     seed: Seed = 0,
     device: Device = "auto",
-    workers: Workers = 2,
+    workers: Workers = None,
     quiet: Quiet = False,
 ) -> None:
     """Find misclassified validation images, pick k-center centres among them, and select the P
@@ -273,8 +276,9 @@ def select(
     report: ReportFile = None,
     seed: Seed = 0,
     device: Device = "auto",
-    workers: Workers = 2,
+    workers: Workers = None,
     strict: Strict = False,
+    pool_list: PoolList = None,
     quiet: Quiet = False,
 ) -> None:
     """Print the P pool images to label next, one per line, in selection order.
@@ -286,7 +290,7 @@ def select(
     if report is not None:
         outputs_ok(report, val, pool, scores, exclude, model)
     if scores is not None:
-        if val is not None or pool is not None:
+        if val is not None or pool is not None or pool_list is not None:
             raise typer.BadParameter(
                 "give either --scores or --val and --pool", param_hint="--scores"
             )
@@ -304,12 +308,19 @@ def select(
             P=P, model=model, arch=arch, workdir=workdir, exclude=exclude, strategy=strategy,
             kernel=kernel, pseudo_label=pseudo_label, mc_samples=mc_samples, taps=taps,
             seed=seed, device=device, workers=workers, strict=strict, exact_count=exact_count,
-            ledger=not no_ledger,
+            ledger=not no_ledger, pool_list=pool_list,
         )  # fmt: skip
         result, val_store = _run_select(val, pool, options, quiet)
     _print_selection(result, cast("ScoreFormat", fmt), export)  # fmt checked at parse time
     if report is not None:
         _write_report(report, result, val_store, quiet)
+
+
+def _list_file(pool_list: Path | None) -> Path | None:
+    """The pool list as a file the output must not be (none for standard input)."""
+    from alfk_cli.poollist import STDIN
+
+    return None if pool_list is None or str(pool_list) == STDIN else pool_list
 
 
 def _read_selection(

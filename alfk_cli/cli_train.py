@@ -67,7 +67,7 @@ def train(
     weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
     seed: Seed = 0,
     device: Device = "auto",
-    workers: Workers = 2,
+    workers: Workers = None,
     strict: Strict = False,
     quiet: Quiet = False,
 ) -> None:
@@ -81,8 +81,9 @@ def train(
     outputs_ok(out, data, val)  # --init may be --out: it is read first, the output is atomic
     dev = resolve_device(device)
     start = load_start(init, arch) if init else None
-    data_set = scan_images(data, strict=strict)
-    val_set = scan_images(val, strict=strict)
+    # decode failures are listed when the images are decoded; --strict checks them first
+    data_set = scan_images(data, strict=strict, verify=strict)
+    val_set = scan_images(val, strict=strict, verify=strict)
     report_skipped(data_set.skipped, data, quiet)
     report_skipped(val_set.skipped, val, quiet)
     options = TrainOptions(
@@ -142,7 +143,7 @@ def pretrain(
     ] = 0.1,
     seed: Seed = 0,
     device: Device = "auto",
-    workers: Workers = 2,
+    workers: Workers = None,
     strict: Strict = False,
     quiet: Quiet = False,
 ) -> None:
@@ -154,7 +155,7 @@ def pretrain(
 
     outputs_ok(out, images)
     dev = resolve_device(device)
-    found = scan_images(images, strict=strict)
+    found = scan_images(images, strict=strict, verify=strict)
     report_skipped(found.skipped, images, quiet)
     options = TrainOptions(
         arch=arch,

@@ -39,7 +39,7 @@ from alfk_cli.embedreuse import (
 )
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import describe_images, get_estimator
-from alfk_cli.images import ImageDataset, ImageSet, decode_failure, printable
+from alfk_cli.images import ImageDataset, ImageSet, decode_failure, loader_workers, printable
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.reproducible import loader_generator
 from alfk_cli.storewriter import StoreWriter
@@ -147,6 +147,8 @@ def write_embed(
         report.finish()
         kept = np.ones(len(plan.labels), dtype=bool)
         kept[[r for r, _ in failed]] = False
+        if not kept.any():  # the scan only stats files: this is where "no images" shows
+            raise AlfkError(f"no readable images in {plan.folder}: all {n} failed to decode")
         pseudo = writer.file["pseudo"][:][kept]
         accuracy = _pseudo_accuracy(pseudo, plan.labels[kept], plan.method)
         writer.finish(skipped=failed)
@@ -250,7 +252,7 @@ def _compute(
         ImageDataset(images, spec, rows=work.tolist()),
         batch_size=plan.batch_size,
         shuffle=False,
-        num_workers=max(0, opts.workers),
+        num_workers=loader_workers(opts.workers, -(-len(work) // plan.batch_size)),
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
         generator=loader_generator(),  # not the caller's global RNG

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,7 +19,8 @@ class EmbedOptions:
     sequence of tap names; None: the reference's taps, else the architecture's default preset.
     ``pseudo_label``: the estimator g is computed with; None: ``true`` for a labelled folder
     without a reference, else ``p_yz``. ``mc``: the Monte-Carlo settings of ``mc_trace`` and
-    ``mc_mi``. ``batch_size`` None: ``DEFAULT_BATCH`` of the architecture. ``strict``: a file
+    ``mc_mi``. ``batch_size`` None: ``DEFAULT_BATCH`` of the architecture. ``workers`` None: the
+    cores available (``images.loader_workers``). ``strict``: a file
     that is not a readable image is an error instead of being skipped.
 
     Only ``taps``, ``pseudo_label``, ``mc`` (for the MC estimators) and ``seed`` decide a store's
@@ -30,9 +32,12 @@ class EmbedOptions:
     mc: MCConfig = field(default_factory=MCConfig)
     seed: int = 0
     batch_size: int | None = None
-    workers: int = 2
+    workers: int | None = None  # decoding processes; None: images.loader_workers decides
     device: str = "auto"
     strict: bool = False
+    # a file naming the images (one path per line, relative to the folder; "-": stdin) instead of
+    # walking the folder (``poollist``)
+    pool_list: str | os.PathLike | None = None
 
     def batch_for(self, arch: str) -> int:
         """The batch size to use for a model of ``arch``."""

@@ -36,6 +36,7 @@ from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import DEFAULT_ESTIMATOR, get_estimator
 from alfk_cli.images import ImageSet, scan_images
 from alfk_cli.models import InputSpec, TapNet, resolve_taps, scale_dims
+from alfk_cli.poollist import scan_pool
 from alfk_cli.pseudolabels import NearestReference
 from alfk_cli.storeformat import SCHEMA_VERSION, config_fingerprint, content_fingerprint
 from alfk_cli.storereader import FeatureStore, open_store
@@ -100,7 +101,7 @@ def plan_embed(
     """Check the inputs and decide what the store ``out`` of ``folder`` will hold; writes nothing.
 
     ``images``: the folder already scanned by the caller, else it is scanned here (files that
-    decoded into ``out`` or ``reuse`` before are trusted)."""
+    decoded into ``out`` or ``reuse`` before are trusted), or read from ``options.pool_list``."""
     out = Path(out)
     check_writable_dir(out)
     if options.batch_size is not None and options.batch_size < 1:
@@ -116,8 +117,17 @@ def plan_embed(
             _check_reference(ref, ckpt, Path(checkpoint), explicit_taps, options.seed)
         taps = explicit_taps or (ref.taps if ref is not None else resolve_taps(arch, None))
         taps = resolve_taps(arch, list(taps))
-        if images is None:
-            images = scan_images(folder, strict=options.strict, trusted=trusted_files(out, reuse))
+        if images is None and options.pool_list is not None:
+            images = scan_pool(
+                folder, options.pool_list, strict=options.strict, trusted=trusted_files(out, reuse)
+            )
+        elif images is None:
+            images = scan_images(
+                folder,
+                strict=options.strict,
+                verify=options.strict,  # else decode failures are caught when embedding
+                trusted=trusted_files(out, reuse),
+            )
         method, classes, class_source = _label_source(
             method, images, folder, ref, ckpt, Path(checkpoint)
         )

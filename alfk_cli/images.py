@@ -37,6 +37,9 @@ DECODE_ERRORS = (
 )
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+# Decoding worker processes when none are asked for: the cores this process may use, at most this
+# many (more rarely help one loader, and each costs memory and start-up time).
+MAX_AUTO_WORKERS = 16
 # Decoding every image once for training is far faster than re-decoding each epoch; above this
 # many bytes of decoded pixels, stream from disk instead.
 PRELOAD_LIMIT_BYTES = 1 << 30
@@ -102,13 +105,28 @@ def unreadable(exc: BaseException) -> str:
     return f"unreadable image ({type(exc).__name__}: {text})"
 
 
+def walk_order(rel: str) -> tuple[tuple[int, str], ...]:
+    """Sort key of a relative path in ``_walk``'s order: a folder's files (by name) before its
+    sub-folders (by name), depth first."""
+    *folders, name = rel.split("/")
+    return (*((1, f) for f in folders), (0, name))
+
+
 def _scan_chunk(
-    root: Path, rels: Sequence[str], verify: bool, trusted: dict[str, tuple[int, int]]
+    root: Path,
+    rels: Sequence[str],
+    verify: bool,
+    trusted: dict[str, tuple[int, int]],
+    listed: bool,
 ) -> list[tuple[str | None, int, int]]:
     """(reason or None, st_size, st_mtime_ns) of each file; one task per chunk of files, because a
-    thread-pool future per file costs more than a stat (60k futures: seconds)."""
+    thread-pool future per file costs more than a stat (60k futures: seconds). ``listed``: the
+    files come from a pool list, and a trusted one is taken as it was stored, unstat'ed."""
     out: list[tuple[str | None, int, int]] = []
     for rel in rels:
+        if listed and (known := trusted.get(rel)) is not None:
+            out.append((None, *known))
+            continue
         path = os.path.join(root, rel)
         try:
             st = os.stat(path)
@@ -134,29 +152,40 @@ def scan_images(
     verify: bool = True,
     threads: int = 8,
     trusted: dict[str, tuple[int, int]] | None = None,
+    files: Sequence[str] | None = None,
 ) -> ImageSet:
     """Find the images under ``root``, with each one's size and mtime.
 
     ``classes`` fixes the class order (e.g. the validation set's); a labelled folder with a class
     outside it is an error. ``verify`` opens every file with PIL to catch corrupt ones early,
     except files listed in ``trusted`` (relative path -> (size, mtime_ns)) whose size and mtime
-    are unchanged: they decoded fine when they were last embedded.
+    are unchanged: they decoded fine when they were last embedded. Commands that decode every
+    image anyway pass ``verify=False`` and list decode failures then (unless ``strict``).
+
+    ``files``: the relative paths to consider instead of walking ``root`` (a pool list, see
+    ``poollist``; rows in the walk's order); those in ``trusted`` are not stat'ed either: they
+    keep the size and mtime recorded there. The folder is labelled when no file sits at its top.
     """
     root = Path(root)
     if not root.exists():
         raise AlfkError(f"folder {root} does not exist")
     if not root.is_dir():
         raise AlfkError(f"{root} is not a folder")
-    top = [p for p in root.iterdir() if not p.name.startswith(".")]
-    labelled = bool(top) and all(p.is_dir() for p in top)
-    files = _walk(root)
+    listed = files is not None
+    if files is not None:
+        files = sorted(files, key=walk_order)
+        labelled = bool(files) and all("/" in f for f in files)
+    else:
+        top = [p for p in root.iterdir() if not p.name.startswith(".")]
+        labelled = bool(top) and all(p.is_dir() for p in top)
+        files = _walk(root)
     trusted = trusted or {}
     chunk = max(64, -(-len(files) // (4 * max(1, threads))))
     parts = [files[i : i + chunk] for i in range(0, len(files), chunk)]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = [
             r
-            for part in pool.map(lambda p: _scan_chunk(root, p, verify, trusted), parts)
+            for part in pool.map(lambda p: _scan_chunk(root, p, verify, trusted, listed), parts)
             for r in part
         ]
     skipped = [(f, r[0]) for f, r in zip(files, results) if r[0] is not None]
@@ -264,6 +293,25 @@ class ImageDataset(torch.utils.data.Dataset):
         return img, int(self.images.labels[row]), row, ok
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's or
+    ``taskset``'s share), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(workers: int | None, batches: int) -> int:
+    """Decoding worker processes for a loader of ``batches`` batches: ``workers`` when given,
+    else the available cores (at most ``MAX_AUTO_WORKERS``) but no more than there are batches,
+    and none for a single batch (starting a process costs more than decoding it). The images
+    and their order never depend on this: the loaders keep row order."""
+    if workers is not None:
+        return max(0, workers)
+    return min(available_cores(), MAX_AUTO_WORKERS, batches if batches > 1 else 0)
+
+
 def decode_failure(path: str | os.PathLike, spec: InputSpec) -> str:
     """Why ``path`` failed to decode (tried again, for the listing; workers only say ``ok``)."""
     try:
@@ -273,11 +321,18 @@ def decode_failure(path: str | os.PathLike, spec: InputSpec) -> str:
     return "could not be decoded (it decodes now: changed during the run?)"
 
 
-def preload(images: ImageSet, spec: InputSpec, workers: int = 2) -> tuple[torch.Tensor, np.ndarray]:
-    """Decode every image once: (uint8 [N, C, H, W], ok mask). Used when it fits in memory."""
+def preload(
+    images: ImageSet, spec: InputSpec, workers: int | None = None
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Decode every image once: (uint8 [N, C, H, W], ok mask). Used when it fits in memory.
+    ``workers``: see ``loader_workers``."""
     ds = ImageDataset(images, spec)
+    batch = 256
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=256, num_workers=workers, generator=loader_generator()
+        ds,
+        batch_size=batch,
+        num_workers=loader_workers(workers, -(-len(ds) // batch)),
+        generator=loader_generator(),
     )
     out = torch.empty(len(ds), spec.channels, spec.size, spec.size, dtype=torch.uint8)
     ok = np.zeros(len(ds), dtype=bool)

@@ -17,6 +17,7 @@ from alfk_cli import ledger
 from alfk_cli.embedding import EmbedOptions, EmbedSummary, embed_folder, trusted_files
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageSet, scan_images
+from alfk_cli.poollist import scan_pool
 from alfk_cli.pseudolabels import MCConfig
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.scores import Scores
@@ -60,11 +61,12 @@ class SelectOptions:
     taps: str | None = None
     seed: int = 0
     device: str = "auto"
-    workers: int = 2
+    workers: int | None = None  # None: the cores available (images.loader_workers)
     strict: bool = False
     pretrain_epochs: int = 8
     exact_count: bool = False
     mc_samples: int = 32
+    pool_list: str | os.PathLike | None = None  # the pool's images named in a file (poollist)
     ledger: bool = True  # record the selection in the work folder's ledger; leave out earlier ones
 
 
@@ -182,12 +184,20 @@ def _scan(
 ) -> tuple[ImageSet, ImageSet]:
     """Fail fast, before any model pass, on what can be checked from the folders alone.
 
-    Each folder is walked once; files unchanged since the cached stores are not re-verified."""
+    Each folder is walked once and its files stat'ed, not opened: an image that fails to decode is
+    skipped and listed when it is embedded (``--strict``: verified here first, except files
+    unchanged since the cached stores)."""
     strict = options.strict
-    pool_scan = scan_images(pool_dir, strict=strict, trusted=trusted_files(wd / "pool.h5"))
+    trusted = trusted_files(wd / "pool.h5")
+    if options.pool_list is not None:
+        pool_scan = scan_pool(pool_dir, options.pool_list, strict=strict, trusted=trusted)
+    else:
+        pool_scan = scan_images(pool_dir, strict=strict, verify=strict, trusted=trusted)
     if options.P > len(pool_scan):
         raise AlfkError(f"P={options.P} is more than the {len(pool_scan)} images in {pool_dir}")
-    val_scan = scan_images(val_dir, strict=strict, trusted=trusted_files(wd / "val.h5"))
+    val_scan = scan_images(
+        val_dir, strict=strict, verify=strict, trusted=trusted_files(wd / "val.h5")
+    )
     if not val_scan.labelled:
         raise AlfkError(f"{val_dir} has no class sub-folders; the validation set must be labelled")
     try:

@@ -75,7 +75,7 @@ class ScoreOptions:
     exact_count: bool = False
     checkpoint: str | os.PathLike | None = None
     mc_samples: int = 32
-    workers: int = 0
+    workers: int | None = 0  # None: the cores available (images.loader_workers)
     sent: frozenset[str] = frozenset()  # paths inside the pool sent in earlier runs (the ledger)
 
 

@@ -105,7 +105,7 @@ class SimulateOptions:
     rare: tuple[str | int, ...] = (5, 6, 7, 8, 9)
     mc_samples: int = 32
     device: str = "auto"
-    workers: int = 2
+    workers: int | None = None
     parsed: tuple[Strategy, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -153,7 +153,7 @@ class SimulateOptions:
             "rare": [str(r) for r in self.rare],
             "mc_samples": int(self.mc_samples),
             "device": self.device,
-            "workers": int(self.workers),
+            "workers": self.workers,
         }
 
 

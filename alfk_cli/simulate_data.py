@@ -30,7 +30,7 @@ class Folder:
 
 
 def load_folder(
-    root: str | Path, spec: InputSpec, classes: Sequence[str] | None, workers: int, what: str
+    root: str | Path, spec: InputSpec, classes: Sequence[str] | None, workers: int | None, what: str
 ) -> Folder:
     found = scan_images(root, classes=classes, verify=False)
     if not found.labelled:

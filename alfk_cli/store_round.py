@@ -39,7 +39,7 @@ class StoreRound:
         device: str = "cpu",
         checkpoint: str | os.PathLike | None = None,
         mc_samples: int = 32,
-        workers: int = 0,
+        workers: int | None = 0,
     ):
         self.val, self.pool = val, pool
         self.labelled = np.asarray(left_out, dtype=bool)

@@ -27,6 +27,7 @@ from alfk_cli.images import (
     ImageSet,
     decode_failure,
     fits_in_memory,
+    loader_workers,
     normalizer,
     preload,
 )
@@ -49,7 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 25
     seed: int = 0
-    workers: int = 2
+    workers: int | None = None
     # learning rate ×0.1 at these fractions of the run (MNIST: every 15 of 50 epochs)
     milestones: tuple[float, ...] = (0.3, 0.6, 0.9)
     # evaluate the held-out set every this many epochs (and after the last): a cost cut
@@ -74,7 +75,7 @@ class ImageSource:
         images: ImageSet,
         spec: InputSpec,
         rows: Sequence[int] | np.ndarray | None = None,
-        workers: int = 2,
+        workers: int | None = None,
     ):
         # None only from from_tensors, whose images are all in ``cache``
         self.images: ImageSet | None = images
@@ -129,7 +130,10 @@ class ImageSource:
         assert images is not None, "a source without a cache reads from an ImageSet"
         ds = ImageDataset(images, self.spec, self.rows[order.numpy()])
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=batch_size, num_workers=self.workers, generator=loader_generator()
+            ds,
+            batch_size=batch_size,
+            num_workers=loader_workers(self.workers, -(-len(ds) // batch_size)),
+            generator=loader_generator(),
         )
         for img, label, rows, ok in loader:
             if not ok.all():
@@ -231,7 +235,9 @@ def fit(
                 status = f"loss {loss_:.3f} held-out acc {acc:.3f} (best {best[0]:.3f})"
                 progress.update(task, status=status)
         model.load_state_dict(best[2])
-    return TrainResult(best[1], best[0], best[3], history, train_src.bad + held_src.bad)
+    # a streamed source meets a bad image once per epoch: list it once
+    failed = list(dict.fromkeys(train_src.bad + held_src.bad))
+    return TrainResult(best[1], best[0], best[3], history, failed)
 
 
 def evaluate(
@@ -339,7 +345,7 @@ def default_config(
     weight_decay: float | None = None,
     batch_size: int | None = None,
     seed: int = 0,
-    workers: int = 2,
+    workers: int | None = None,
     milestones: tuple[float, ...] | None = None,
     eval_every: int = 1,
 ) -> TrainConfig:

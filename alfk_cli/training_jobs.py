@@ -42,7 +42,7 @@ class TrainOptions:
     weight_decay: float | None = None
     batch_size: int | None = None
     seed: int = 0
-    workers: int = 2
+    workers: int | None = None
 
     def config(self, arch: str, milestones: tuple[float, ...] | None = None) -> TrainConfig:
         """The resolved configuration for ``arch``."""
