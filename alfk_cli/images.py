@@ -105,11 +105,16 @@ def unreadable(exc: BaseException) -> str:
     return f"unreadable image ({type(exc).__name__}: {text})"
 
 
-def walk_order(rel: str) -> tuple[tuple[int, str], ...]:
+def walk_order(rel: str) -> str:
     """Sort key of a relative path in ``_walk``'s order: a folder's files (by name) before its
-    sub-folders (by name), depth first."""
-    *folders, name = rel.split("/")
-    return (*((1, f) for f in folders), (0, name))
+    sub-folders (by name), depth first. One string per path (a pool list may hold millions):
+    each folder is ``\x02name\x00`` and the file ``\x01name``, so files sort before folders and
+    a name before its extensions (``a`` before ``a-b``); names with control characters, which
+    could tie, are skipped later anyway."""
+    cut = rel.rfind("/")
+    if cut < 0:
+        return "\x01" + rel
+    return "\x02" + rel[:cut].replace("/", "\x00\x02") + "\x00\x01" + rel[cut + 1 :]
 
 
 def _scan_chunk(

@@ -82,7 +82,7 @@ def read_pool_list(source: str | os.PathLike, root: str | os.PathLike) -> PoolLi
                 f"{_describe(source)} line {number}: {printable(line)} is outside the pool "
                 f"folder {root}"
             )
-        if rel == "" or any(part.startswith(".") for part in rel.split("/")):
+        if rel == "" or "/." in "/" + rel:
             continue  # hidden, as in the walk (or the folder itself)
         first = seen.setdefault(rel, number)
         if first != number:
@@ -95,7 +95,7 @@ def read_pool_list(source: str | os.PathLike, root: str | os.PathLike) -> PoolLi
 def _relative(line: str, prefixes: set[str]) -> str | None:
     """``line`` as a POSIX path relative to the pool folder, "" for the folder itself, or None
     when it lies outside. Lines already in that form (the common case) are taken as they are."""
-    if not os.path.isabs(line) and "/." not in "/" + line and "//" not in line:
+    if line[0] != "/" and "/." not in "/" + line and "//" not in line:
         return line.removesuffix("/")
     if os.path.isabs(line):
         norm = os.path.normpath(line)

@@ -49,6 +49,24 @@ def test_walk_order_key_matches_the_walk(tmp_path):
     assert walked != sorted(walked)  # the key matters: plain sorting differs
 
 
+def test_walk_order_key_on_random_trees(tmp_path):
+    rng = random.Random(5)
+    alphabet = ["a", "b", "a-b", "a.b", "a b", "B", "0", "a0", "ab"]
+    for _ in range(80):
+        depth = rng.randint(0, 3)
+        folder = tmp_path.joinpath(*(rng.choice(alphabet) for _d in range(depth)))
+        if folder.is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        name = folder / f"{rng.choice(alphabet)}.png"
+        if not name.is_dir():
+            name.write_bytes(b"")  # only stat'ed: the scan does not open files
+    walked = scan_images(tmp_path, verify=False).paths
+    shuffled = walked[:]
+    rng.shuffle(shuffled)
+    assert sorted(shuffled, key=walk_order) == walked
+
+
 def test_lines_relative_absolute_comments_hidden_and_duplicates(tmp_path):
     root = tmp_path / "pool"
     write_images(root, 3)
