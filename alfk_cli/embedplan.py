@@ -126,7 +126,7 @@ def plan_embed(
                 folder,
                 strict=options.strict,
                 verify=options.strict,  # else decode failures are caught when embedding
-                trusted=trusted_files(out, reuse),
+                trusted=trusted_files(out, reuse) if options.strict else {},
             )
         method, classes, class_source = _label_source(
             method, images, folder, ref, ckpt, Path(checkpoint)

@@ -188,16 +188,16 @@ def _scan(
     skipped and listed when it is embedded (``--strict``: verified here first, except files
     unchanged since the cached stores)."""
     strict = options.strict
-    trusted = trusted_files(wd / "pool.h5")
     if options.pool_list is not None:
+        trusted = trusted_files(wd / "pool.h5")  # paths in the store: not stat'ed
         pool_scan = scan_pool(pool_dir, options.pool_list, strict=strict, trusted=trusted)
-    else:
+    else:  # the stored files only spare --strict's verification
+        trusted = trusted_files(wd / "pool.h5") if strict else {}
         pool_scan = scan_images(pool_dir, strict=strict, verify=strict, trusted=trusted)
     if options.P > len(pool_scan):
         raise AlfkError(f"P={options.P} is more than the {len(pool_scan)} images in {pool_dir}")
-    val_scan = scan_images(
-        val_dir, strict=strict, verify=strict, trusted=trusted_files(wd / "val.h5")
-    )
+    trusted = trusted_files(wd / "val.h5") if strict else {}
+    val_scan = scan_images(val_dir, strict=strict, verify=strict, trusted=trusted)
     if not val_scan.labelled:
         raise AlfkError(f"{val_dir} has no class sub-folders; the validation set must be labelled")
     try:
