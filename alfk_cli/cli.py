@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from alfk_cli import __version__
+from alfk_cli import __version__, distributed
 from alfk_cli.atomic import disk_error
 from alfk_cli.cli_app import app
 from alfk_cli.errors import AlfkError
@@ -106,7 +106,8 @@ def _run() -> int:
     except typer.Abort:  # EOF on a prompt, or Ctrl-C in older Typer
         raise KeyboardInterrupt from None
     except usage_error as exc:  # usage errors: Typer's message, exit 2
-        exc.show()
+        if distributed.is_main():
+            exc.show()
         return int(getattr(exc, "exit_code", 2))
     except typer.Exit as exc:
         rc = exc.exit_code
@@ -118,11 +119,18 @@ def _run() -> int:
 def main() -> None:
     """Console entry point: one-line errors, no tracebacks for expected failures.
 
-    Exit codes: 0 success, 2 usage error, 1 ``error: …``, 130 ``error: interrupted``."""
+    Exit codes: 0 success, 2 usage error, 1 ``error: …``, 130 ``error: interrupted``. Under
+    torchrun every rank runs this; rank 0 alone prints (``distributed``), and a failure on any
+    rank stops them all with one ``error:`` line."""
     sys.unraisablehook = _quiet_disk_errors
     try:
+        _join()
         code = _run()
+        distributed.barrier()  # no rank leaves while another still needs the shared store
         sys.stdout.flush()  # a full stdout (``> /dev/full``) must fail here, not at exit
+    except distributed.PeerFailed:  # another rank failed and said why
+        distributed.acknowledge()
+        code = 1
     except AlfkError as exc:
         _error(str(exc))
         code = 1
@@ -135,12 +143,17 @@ def main() -> None:
     except (OSError, RuntimeError) as exc:
         message = disk_error(exc)
         if message is None:
+            distributed.fail(f"{type(exc).__name__}: {exc}")
             raise
         _error(message)
         # HDF5 cannot clean up after a failed write (its finalisers crash the process): leave
         # now, keeping the partial file for the next run, instead of unwinding through them.
         sys.stderr.flush()
         os._exit(1)
+    except Exception as exc:  # a bug: the traceback, after telling the other ranks to stop
+        distributed.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    distributed.shutdown()
     if code and sys.stdout is not None:
         try:
             sys.stdout.flush()
@@ -148,6 +161,14 @@ def main() -> None:
             with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
+
+
+def _join() -> None:
+    """Under torchrun: join the other ranks; ranks other than 0 print nothing but errors."""
+    distributed.init()
+    if not distributed.is_main():
+        stderr.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
 
 
 def _quiet_disk_errors(info) -> None:
@@ -158,7 +179,12 @@ def _quiet_disk_errors(info) -> None:
 
 
 def _error(message: str) -> None:
+    """Print ``error: message``, unless another rank already printed its failure."""
+    if not distributed.fail(message):
+        return
+    quiet, stderr.quiet = stderr.quiet, False
     stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    stderr.quiet = quiet
 
 
 if __name__ == "__main__":
