@@ -295,3 +295,38 @@ def main_only() -> Iterator[None]:
         yield
     finally:
         _state.solo -= 1
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def data_parallel(model: Any, device: Any) -> Any:
+    """``model`` wrapped in DistributedDataParallel when several ranks train (the process group
+    is made on first use), else ``model`` itself. Gradients are averaged over the ranks after
+    each step, so the weights stay equal on every rank."""
+    if world() == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = getattr(device, "type", "cpu") == "cuda"
+    process_group(cuda)
+    if cuda:
+        import torch
+
+        return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
+    return DistributedDataParallel(model)
+
+
+def shard_order(order: Any) -> Any:
+    """This rank's share of an epoch's sample order (a 1-D tensor), as DistributedSampler deals
+    it: padded by repeating from the start to a multiple of the world size, then every
+    ``world()``-th sample from ``rank()``, so that every rank takes the same number of steps."""
+    n = world()
+    if n == 1 or len(order) == 0:
+        return order
+    import torch
+
+    pad = (-len(order)) % n
+    if pad:
+        order = torch.cat([order, order.repeat(pad // len(order) + 1)[:pad]])
+    return order[rank() :: n]
