@@ -100,6 +100,7 @@ def _run() -> int:
 
     usage_error = _usage_error_type()
     group = typer.main.get_command(app)
+    _check_launch(list(getattr(group, "commands", {})))
     defaults = default_map(group, sys.argv[1:])
     try:
         rc = group.main(standalone_mode=False, default_map=defaults, auto_envvar_prefix=ENV_PREFIX)
@@ -161,6 +162,19 @@ def main() -> None:
             with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
+
+
+#: Commands that run under torchrun (the others write files that every rank would write again).
+TORCHRUN_COMMANDS = ("embed", "score", "select", "train", "pretrain", "list", "history")
+
+
+def _check_launch(commands: list[str]) -> None:
+    """Under torchrun, refuse a command that runs in one process only."""
+    if distributed.world() == 1:
+        return
+    name = next((a for a in sys.argv[1:] if a in commands), None)
+    if name is not None and name not in TORCHRUN_COMMANDS:
+        raise AlfkError(f"{name} runs in one process: start it without torchrun")
 
 
 def _join() -> None:
