@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -145,6 +146,7 @@ def main() -> None:
         message = disk_error(exc)
         if message is None:
             distributed.fail(f"{type(exc).__name__}: {exc}")
+            distributed.settle()
             raise
         _error(message)
         # HDF5 cannot clean up after a failed write (its finalisers crash the process): leave
@@ -153,6 +155,7 @@ def main() -> None:
         os._exit(1)
     except Exception as exc:  # a bug: the traceback, after telling the other ranks to stop
         distributed.fail(f"{type(exc).__name__}: {exc}")
+        distributed.settle()
         raise
     distributed.shutdown()
     if code and sys.stdout is not None:
@@ -178,11 +181,19 @@ def _check_launch(commands: list[str]) -> None:
 
 
 def _join() -> None:
-    """Under torchrun: join the other ranks; ranks other than 0 print nothing but errors."""
+    """Under torchrun: join the other ranks; ranks other than 0 print nothing but errors. The
+    SIGTERM torchrun (or Slurm) sends to stop a rank is handled as Ctrl-C: partial files are
+    closed, to be resumed."""
     distributed.init()
+    if distributed.world() > 1:
+        signal.signal(signal.SIGTERM, _terminated)
     if not distributed.is_main():
         stderr.quiet = True
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _quiet_disk_errors(info) -> None:
@@ -194,11 +205,12 @@ def _quiet_disk_errors(info) -> None:
 
 def _error(message: str) -> None:
     """Print ``error: message``, unless another rank already printed its failure."""
-    if not distributed.fail(message):
-        return
-    quiet, stderr.quiet = stderr.quiet, False
-    stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
-    stderr.quiet = quiet
+    if distributed.fail(message):
+        quiet, stderr.quiet = stderr.quiet, False
+        stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        stderr.quiet = quiet
+        sys.stderr.flush()
+    distributed.settle()
 
 
 if __name__ == "__main__":

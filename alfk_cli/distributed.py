@@ -49,6 +49,7 @@ __all__ = [
     "on_main",
     "process_group",
     "rank",
+    "settle",
     "shutdown",
     "timeout_seconds",
     "world",
@@ -188,22 +189,33 @@ def check() -> None:
 
 
 def fail(message: str) -> bool:
-    """Post this rank's failure; True when it is the first (the one to print). Waits, at most
-    ``ACK_SECONDS``, until every other rank has failed too or seen the failure."""
+    """Post this rank's failure; True when it is the first (the one to print). Then call
+    ``settle``."""
     store = _state.store
     if store is None:
         return True
     try:
         store.set(f"failed/{_state.rank}", message)
-        first = int(store.add("failed", 1)) == 1
-        deadline = time.monotonic() + ACK_SECONDS
-        while time.monotonic() < deadline:
-            if _failures() + int(store.add("acks", 0)) >= _state.world:
-                break
-            time.sleep(0.05)
+        return int(store.add("failed", 1)) == 1
     except Exception:  # the store is gone (torchrun stopping): nothing left to tell
         return True
-    return first
+
+
+def settle() -> None:
+    """After ``fail``: wait, at most ``ACK_SECONDS``, until every other rank has failed too or
+    seen the failure, so that they close their files before torchrun stops them. A signal to
+    stop (torchrun's SIGTERM) ends the wait."""
+    store = _state.store
+    if store is None:
+        return
+    deadline = time.monotonic() + ACK_SECONDS
+    try:
+        while time.monotonic() < deadline:
+            if _failures() + int(store.add("acks", 0)) >= _state.world:
+                return
+            time.sleep(0.05)
+    except (Exception, KeyboardInterrupt):
+        return
 
 
 def acknowledge() -> None:
@@ -277,9 +289,12 @@ def barrier() -> None:
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 alone (the others wait) and give its result to every rank.
 
-    Inside ``fn`` the run counts as one process (``world() == 1``): its exchanges are local."""
+    ``fn`` starts only when every rank is here, so that what it writes cannot change what
+    another rank is still reading. Inside ``fn`` the run counts as one process
+    (``world() == 1``): its exchanges are local."""
     if world() == 1:
         return fn()
+    barrier()
     value: Any = None
     if _state.rank == 0:
         with main_only():
@@ -303,16 +318,17 @@ def main_only() -> Iterator[None]:
 def data_parallel(model: Any, device: Any) -> Any:
     """``model`` wrapped in DistributedDataParallel when several ranks train (the process group
     is made on first use), else ``model`` itself. Gradients are averaged over the ranks after
-    each step, so the weights stay equal on every rank."""
+    each step, so the weights stay equal on every rank. nccl needs a GPU per rank: with more
+    ranks on a node than GPUs, the ranks share GPUs through gloo."""
     if world() == 1:
         return model
+    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     cuda = getattr(device, "type", "cpu") == "cuda"
-    process_group(cuda)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    process_group(cuda and torch.cuda.device_count() >= per_node)
     if cuda:
-        import torch
-
         return DistributedDataParallel(model, device_ids=[torch.cuda.current_device()])
     return DistributedDataParallel(model)
 
