@@ -130,6 +130,10 @@ def test_torchrun_embed_and_score_equal_one_process(world: Path, cli, monkeypatc
     assert alfk(two, *score, nproc=2).returncode == 0
     for name in ("val.h5", "pool.h5", "s.h5"):
         assert_same_file(one / name, two / name)
+    monkeypatch.chdir(two)  # the store torchrun wrote is up to date for a single process too
+    again = cli(*pool)
+    assert again.exit_code == 0 and "pool.h5 is up to date" in again.stderr, again.stderr
+    assert "img0026b.png" in again.stderr  # its decode failure listed again, from the store
     printed = [cli("select", "--scores", f"{d}/s.h5", "--format", "csv").stdout for d in (one, two)]
     assert printed[0] == printed[1] and printed[0].count("\n") == 10
 
@@ -145,6 +149,22 @@ def test_torchrun_train_uses_ddp_and_writes_a_checkpoint(world: Path, cli, monke
     assert used.exit_code == 0, used.stderr
     with h5py.File(two / "t.h5", "r") as f:
         assert f["logits"].shape == (12, 3)
+
+
+def test_torchrun_nightly_select_equals_one_process(world: Path, cli, monkeypatch, one_thread):
+    """The orchestrator: rank 0 holds the lock, records the ledger and prints; the selection is
+    the single-process one."""
+    args = ("select", "--val", "../val", "--pool", "../pool", "--P", "6", "--model", "../init.pt")
+    args += ("--device", "cpu", "--workdir", "wd")
+    run = alfk(world / "two", *args, nproc=2)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("recorded as run 1") == 1
+    monkeypatch.chdir(world / "one")
+    single = cli(*args)
+    assert single.exit_code == 0, single.stderr
+    assert run.stdout == single.stdout and run.stdout.count("\n") == 6
+    history = cli("history", "--workdir", str(world / "two" / "wd"))
+    assert history.stdout.count("\n") == 2, history.stdout  # the header and one run
 
 
 # ----------------------------------------------------------------------------- the pieces
