@@ -141,6 +141,8 @@ def main() -> None:
         code = 130
     except BrokenPipeError:  # e.g. `alfk select ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(Exception, distributed.PeerFailed):
+            distributed.barrier()  # the other ranks wait there for rank 0, which printed
         code = 0
     except (OSError, RuntimeError) as exc:
         message = disk_error(exc)
