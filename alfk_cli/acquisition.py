@@ -16,6 +16,7 @@ tie exactly and are broken by the smaller pool id.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,8 @@ import numpy as np
 
 from alfk_cli.errors import AlfkError
 from alfk_cli.kernels import KERNELS, Buffers, Kernel, get_kernel
-from alfk_cli.search import exact_topk_stream, kcenter_greedy, use_gpu
+from alfk_cli.search import kcenter_greedy, use_gpu
+from alfk_cli.shardsearch import sharded_topk
 from alfk_cli.standardize import check_dims, norm_bound, standardize
 
 __all__ = [
@@ -229,18 +231,26 @@ def _keep_mask(exclude: Any, n: int) -> np.ndarray | None:
 
 
 def _pool_chunks(
-    pz: Any, pg: Any, dims: Sequence[int], keep: np.ndarray | None, chunk_rows: int, kernel: Kernel
+    pz: Any,
+    pg: Any,
+    dims: Sequence[int],
+    keep: np.ndarray | None,
+    chunk_rows: int,
+    kernel: Kernel,
+    first: int = 0,
+    end: int | None = None,
 ) -> Iterator[tuple[np.ndarray, Any]]:
-    """Yield ``(ids, payload)`` per chunk, the payload standardised by the kernel into buffers
-    reused between chunks; excluded rows are dropped before standardisation."""
-    n = pz.shape[0]
-    buffers = Buffers(max(1, min(chunk_rows, n)))
+    """Yield ``(ids, payload)`` per chunk of rows ``[first, end)``, the payload standardised by
+    the kernel into buffers reused between chunks; excluded rows are dropped before
+    standardisation."""
+    n = pz.shape[0] if end is None else end
+    buffers = Buffers(max(1, min(chunk_rows, n - first)))
 
     def read(ds: Any, a: int, b: int, m: np.ndarray | None) -> np.ndarray:
         x = ds[a:b]
         return x if m is None else np.asarray(x)[m]
 
-    for a in range(0, n, chunk_rows):
+    for a in range(first, n, chunk_rows):
         b = min(n, a + chunk_rows)
         m = None
         if keep is None:
@@ -320,10 +330,9 @@ def select(
     n_c = centers.size
     per = -(-P // n_c)
     k = min(n_avail, per + max(16, per))
+    chunks = functools.partial(_pool_chunks, pz, pg, dims, keep, chunk_rows, kern)
     while True:
-        scores, ids = exact_topk_stream(
-            scorer, _pool_chunks(pz, pg, dims, keep, chunk_rows, kern), n_c, k
-        )
+        scores, ids = sharded_topk(scorer, chunks, n_pool, n_c, k)  # torchrun: a share per rank
         sel, sel_s, sel_c = rank_major_select(ids, scores, P)
         # Deterministic ties make top-k lists prefixes of longer ones, so growing k and walking
         # again gives exactly the walk over unbounded lists.

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from alfk_cli import __version__
+from alfk_cli import __version__, distributed
 from alfk_cli.atomic import disk_error
 from alfk_cli.cli_app import app
 from alfk_cli.errors import AlfkError
@@ -100,13 +101,15 @@ def _run() -> int:
 
     usage_error = _usage_error_type()
     group = typer.main.get_command(app)
+    _check_launch(list(getattr(group, "commands", {})))
     defaults = default_map(group, sys.argv[1:])
     try:
         rc = group.main(standalone_mode=False, default_map=defaults, auto_envvar_prefix=ENV_PREFIX)
     except typer.Abort:  # EOF on a prompt, or Ctrl-C in older Typer
         raise KeyboardInterrupt from None
     except usage_error as exc:  # usage errors: Typer's message, exit 2
-        exc.show()
+        if distributed.is_main():
+            exc.show()
         return int(getattr(exc, "exit_code", 2))
     except typer.Exit as exc:
         rc = exc.exit_code
@@ -118,11 +121,18 @@ def _run() -> int:
 def main() -> None:
     """Console entry point: one-line errors, no tracebacks for expected failures.
 
-    Exit codes: 0 success, 2 usage error, 1 ``error: …``, 130 ``error: interrupted``."""
+    Exit codes: 0 success, 2 usage error, 1 ``error: …``, 130 ``error: interrupted``. Under
+    torchrun every rank runs this; rank 0 alone prints (``distributed``), and a failure on any
+    rank stops them all with one ``error:`` line."""
     sys.unraisablehook = _quiet_disk_errors
     try:
+        _join()
         code = _run()
+        distributed.barrier()  # no rank leaves while another still needs the shared store
         sys.stdout.flush()  # a full stdout (``> /dev/full``) must fail here, not at exit
+    except distributed.PeerFailed:  # another rank failed and said why
+        distributed.acknowledge()
+        code = 1
     except AlfkError as exc:
         _error(str(exc))
         code = 1
@@ -131,16 +141,25 @@ def main() -> None:
         code = 130
     except BrokenPipeError:  # e.g. `alfk select ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(Exception, distributed.PeerFailed):
+            distributed.barrier()  # the other ranks wait there for rank 0, which printed
         code = 0
     except (OSError, RuntimeError) as exc:
         message = disk_error(exc)
         if message is None:
+            distributed.fail(f"{type(exc).__name__}: {exc}")
+            distributed.settle()
             raise
         _error(message)
         # HDF5 cannot clean up after a failed write (its finalisers crash the process): leave
         # now, keeping the partial file for the next run, instead of unwinding through them.
         sys.stderr.flush()
         os._exit(1)
+    except Exception as exc:  # a bug: the traceback, after telling the other ranks to stop
+        distributed.fail(f"{type(exc).__name__}: {exc}")
+        distributed.settle()
+        raise
+    distributed.shutdown()
     if code and sys.stdout is not None:
         try:
             sys.stdout.flush()
@@ -148,6 +167,35 @@ def main() -> None:
             with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(code)
+
+
+#: Commands that run under torchrun (the others write files that every rank would write again).
+TORCHRUN_COMMANDS = ("embed", "score", "select", "train", "pretrain", "list", "history")
+
+
+def _check_launch(commands: list[str]) -> None:
+    """Under torchrun, refuse a command that runs in one process only."""
+    if distributed.world() == 1:
+        return
+    name = next((a for a in sys.argv[1:] if a in commands), None)
+    if name is not None and name not in TORCHRUN_COMMANDS:
+        raise AlfkError(f"{name} runs in one process: start it without torchrun")
+
+
+def _join() -> None:
+    """Under torchrun: join the other ranks; ranks other than 0 print nothing but errors. The
+    SIGTERM torchrun (or Slurm) sends to stop a rank is handled as Ctrl-C: partial files are
+    closed, to be resumed."""
+    distributed.init()
+    if distributed.world() > 1:
+        signal.signal(signal.SIGTERM, _terminated)
+    if not distributed.is_main():
+        stderr.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _quiet_disk_errors(info) -> None:
@@ -158,7 +206,13 @@ def _quiet_disk_errors(info) -> None:
 
 
 def _error(message: str) -> None:
-    stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    """Print ``error: message``, unless another rank already printed its failure."""
+    if distributed.fail(message):
+        quiet, stderr.quiet = stderr.quiet, False
+        stderr.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+        stderr.quiet = quiet
+        sys.stderr.flush()
+    distributed.settle()
 
 
 if __name__ == "__main__":

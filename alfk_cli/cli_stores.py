@@ -340,9 +340,10 @@ def _read_selection(
 
 
 def _write_report(out: Path, result: Scores, val_store: Path | None, quiet: bool) -> None:
+    from alfk_cli import distributed
     from alfk_cli.report import write_report
 
-    write_report(out, result, val_store=val_store)
+    distributed.on_main(lambda: write_report(out, result, val_store=val_store))
     what = "" if val_store is not None else " (no validation store: scores-file classes only)"
     say(quiet, f"wrote report {out}{what}")
 

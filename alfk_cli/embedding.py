@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from alfk_cli import distributed
 from alfk_cli.embedoptions import DEFAULT_BATCH, EmbedOptions
 from alfk_cli.embedplan import EmbedPlan, plan_embed
 from alfk_cli.embedreuse import (
@@ -106,7 +107,8 @@ def embed_folder(
     plan = plan_embed(
         checkpoint, folder, out, options, reference=reference, reuse=reuse, images=images
     )
-    stored = up_to_date(plan.out, plan.fingerprint)
+    # under torchrun rank 0 decides, so that no rank sees the store another has just finished
+    stored = distributed.on_main(lambda: up_to_date(plan.out, plan.fingerprint))
     if stored is not None:  # same checkpoint, options, reference and files: nothing to do
         stored_pseudo, stored_labels, undecodable = stored
         result = WriteResult(
@@ -130,7 +132,15 @@ def write_embed(
 ) -> WriteResult:
     """Write the store ``plan.out``: resume an interrupted run, copy the unchanged rows of
     ``reuse``, compute the rest, then rename the finished file into place. On any failure the
-    partial file stays for the next run to resume."""
+    partial file stays for the next run to resume. Under torchrun every rank calls it and
+    computes a share of the rows (``embedshard``)."""
+    if distributed.world() > 1:
+        from alfk_cli.embedshard import write_sharded
+
+        return write_sharded(
+            plan, reuse=reuse, progress=progress, compute=_compute, make_report=_Report,
+            copy_reusable=_copy_reusable, accuracy=_pseudo_accuracy,
+        )  # fmt: skip
     earlier = set_aside_partial(plan.out, plan.fingerprint, plan.config_fingerprint)
     writer = StoreWriter.open(plan.out, plan.header, plan.fingerprint, chunk_rows=plan.batch_size)
     notes = plan.notes()

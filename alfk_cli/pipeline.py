@@ -8,12 +8,13 @@ unchanged (a pool that gained images embeds only the new ones).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from alfk_cli import ledger
+from alfk_cli import distributed, ledger
 from alfk_cli.embedding import EmbedOptions, EmbedSummary, embed_folder, trusted_files
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageSet, scan_images
@@ -90,7 +91,8 @@ def run_select(
     pool_arg = os.path.normpath(str(pool_dir))
     wd = Path(options.workdir) if options.workdir is not None else default_workdir(pool_dir)
     val_scan, pool_scan = _scan(val_dir, pool_dir, wd, options)
-    with locked(wd):
+    # under torchrun rank 0 holds the lock for all ranks; every rank runs every stage
+    with locked(wd) if distributed.is_main() else contextlib.nullcontext():
         report = SelectReport(wd, Path(), False)
         ckpt = Path(options.model) if options.model is not None else newest_checkpoint(wd)
         if ckpt is None:
@@ -172,8 +174,10 @@ def _score(
         settings = {
             k: str(v) if isinstance(v, os.PathLike) else v for k, v in asdict(options).items()
         }
-        run_id = ledger.record(
-            wd, scores, pool=pool_arg, strategy=options.strategy, options=settings, P=options.P
+        run_id = distributed.on_main(
+            lambda: ledger.record(
+                wd, scores, pool=pool_arg, strategy=options.strategy, options=settings, P=options.P
+            )
         )
         notes.append(f"recorded as run {run_id} in {wd / ledger.FILE_NAME}")
     return scores, notes

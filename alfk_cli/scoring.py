@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from alfk_cli import acquisition
+from alfk_cli import acquisition, distributed
 from alfk_cli.atomic import check_writable_dir
 from alfk_cli.errors import AlfkError
 from alfk_cli.reproducible import seeded
 from alfk_cli.scores import Scores, read_scores, write_scores
 from alfk_cli.store import FeatureStore, check_compatible, open_store
 from alfk_cli.store_round import StoreRound
-from alfk_cli.strategies import Strategy, checked_rows, make_strategy
+from alfk_cli.strategies import FisherKernel, Picked, Strategy, checked_rows, make_strategy
 from alfk_cli.workdir import match_exclusions
 
 __all__ = ["ScoreOptions", "score_stores"]
@@ -135,7 +135,8 @@ def score_stores(
             "excluded": len(drop),
             "misclassified": len(acquisition.misclassified(val.logits[:], val.labels[:])),
         }
-        _write(out, sel, val, pool, root, attrs)
+        # under torchrun rank 0 alone writes; the others wait for the file
+        distributed.on_main(lambda: _write(out, sel, val, pool, root, attrs))
     return read_scores(out), notes
 
 
@@ -250,8 +251,7 @@ def _choose(
         mc_samples=options.mc_samples,
         workers=options.workers,
     )
-    with seeded(options.seed):
-        picked = strategy.choose(data, P, options.seed)
+    picked = _pick(strategy, data, P, options.seed)
     rows = checked_rows(strategy, picked, P, data.available)
     if picked.selection is not None:
         return picked.selection
@@ -264,6 +264,19 @@ def _choose(
         "",
         0,
     )
+
+
+def _pick(strategy: Strategy, data: StoreRound, P: int, seed: int) -> Picked:
+    """The strategy's choice. Under torchrun the Fisher-kernel strategies search the pool on
+    every rank (``shardsearch``); the others run on rank 0 alone and share their result."""
+
+    def choose() -> Picked:
+        with seeded(seed):
+            return strategy.choose(data, P, seed)
+
+    if isinstance(strategy, FisherKernel):
+        return choose()
+    return distributed.on_main(choose)
 
 
 def _write(

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alfk_cli import distributed
 from alfk_cli.devices import autocast
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import (
@@ -114,13 +115,21 @@ class ImageSource:
         return len(self.rows)
 
     def batches(
-        self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        shard: bool = False,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches in order (``shuffle``: a permutation drawn from ``generator``). ``shard``:
+        under torchrun, this rank's share of the samples only (``distributed.shard_order``)."""
         order = (
             torch.randperm(len(self.rows), generator=generator)
             if shuffle
             else torch.arange(len(self.rows))
         )
+        if shard:
+            order = distributed.shard_order(order)
         if self.cache is not None:
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
@@ -202,7 +211,9 @@ def fit(
         )
         gen = torch.Generator().manual_seed(cfg.seed)
         norm = normalizer(train_src.spec)
-        steps = math.ceil(len(train_src) / cfg.batch_size)
+        net = distributed.data_parallel(model, device)  # DDP under torchrun, else model
+        share = math.ceil(len(train_src) / distributed.world())
+        steps = math.ceil(share / cfg.batch_size)
         task = None
         if progress is not None:
             task = progress.add_task(description, total=cfg.epochs * steps, status="")
@@ -211,12 +222,13 @@ def fit(
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             total, n = 0.0, 0
-            for img, label in train_src.batches(cfg.batch_size, shuffle=True, generator=gen):
+            batches = train_src.batches(cfg.batch_size, shuffle=True, generator=gen, shard=True)
+            for img, label in batches:
                 x, y = norm(img.to(device)), label.to(device)
                 if transform is not None:
                     x, y = transform(x, y)
                 with autocast(device):
-                    loss = F.cross_entropy(model(x).float(), y)
+                    loss = F.cross_entropy(net(x).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from alfk_cli import distributed
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageSet
 from alfk_cli.reporting import ProgressSink
@@ -133,7 +134,10 @@ def train_checkpoint(
         "val_accuracy": result.best_accuracy,
         "train_images": len(data),
     }
-    save_checkpoint(out, model.cpu(), arch, data.classes, "classifier", info)
+    # under torchrun (DDP) every rank holds the same weights; rank 0 writes them
+    distributed.on_main(
+        lambda: save_checkpoint(out, model.cpu(), arch, data.classes, "classifier", info)
+    )
     return TrainReport(arch, list(data.classes), cfg, result)
 
 
@@ -168,5 +172,7 @@ def pretrain_checkpoint(
         "best_epoch": result.best_epoch,
         "rotation_accuracy": result.best_accuracy,
     }
-    save_checkpoint(out, model.cpu(), arch, list(ROTATION_CLASSES), "rotation", info)
+    distributed.on_main(
+        lambda: save_checkpoint(out, model.cpu(), arch, list(ROTATION_CLASSES), "rotation", info)
+    )
     return TrainReport(arch, list(ROTATION_CLASSES), cfg, result)
