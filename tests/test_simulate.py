@@ -162,6 +162,10 @@ def test_every_strategy_runs_one_round(folders, tmp_path):
         "fk:true",
         "fk:mc_trace",
         "fk:mc_mi:pcc",
+        "badge",
+        "similar",
+        "similar:gcmi",
+        "balanced-entropy",
     ]
     rows = run(folders, tmp_path / "all", strategies, rounds=1, imbalance=None)
     assert [r["strategy"] for r in rows] == strategies
@@ -169,6 +173,8 @@ def test_every_strategy_runs_one_round(folders, tmp_path):
     assert by["fk:true"]["pseudo_label_accuracy"] == 1.0
     assert by["entropy"]["model_passes"] == 120
     assert by["varR"]["model_passes"] == 3 * 120
+    assert by["badge"]["model_passes"] == by["balanced-entropy"]["model_passes"] == 120
+    assert by["similar"]["model_passes"] == by["similar:gcmi"]["model_passes"] == 120 + 20
     assert by["fk:mc_trace"]["model_passes"] == 2 * (20 + 120) + 3 * (1 + 4) * 120
     for r in rows:
         assert sum(r["batch_histogram"]) == 5
