@@ -14,10 +14,12 @@ rescaled cosine s_qa = (1 + cos(x_q, x_a))/2 ∈ [0, 1]; a zero vector has cosin
   maximiser is the top P by Σ_q s_qa (λ = 1; it scales every gain alike).
 
 FLQMI runs lazy greedy (DISTIL's default optimiser) with an exact rule: a candidate is taken
-when its fresh gain beats every other candidate's upper bound under the order (gain descending,
-row ascending), so the picks are those of naive greedy with ties to the smaller row. Memory is
-O(N + M + chunk·M) beyond the embeddings (no N×M matrix is kept); the first pass costs
-O(N·M·(D + F)), each re-evaluation O(M·(D + F)).
+when its gain, evaluated for the current set, beats every other candidate's upper bound under the
+order (gain descending, row ascending), so the picks are those of naive greedy with ties to the
+smaller row. Stale bounds are re-evaluated in batches of ``LAZY_BATCH``. The first pass costs
+O(N·M·(D + F)); the N×M similarities are kept when they fit in ``CACHE_ENTRIES`` (then a
+re-evaluation costs O(M)), else only O(N + M + chunk·M) is kept and a re-evaluation recomputes
+its row, O(M·(D + F)).
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ from alfk_cli.gradembed import CHUNK, GradEmbedding
 __all__ = ["SMI_FUNCTIONS", "flqmi_greedy", "gcmi_top", "similarity"]
 
 SMI_FUNCTIONS = ("flqmi", "gcmi")
+#: FLQMI keeps the N×|Q| similarities (float64) when they fit in this many entries (1 GiB), else
+#: recomputes the rows it re-evaluates.
+CACHE_ENTRIES = 2**27
+#: Stale bounds re-evaluated at once by lazy greedy.
+LAZY_BATCH = 256
 
 
 def similarity(pool: GradEmbedding, query: GradEmbedding) -> np.ndarray:
@@ -77,22 +84,36 @@ def flqmi_greedy(
     m = np.zeros(len(query))
     modular = np.empty(n)
     bound = np.empty(n)
+    cache = np.empty((n, len(query))) if n * len(query) <= CACHE_ENTRIES else None
     for s in range(0, n, CHUNK):
         S = similarity(pool.take(slice(s, s + CHUNK)), query)
+        if cache is not None:
+            cache[s : s + CHUNK] = S
         modular[s : s + CHUNK] = eta * S.max(axis=1)
         bound[s : s + CHUNK] = _gains(S, m, modular[s : s + CHUNK])
-    heap = [(-float(g), i) for i, g in enumerate(bound)]
+
+    def sims(rows: np.ndarray) -> np.ndarray:
+        return cache[rows] if cache is not None else similarity(pool.take(rows), query)
+
+    # entries (-gain bound, row, version): a bound is exact when its version is the current one
+    heap = [(-float(g), i, 0) for i, g in enumerate(bound)]
     heapq.heapify(heap)
+    version = 0
     rows: list[int] = []
     gains: list[float] = []
     while len(rows) < P:
-        _, i = heapq.heappop(heap)
-        S_i = similarity(pool.take(np.array([i])), query)
-        g = float(_gains(S_i, m, modular[i : i + 1])[0])
-        if heap and (-heap[0][0], -heap[0][1]) > (g, -i):
-            heapq.heappush(heap, (-g, i))  # stale bound: put it back with its fresh gain
+        if heap[0][2] == version:  # exact and no bound beats it: naive greedy's pick
+            neg, i, _ = heapq.heappop(heap)
+            rows.append(i)
+            gains.append(-neg)
+            np.maximum(m, sims(np.array([i]))[0], out=m)
+            version += 1
             continue
-        rows.append(i)
-        gains.append(g)
-        np.maximum(m, S_i[0], out=m)
+        stale: list[int] = []  # re-evaluate the best stale bounds together
+        while heap and heap[0][2] != version and len(stale) < LAZY_BATCH:
+            stale.append(heapq.heappop(heap)[1])
+        idx = np.asarray(stale, dtype=np.int64)
+        fresh = _gains(sims(idx), m, modular[idx])
+        for i, g in zip(stale, fresh.tolist(), strict=True):
+            heapq.heappush(heap, (-g, i, version))
     return np.asarray(rows, dtype=np.int64), np.asarray(gains)

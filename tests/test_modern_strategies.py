@@ -201,12 +201,16 @@ def test_gcmi_matches_brute_force_and_zero_vectors_have_similarity_one_half():
         submodular.flqmi_greedy(pool, query.take(np.array([], dtype=np.int64)), 2)
 
 
-def test_flqmi_is_the_same_whatever_the_chunk(monkeypatch):
+def test_flqmi_is_the_same_whatever_the_chunk_cache_and_batch(monkeypatch):
     pool, query = _smi_data(4, n=50)
     rows, _ = submodular.flqmi_greedy(pool, query, 12)
-    monkeypatch.setattr(submodular, "CHUNK", 7)
-    monkeypatch.setattr(gradembed, "CHUNK", 7)
-    assert submodular.flqmi_greedy(pool, query, 12)[0].tolist() == rows.tolist()
+    S = ref_sim(pool.dense(), query.dense())
+    assert rows.tolist() == ref_greedy(S, 12, lambda S, A: ref_flqmi(S, A, 1.0))[0]
+    for name, value in (("CHUNK", 7), ("CACHE_ENTRIES", 0), ("LAZY_BATCH", 1)):
+        monkeypatch.setattr(submodular, name, value)
+        if name == "CHUNK":
+            monkeypatch.setattr(gradembed, "CHUNK", 7)
+        assert submodular.flqmi_greedy(pool, query, 12)[0].tolist() == rows.tolist(), name
 
 
 # --- class-balanced entropy ----------------------------------------------------------------------
