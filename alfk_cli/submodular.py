@@ -18,8 +18,8 @@ when its gain, evaluated for the current set, beats every other candidate's uppe
 order (gain descending, row ascending), so the picks are those of naive greedy with ties to the
 smaller row. Stale bounds are re-evaluated in batches of ``LAZY_BATCH``. The first pass costs
 O(N·M·(D + F)); the N×M similarities are kept when they fit in ``CACHE_ENTRIES`` (then a
-re-evaluation costs O(M)), else only O(N + M + chunk·M) is kept and a re-evaluation recomputes
-its row, O(M·(D + F)).
+re-evaluation costs O(M)), else only O(N + M) and a block of 2^22 similarities are kept and a
+re-evaluation recomputes its row, O(M·(D + F)).
 """
 
 from __future__ import annotations
@@ -59,14 +59,20 @@ def _check(pool: GradEmbedding, query: GradEmbedding, P: int) -> int:
     return P
 
 
+def _block(m: int) -> int:
+    """Pool rows per similarity block: about 2^22 entries (32 MiB of float64) at a time."""
+    return max(1, min(CHUNK, 2**22 // max(m, 1)))
+
+
 def gcmi_top(
     pool: GradEmbedding, query: GradEmbedding, P: int, lam: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray]:
     """GCMI greedy: (rows in pick order, their gains 2λ Σ_q s_qa); ties to the smaller row."""
     P = _check(pool, query, P)
     gain = np.empty(len(pool))
-    for s in range(0, len(pool), CHUNK):
-        gain[s : s + CHUNK] = 2.0 * lam * similarity(pool.take(slice(s, s + CHUNK)), query).sum(1)
+    step = _block(len(query))
+    for s in range(0, len(pool), step):
+        gain[s : s + step] = 2.0 * lam * similarity(pool.take(slice(s, s + step)), query).sum(1)
     order = np.argsort(-gain, kind="stable")[:P]
     return order.astype(np.int64), gain[order]
 
@@ -85,12 +91,14 @@ def flqmi_greedy(
     modular = np.empty(n)
     bound = np.empty(n)
     cache = np.empty((n, len(query))) if n * len(query) <= CACHE_ENTRIES else None
-    for s in range(0, n, CHUNK):
-        S = similarity(pool.take(slice(s, s + CHUNK)), query)
+    step = _block(len(query))
+    for s in range(0, n, step):
+        e = s + step
+        S = similarity(pool.take(slice(s, e)), query)
         if cache is not None:
-            cache[s : s + CHUNK] = S
-        modular[s : s + CHUNK] = eta * S.max(axis=1)
-        bound[s : s + CHUNK] = _gains(S, m, modular[s : s + CHUNK])
+            cache[s:e] = S
+        modular[s:e] = eta * S.max(axis=1)
+        bound[s:e] = _gains(S, m, modular[s:e])
 
     def sims(rows: np.ndarray) -> np.ndarray:
         return cache[rows] if cache is not None else similarity(pool.take(rows), query)
