@@ -193,3 +193,40 @@ def coreset_rows(
         add_centre(xa[nxt])
         best[nxt] = -np.inf  # never picked twice, even among duplicates at distance 0
     return rows[np.asarray(picked, dtype=np.int64)].astype(np.int64)
+
+
+def class_quotas(P: int, weights: np.ndarray) -> np.ndarray:
+    """P split over classes in proportion to ``weights`` [D] by largest remainders (Hamilton):
+    ⌊P·w_d/Σw⌋ each, then one more to the largest fractional parts, ties to the smaller class."""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if (w < 0).any() or not w.sum() > 0:
+        raise AlfkError("class weights must be non-negative with a positive sum")
+    exact = int(P) * w / w.sum()
+    quota = np.floor(exact).astype(np.int64)
+    left = int(P) - int(quota.sum())
+    order = np.lexsort((np.arange(len(w)), -(exact - quota)))  # remainder desc, class asc
+    quota[order[:left]] += 1
+    return quota
+
+
+def balanced_top(
+    scores: np.ndarray, predicted: np.ndarray, quotas: np.ndarray, available: np.ndarray
+) -> np.ndarray:
+    """Rows by score within per-predicted-class quotas: class d gets its ``quotas[d]`` best
+    available rows predicted as d; a class with too few such rows leaves its shortfall to the
+    best remaining rows of any class. Rows come back by score descending, ties to the smaller
+    row, like :func:`top_p`."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    predicted = np.asarray(predicted, dtype=np.int64).reshape(-1)
+    P = int(np.sum(quotas))
+    rows = _available_rows(P, available)
+    if np.isnan(scores[rows]).any():
+        raise AlfkError("acquisition scores contain NaN")
+    ranked = rows[np.argsort(-scores[rows], kind="stable")]  # score desc, row asc
+    chosen = np.zeros(len(scores), dtype=bool)
+    for d, q in enumerate(np.asarray(quotas, dtype=np.int64)):
+        chosen[ranked[predicted[ranked] == d][:q]] = True
+    short = P - int(chosen.sum())
+    if short:
+        chosen[ranked[~chosen[ranked]][:short]] = True
+    return ranked[chosen[ranked]].astype(np.int64)

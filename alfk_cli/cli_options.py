@@ -106,6 +106,15 @@ Device = Annotated[
         help="auto, cpu, cuda or cuda:N (auto = cuda when available).",
     ),
 ]
+Balance = Annotated[
+    str,
+    typer.Option(
+        "--balance",
+        callback=lambda v: one_of(v, ("none", "reweight", "sample", "auto"), "--balance"),
+        help="Class balancing of the labelled images: none, reweight (inverse-frequency loss "
+        "weights), sample (class-balanced draws) or auto (the best of the three on validation).",
+    ),
+]
 Seed = Annotated[
     int, typer.Option("--seed", help="Seed for initialisation, shuffling and sampling.")
 ]
@@ -219,7 +228,8 @@ StrategyName = Annotated[
         "--strategy",
         callback=check_strategy,
         help="fk[:ESTIMATOR[:KERNEL]] (default fk: the paper's method, with --pseudo-label and "
-        "--kernel), pcc, random, entropy, margin, varR, bald, coreset, or a plug-in's "
+        "--kernel), pcc, random, entropy, margin, varR, bald, coreset, balanced-entropy, badge, "
+        "similar[:flqmi|gcmi], or a plug-in's "
         "(alfk list strategies).",
     ),
 ]

@@ -10,6 +10,7 @@ import typer
 from alfk_cli.cli_app import app
 from alfk_cli.cli_options import (
     Arch,
+    Balance,
     Device,
     McSamples,
     Quiet,
@@ -36,7 +37,8 @@ Strategies = Annotated[
     typer.Option(
         "--strategies",
         "-s",
-        help="Comma-separated: random, entropy, margin, varR, bald, coreset, pcc, "
+        help="Comma-separated: random, entropy, margin, varR, bald, coreset, balanced-entropy, "
+        "badge, similar[:flqmi|gcmi], pcc, "
         "fk[:ESTIMATOR[:KERNEL]] (estimators p_yz, yhat, true, mc_trace, mc_mi; "
         "kernels sum, product, pcc), or plug-ins' (alfk list).",
     ),
@@ -92,6 +94,7 @@ def simulate(
     epochs: Epochs = 50,
     pretrain_epochs: PretrainEpochs = 8,
     eval_every: EvalEvery = 1,
+    balance: Balance = "none",
     mc_samples: McSamples = 32,
     device: Device = "auto",
     workers: Workers = None,
@@ -117,7 +120,7 @@ def simulate(
         seeds=seed_list, arch=arch, taps=taps, init=cast("InitName", init), epochs=epochs,
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,
-        workers=workers,
+        workers=workers, balance=balance,
     )  # fmt: skip
     tell = (lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False))
     rows = run_simulation(options, progress=tell)

@@ -10,6 +10,7 @@ import typer
 from alfk_cli.cli_app import app
 from alfk_cli.cli_options import (
     Arch,
+    Balance,
     Device,
     Quiet,
     Seed,
@@ -66,6 +67,7 @@ def train(
     momentum: Annotated[float | None, typer.Option("--momentum")] = None,
     weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
     seed: Seed = 0,
+    balance: Balance = "none",
     device: Device = "auto",
     workers: Workers = None,
     strict: Strict = False,
@@ -95,6 +97,7 @@ def train(
         batch_size=batch_size,
         seed=seed,
         workers=workers,
+        balance=balance,
     )
     head = start.head if start else ""
     with make_progress(quiet) as progress:
@@ -112,6 +115,8 @@ def train(
     report_skipped(result.skipped, data, quiet)
     if not quiet:
         title = f"validation accuracy, epoch {result.best_epoch} of {report.config.epochs}"
+        if balance != "none":
+            title += f", balance {result.balance}"
         stderr.print(accuracy_table(title, val_set.classes, result.best_accuracy, result.per_class))
     say(quiet, f"wrote {out}")
 

@@ -291,3 +291,19 @@ def build_model(arch: str, num_classes: int, seed: int | None = None) -> TapNet:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return spec.build(num_classes)
+
+
+_POOLING_HEAD = (nn.Sequential, nn.Flatten, nn.Identity, nn.modules.dropout._DropoutNd)
+
+
+def penultimate_tap(arch: str) -> str | None:
+    """The tap whose pooled output z-slice is exactly the classifier's input in eval mode: the
+    last stage, when the head between it and the classifier only pools, flattens or drops out;
+    None for an architecture whose head computes something else."""
+    with torch.random.fork_rng(devices=[]):
+        net = get_arch(arch).build(2)
+    for m in net.head.modules():
+        pools = isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
+        if not (pools or isinstance(m, _POOLING_HEAD)):
+            return None
+    return net.stage_names[-1]

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from alfk_cli.atomic import atomic_output
+from alfk_cli.balance import check_balance
 from alfk_cli.devices import resolve_device
 from alfk_cli.errors import AlfkError
 from alfk_cli.models import InputSpec, TapNet, build_model, get_arch, resolve_taps, scale_dims
@@ -101,6 +102,7 @@ class SimulateOptions:
     epochs: int = 50
     pretrain_epochs: int = 8
     eval_every: int = 1
+    balance: str = "none"  # class balancing of each round's training (balance.py)
     imbalance: float | None = None
     rare: tuple[str | int, ...] = (5, 6, 7, 8, 9)
     mc_samples: int = 32
@@ -122,6 +124,7 @@ class SimulateOptions:
         for name in ("rounds", "P", "epochs", "eval_every"):
             if int(getattr(self, name)) < 1:
                 raise AlfkError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_balance(self.balance)
         if self.init not in INITS:
             raise AlfkError(f"init must be pretrain or random, not {self.init!r}")
         if self.init == "pretrain" and self.pretrain_epochs < 1:
@@ -147,6 +150,7 @@ class SimulateOptions:
             "epochs": int(self.epochs),
             "pretrain_epochs": int(self.pretrain_epochs) if self.init == "pretrain" else None,
             "eval_every": int(self.eval_every),
+            **({"balance": self.balance} if self.balance != "none" else {}),
             "imbalance": None
             if self.imbalance is None or self.imbalance == 1
             else float(self.imbalance),
@@ -396,6 +400,7 @@ def _one_round(
         seed=rs,
         workers=options.workers,
         eval_every=options.eval_every,
+        balance=options.balance,
     )
     t0 = time.perf_counter()
     best_epoch, val_acc = fit(

@@ -26,7 +26,14 @@ from alfk_cli.simulate_data import Folder
 from alfk_cli.training import ImageSource, TrainConfig, predict
 from alfk_cli.training import fit as train_fit
 
-__all__ = ["DESCRIBE_BATCH", "MemoryRound", "fit", "logits_of", "pooled_features"]
+__all__ = [
+    "DESCRIBE_BATCH",
+    "MemoryRound",
+    "fit",
+    "last_layer_of",
+    "logits_of",
+    "pooled_features",
+]
 
 DESCRIBE_BATCH = 256
 
@@ -78,6 +85,26 @@ def pooled_features(
     return torch.cat(out).numpy()
 
 
+@torch.no_grad()
+def last_layer_of(
+    model: TapNet, x: torch.Tensor, spec: InputSpec, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode softmax probabilities and classifier inputs (``model.head`` of the last stage)
+    of uint8 images, float32 numpy."""
+    model.eval().to(device)
+    norm = normalizer(spec)
+    last = (model.stage_names[-1],)
+    probs, feats = [], []
+    for s in range(0, len(x), DESCRIBE_BATCH):
+        _, (h,) = model.forward_taps(norm(x[s : s + DESCRIBE_BATCH].to(device)), last)
+        a = model.head(h)
+        probs.append(torch.softmax(model.classifier(a).float(), 1).cpu())
+        feats.append(a.float().cpu())
+    if not probs:
+        return np.empty((0, model.num_classes), np.float32), np.empty((0, 0), np.float32)
+    return torch.cat(probs).numpy(), torch.cat(feats).numpy()
+
+
 @dataclass
 class MemoryRound:
     """The pool of one seed in memory (hidden labels included), the model and the options."""
@@ -116,6 +143,17 @@ class MemoryRound:
 
     def features(self) -> np.ndarray:
         return pooled_features(self.model, self.pool_x, self.spec, self.taps, self.device)
+
+    @property
+    def val_labels(self) -> np.ndarray:
+        return self.val.y.numpy()
+
+    def last_layer(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return last_layer_of(self.model, self._images(rows), self.spec, self.device)
+
+    def validation(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        probs, feats = last_layer_of(self.model, self.val.x, self.spec, self.device)
+        return probs, feats, self.val.y.numpy()
 
     def describe(
         self,

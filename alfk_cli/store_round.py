@@ -19,7 +19,9 @@ from alfk_cli import acquisition, baselines
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import Estimator
 from alfk_cli.kernels import Kernel
+from alfk_cli.models import penultimate_tap
 from alfk_cli.store import FeatureStore
+from alfk_cli.storereader import read_rows
 
 __all__ = ["MC_CHUNK", "StoreRound"]
 
@@ -58,6 +60,35 @@ class StoreRound:
 
     def features(self) -> np.ndarray:
         return np.asarray(self.pool.z[:])
+
+    @property
+    def val_labels(self) -> np.ndarray:
+        return np.asarray(self.val.labels[:], dtype=np.int64)
+
+    def last_layer(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cols = self._penultimate_columns()
+        feats = np.asarray(read_rows(self.pool.z, np.asarray(rows, dtype=np.int64)))
+        return self.probs(rows), feats[:, cols]
+
+    def validation(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        cols = self._penultimate_columns()
+        logits = torch.from_numpy(np.asarray(self.val.logits[:], dtype=np.float32))
+        feats = np.asarray(self.val.z[:])[:, cols]
+        return torch.softmax(logits, 1).numpy(), feats, self.val_labels
+
+    def _penultimate_columns(self) -> slice:
+        """The z columns that hold the classifier's input (the last stage's tap)."""
+        tap = penultimate_tap(self.pool.arch)
+        taps = list(self.pool.taps)
+        if tap is None or tap not in taps:
+            need = f"taps that include {tap}" if tap else "an architecture whose head only pools"
+            raise AlfkError(
+                f"this strategy needs the classifier's input features, which {self.pool.path} "
+                f"does not hold (taps {','.join(taps)}): embed the stores with {need}"
+            )
+        i = taps.index(tap)
+        start = sum(self.pool.scale_dims[:i])
+        return slice(start, start + self.pool.scale_dims[i])
 
     def fisher(
         self, estimator: Estimator, kernel: Kernel, P: int, seed: int

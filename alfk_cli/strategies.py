@@ -3,8 +3,9 @@
 A strategy picks P rows of a pool from a :class:`RoundData`, which hides where the numbers come
 from: the simulation computes them from images held in memory, ``select`` and ``score`` read
 them from the feature stores. Built-ins: ``random``, ``entropy``, ``margin``, ``varR``, ``bald``,
-``coreset`` (the baselines' maths is in :mod:`alfk_cli.baselines`), ``fk[:ESTIMATOR[:KERNEL]]``
-and ``pcc`` (= ``fk:p_yz:pcc``). A strategy name is the registered name, optionally followed by
+``coreset``, ``balanced-entropy[:val|equal]`` (the baselines' maths is in
+:mod:`alfk_cli.baselines`), ``badge`` (:mod:`alfk_cli.gradembed`), ``similar[:flqmi|gcmi]``
+(:mod:`alfk_cli.submodular`), ``fk[:ESTIMATOR[:KERNEL]]`` and ``pcc`` (= ``fk:p_yz:pcc``). A strategy name is the registered name, optionally followed by
 ``:``-separated arguments, which the class's ``from_args`` checks. A new strategy::
 
     @register_strategy("newest")
@@ -16,8 +17,9 @@ and ``pcc`` (= ``fk:p_yz:pcc``). A strategy name is the registered name, optiona
 ``model_passes`` counts forward-equivalents spent selecting (a backward to the taps counts as
 one forward), over the N' unlabelled pool rows and the M validation images:
 
-    random 0; entropy, margin N'; varR, bald K·N' (K = mc_samples); coreset N' (z of the
-    unlabelled rows; the labelled rows' z are computed too and counted, so N);
+    random 0; entropy, margin, balanced-entropy, badge N'; similar N' + M; varR, bald K·N'
+    (K = mc_samples); coreset N' (z of the unlabelled rows; the labelled rows' z are computed
+    too and counted, so N);
     fk and pcc 2·(M + N') (one forward and one activation-only backward per image);
     fk with mc_trace / mc_mi adds K·(1 + D)·N' (K perturbed copies: one forward and D
     backwards each, D = classes).
@@ -31,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from alfk_cli import baselines
+from alfk_cli import baselines, gradembed, submodular
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import DEFAULT_ESTIMATOR, Estimator, get_estimator
 from alfk_cli.kernels import Kernel, get_kernel
@@ -97,6 +99,21 @@ class RoundData(Protocol):
 
     def features(self) -> np.ndarray:
         """z of every pool row ``[N, L]``."""
+        ...
+
+    @property
+    def val_labels(self) -> np.ndarray:
+        """True class of each validation image ``[M]``."""
+        ...
+
+    def last_layer(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Softmax probabilities ``[len(rows), D]`` and the classifier's input features
+        ``[len(rows), F]`` (penultimate layer, eval mode) of pool rows."""
+        ...
+
+    def validation(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The same for every validation image, with their true labels: ``(probs, features,
+        labels)``."""
         ...
 
     def fisher(self, estimator: Estimator, kernel: Kernel, P: int, seed: int) -> tuple[Any, Any]:
@@ -240,6 +257,77 @@ class Coreset(Strategy):
         z = data.features()
         rows = baselines.coreset_rows(z, data.labelled, P, data.available)
         return Picked(rows, _no_score(rows), len(data.labelled))
+
+
+@register_strategy("balanced-entropy")
+@dataclass
+class BalancedEntropy(Strategy):
+    """Highest entropy within per-predicted-class quotas: ``balanced-entropy[:val|equal]``,
+    quotas in proportion to the validation set's classes (default) or equal."""
+
+    quotas: str = "val"
+    name: str = field(default="balanced-entropy", repr=False)
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], defaults: dict[str, str | None]) -> Strategy:
+        if len(args) > 1 or (args and args[0] not in ("", "val", "equal")):
+            raise AlfkError("use balanced-entropy[:val|equal]")
+        return cls(args[0] if args and args[0] else "val")
+
+    def choose(self, data: RoundData, P: int, seed: int) -> Picked:
+        avail = np.flatnonzero(data.available)
+        probs = data.probs(avail)
+        D = data.num_classes
+        if self.quotas == "equal":
+            weights = np.ones(D)
+        else:
+            y = np.asarray(data.val_labels, dtype=np.int64)
+            weights = np.bincount(y[(y >= 0) & (y < D)], minlength=D).astype(np.float64)
+        scores = np.full(len(data.available), -np.inf)
+        scores[avail] = baselines.entropy(probs)
+        predicted = np.full(len(data.available), -1, dtype=np.int64)
+        predicted[avail] = probs.argmax(axis=1)
+        quotas = baselines.class_quotas(P, weights)
+        rows = baselines.balanced_top(scores, predicted, quotas, data.available)
+        return Picked(rows, scores[rows].astype(np.float32), len(avail))
+
+
+@register_strategy("badge")
+class Badge(Strategy):
+    """BADGE: k-means++ seeding over last-layer gradient embeddings at the predicted label."""
+
+    def choose(self, data: RoundData, P: int, seed: int) -> Picked:
+        avail = np.flatnonzero(data.available)
+        emb = gradembed.grad_embedding(*data.last_layer(avail))
+        rows = avail[gradembed.kmeanspp_rows(emb, P, seed)]
+        return Picked(rows, _no_score(rows), len(avail))
+
+
+@register_strategy("similar")
+@dataclass
+class Similar(Strategy):
+    """SIMILAR: ``similar[:flqmi|gcmi]``, submodular mutual information with the misclassified
+    validation images as the query set, over bias+linear gradient embeddings."""
+
+    function: str = "flqmi"
+    name: str = field(default="similar", repr=False)
+
+    @classmethod
+    def from_args(cls, args: Sequence[str], defaults: dict[str, str | None]) -> Strategy:
+        if len(args) > 1 or (args and args[0] not in ("", *submodular.SMI_FUNCTIONS)):
+            raise AlfkError(f"use similar[:{'|'.join(submodular.SMI_FUNCTIONS)}]")
+        return cls(args[0] if args and args[0] else "flqmi")
+
+    def choose(self, data: RoundData, P: int, seed: int) -> Picked:
+        avail = np.flatnonzero(data.available)
+        vp, vf, vy = data.validation()
+        wrong = vp.argmax(axis=1) != vy
+        q = wrong if wrong.any() else np.ones(len(vy), dtype=bool)  # as FK's centres do
+        query = gradembed.grad_embedding(vp[q], vf[q], vy[q], bias=True)
+        pool = gradembed.grad_embedding(*data.last_layer(avail), bias=True)
+        maximise = submodular.flqmi_greedy if self.function == "flqmi" else submodular.gcmi_top
+        picks, gains = maximise(pool, query, P)
+        return Picked(avail[picks], gains.astype(np.float32), len(avail) + data.n_val)
 
 
 @register_strategy("fk")

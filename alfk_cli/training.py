@@ -11,6 +11,7 @@ The jobs behind ``alfk train`` and ``alfk pretrain`` (checkpoints in and out) ar
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +19,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from alfk_cli import distributed
+from alfk_cli import balance, distributed
 from alfk_cli.devices import autocast
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import (
@@ -56,6 +56,8 @@ class TrainConfig:
     milestones: tuple[float, ...] = (0.3, 0.6, 0.9)
     # evaluate the held-out set every this many epochs (and after the last): a cost cut
     eval_every: int = 1
+    # class balancing of the labelled set: none, reweight, sample or auto (balance.py)
+    balance: str = "none"
 
 
 @dataclass
@@ -66,6 +68,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     # (absolute path, reason) of images that failed to decode
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    balance: str = "none"  # the class balancing trained with (what ``auto`` chose)
 
 
 class ImageSource:
@@ -120,14 +123,18 @@ class ImageSource:
         shuffle: bool = False,
         generator: torch.Generator | None = None,
         shard: bool = False,
+        weights: torch.Tensor | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches in order (``shuffle``: a permutation drawn from ``generator``). ``shard``:
-        under torchrun, this rank's share of the samples only (``distributed.shard_order``)."""
-        order = (
-            torch.randperm(len(self.rows), generator=generator)
-            if shuffle
-            else torch.arange(len(self.rows))
-        )
+        """Batches in row order, shuffled, or (``weights``) drawn with replacement ∝ weights.
+        ``shard``: under torchrun, this rank's share of the samples only
+        (``distributed.shard_order``)."""
+        if weights is not None:
+            assert generator is not None, "a weighted draw needs the loop's generator"
+            order = balance.epoch_order(weights, generator)
+        elif shuffle:
+            order = torch.randperm(len(self.rows), generator=generator)
+        else:
+            order = torch.arange(len(self.rows))
         if shard:
             order = distributed.shard_order(order)
         if self.cache is not None:
@@ -195,12 +202,50 @@ def fit(
     every ``cfg.eval_every`` epochs and after the last, and the best such epoch is kept (its
     weights are loaded into ``model``). ``transform`` maps (x, y) batches (rotations).
 
+    ``cfg.balance`` balances the classes of ``train_src`` (:mod:`alfk_cli.balance`); ``auto``
+    trains each way from the same weights and keeps the best on ``held_src``.
+
     Dropout draws from torch's global RNG, so the loop runs under ``seeded(cfg.seed)``: the same
     seed gives the same weights whatever the caller drew before, and the caller's RNG is left as
     it was. Shuffling has its own generator, seeded alike.
     """
     if len(train_src) == 0:
         raise AlfkError("no readable training images")
+    mode = balance.check_balance(cfg.balance)
+    if mode != "none" and transform is not None:
+        raise AlfkError("class balancing applies to classifier training, not to pretraining")
+    if mode != "auto":
+        return _fit_once(model, train_src, held_src, cfg, device, progress, description, transform)
+    start = copy.deepcopy(model.state_dict())
+    best: tuple[TrainResult, dict] | None = None
+    for m in balance.TRAINED_MODES:
+        model.load_state_dict(start)
+        one = dataclasses.replace(cfg, balance=m)
+        label = f"{description} ({m})"
+        res = _fit_once(model, train_src, held_src, one, device, progress, label, None)
+        if best is None or res.best_accuracy > best[0].best_accuracy:
+            best = (res, copy.deepcopy(model.state_dict()))
+    assert best is not None
+    model.load_state_dict(best[1])
+    return best[0]
+
+
+def _fit_once(
+    model: TapNet,
+    train_src: ImageSource,
+    held_src: ImageSource,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress: ProgressSink | None,
+    description: str,
+    transform,
+) -> TrainResult:
+    """:func:`fit` with one balancing mode (none, reweight or sample)."""
+    weight = draw = None
+    if cfg.balance == "reweight":
+        weight = balance.class_weights(train_src.labels, model.num_classes)
+    elif cfg.balance == "sample":
+        draw = balance.sample_weights(train_src.labels, model.num_classes)
     with seeded(cfg.seed, device):
         model.to(device)
         opt = torch.optim.SGD(
@@ -222,13 +267,13 @@ def fit(
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             total, n = 0.0, 0
-            batches = train_src.batches(cfg.batch_size, shuffle=True, generator=gen, shard=True)
+            batches = train_src.batches(cfg.batch_size, True, gen, shard=True, weights=draw)
             for img, label in batches:
                 x, y = norm(img.to(device)), label.to(device)
                 if transform is not None:
                     x, y = transform(x, y)
                 with autocast(device):
-                    loss = F.cross_entropy(net(x).float(), y)
+                    loss = balance.loss(net(x).float(), y, weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -249,7 +294,7 @@ def fit(
         model.load_state_dict(best[2])
     # a streamed source meets a bad image once per epoch: list it once
     failed = list(dict.fromkeys(train_src.bad + held_src.bad))
-    return TrainResult(best[1], best[0], best[3], history, failed)
+    return TrainResult(best[1], best[0], best[3], history, failed, cfg.balance)
 
 
 def evaluate(
@@ -360,6 +405,7 @@ def default_config(
     workers: int | None = None,
     milestones: tuple[float, ...] | None = None,
     eval_every: int = 1,
+    balance: str = "none",
 ) -> TrainConfig:
     """A TrainConfig with the architecture's defaults for every value left as None."""
     from alfk_cli.models import get_arch
@@ -374,5 +420,6 @@ def default_config(
         seed=seed,
         workers=workers,
         eval_every=eval_every,
+        balance=balance,
         **({} if milestones is None else {"milestones": milestones}),
     )

@@ -7,6 +7,7 @@ nothing. The training loops themselves are in :mod:`alfk_cli.training`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class TrainOptions:
     batch_size: int | None = None
     seed: int = 0
     workers: int | None = None
+    balance: str = "none"  # class balancing for ``train`` (balance.py); pretraining ignores it
 
     def config(self, arch: str, milestones: tuple[float, ...] | None = None) -> TrainConfig:
         """The resolved configuration for ``arch``."""
@@ -57,6 +59,7 @@ class TrainOptions:
             seed=self.seed,
             workers=self.workers,
             milestones=milestones,
+            balance=self.balance,
         )
 
 
@@ -130,6 +133,7 @@ def train_checkpoint(
         "weight_decay": cfg.weight_decay,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
+        "balance": result.balance,
         "best_epoch": result.best_epoch,
         "val_accuracy": result.best_accuracy,
         "train_images": len(data),
@@ -156,7 +160,7 @@ def pretrain_checkpoint(
     from alfk_cli.models import ROTATION_CLASSES, build_model, get_arch
 
     arch = options.arch or "lenet"
-    cfg = options.config(arch, milestones=ROTNET_MILESTONES)
+    cfg = dataclasses.replace(options.config(arch, milestones=ROTNET_MILESTONES), balance="none")
     model = build_model(arch, len(ROTATION_CLASSES), seed=cfg.seed)
     result = pretrain_rotation(
         model, images, get_arch(arch).input, cfg, device, holdout=holdout, progress=progress
@@ -169,6 +173,7 @@ def pretrain_checkpoint(
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
+        "balance": result.balance,
         "best_epoch": result.best_epoch,
         "rotation_accuracy": result.best_accuracy,
     }

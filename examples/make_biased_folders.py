@@ -17,6 +17,12 @@ pool; of the rare classes, taken together, ``floor(n_nonrare / r)`` images are d
 (without replacement, capped at what is left), where ``n_nonrare`` is the number of non-rare
 images in the pool. ``r = 1`` therefore means as many rare as non-rare images (no extra bias).
 
+Sources: the bundled MNIST sample, Fashion-MNIST, a folder of IDX files, or any class-folder tree
+(``<DIR>/<class>/**/*.jpg|png|...``, or ``<DIR>/train/<class>/...`` with ``<DIR>/test/<class>/...``
+as the test set), such as CIFAR-10 unpacked from ``shared/data/cifar10`` or a user's own labelled
+images. Class-folder images are copied byte for byte (same format, any size); IDX images are
+written as PNG.
+
 Only the standard library, numpy and pillow are used. Run ``python make_biased_folders.py -h``.
 """
 
@@ -125,12 +131,18 @@ def write_idx(path: str | Path, array: np.ndarray, compresslevel: int = 9) -> No
 # Sources
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
 @dataclass
 class Source:
-    """Images to build from. ``test_*`` is None when test is drawn from ``images``."""
+    """Images to build from. ``test_*`` is None when test is drawn from ``images``.
+
+    ``images`` is (N, H, W) uint8 for IDX sources, or an object array of N file paths for a
+    class-folder source (copied as they are)."""
 
     name: str
-    images: np.ndarray  # (N, H, W) uint8
+    images: np.ndarray  # (N, H, W) uint8, or (N,) object: paths
     labels: np.ndarray  # (N,) int64
     class_names: list[str]
     test_images: np.ndarray | None = None
@@ -160,8 +172,66 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(
+        (d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")),
+        key=lambda d: d.name,
+    )
+
+
+def _images_under(folder: Path) -> list[Path]:
+    files = [
+        f
+        for f in folder.rglob("*")
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+    ]
+    return sorted(files, key=lambda f: f.relative_to(folder).as_posix())
+
+
+def _scan_classes(folder: Path, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    paths: list[str] = []
+    labels: list[int] = []
+    for c, name in enumerate(names):
+        sub = folder / name
+        files = _images_under(sub) if sub.is_dir() else []
+        paths += [str(f) for f in files]
+        labels += [c] * len(files)
+    arr = np.empty(len(paths), dtype=object)
+    arr[:] = paths
+    return arr, np.asarray(labels, dtype=np.int64)
+
+
+def load_class_folders(folder: Path, class_names: str | None = None) -> Source | None:
+    """A class-folder tree as a source, or None when ``folder`` has no image in class folders.
+
+    ``folder/train/<class>/`` with ``folder/test/<class>/`` is a train-test source (the classes
+    are train's); otherwise ``folder/<class>/`` is a single source. Images are found
+    recursively under each class folder and ordered by relative path; class indices follow
+    the sorted folder names.
+    """
+    if class_names:
+        raise BuildError("--class-names: a class-folder source takes its names from the folders")
+    train, test = folder / "train", folder / "test"
+    separate = train.is_dir() and test.is_dir() and bool(_class_folders(train))
+    top = train if separate else folder
+    names = [d.name for d in _class_folders(top)]
+    if not names:
+        return None
+    images, labels = _scan_classes(top, names)
+    if not len(images):
+        return None
+    test_images = test_labels = None
+    if separate:
+        extra = sorted({d.name for d in _class_folders(test)} - set(names))
+        if extra:
+            raise BuildError(f"{test}: class folder(s) {extra} are not in {train}")
+        test_images, test_labels = _scan_classes(test, names)
+    return Source(str(folder), images, labels, names, test_images, test_labels)
+
+
 def load_source(source: str, class_names: str | None = None) -> Source:
-    """Load ``mnist-sample``, ``fashion-mnist`` or a folder of IDX files with standard names.
+    """Load ``mnist-sample``, ``fashion-mnist``, a folder of IDX files with standard names, or a
+    class-folder tree (:func:`load_class_folders`).
 
     A folder with ``train-*`` and ``t10k-*`` pairs is a train-test source (test from t10k);
     a folder with one pair (``images-idx3-ubyte.gz``/``labels-idx1-ubyte.gz``, or only the
@@ -196,6 +266,10 @@ def load_source(source: str, class_names: str | None = None) -> Source:
         for prefix in ("train-", "t10k-", "")
     }
     complete = {p: v for p, v in pairs.items() if v[0] is not None and v[1] is not None}
+    if not complete and name not in ("mnist-sample", "fashion-mnist"):
+        tree = load_class_folders(folder, class_names)
+        if tree is not None:
+            return tree
     test_images = test_labels = None
     if "train-" in complete and "t10k-" in complete:
         images, labels = _load_pair(*complete["train-"])
@@ -206,8 +280,9 @@ def load_source(source: str, class_names: str | None = None) -> Source:
         images, labels = _load_pair(*next(iter(complete.values())))
     elif not complete:
         raise BuildError(
-            f"{folder}: no IDX files with standard names (train-images-idx3-ubyte.gz + "
-            "train-labels-idx1-ubyte.gz, t10k-..., or images-idx3-ubyte.gz + labels-idx1-ubyte.gz)"
+            f"{folder}: neither class folders of images nor IDX files with standard names "
+            "(train-images-idx3-ubyte.gz + train-labels-idx1-ubyte.gz, t10k-..., or "
+            "images-idx3-ubyte.gz + labels-idx1-ubyte.gz)"
         )
     else:
         raise BuildError(f"{folder}: ambiguous IDX files {sorted(complete)}; keep one set")
@@ -364,8 +439,16 @@ def save_png(path: str | Path, image: np.ndarray) -> None:
 def _save_chunk(job: tuple[list[str], np.ndarray]) -> int:
     paths, images = job
     for p, im in zip(paths, images):
-        save_png(p, im)
+        if isinstance(im, str):  # a class-folder source: the file as it is
+            shutil.copyfile(im, p)
+        else:
+            save_png(p, im)
     return len(paths)
+
+
+def _suffix(images: np.ndarray, i: int) -> str:
+    """The output file suffix of image ``i``: the source file's, or .png for arrays."""
+    return Path(images[i]).suffix.lower() if images.dtype == object else ".png"
 
 
 def _write_pngs(paths: list[str], images: np.ndarray, workers: int, chunk: int = 2000) -> None:
@@ -450,7 +533,7 @@ def build(
         for i in idx:
             name = names[labs[i]]
             counts[split][name] += 1
-            paths.append(str(staging / split / name / f"{i:0{width}d}.png"))
+            paths.append(str(staging / split / name / f"{i:0{width}d}{_suffix(imgs, i)}"))
         images.append(imgs[idx])
 
     labelled_split("val", plan.val, source.images, source.labels)
@@ -472,7 +555,7 @@ def build(
     for pos, i in enumerate(plan.pool):
         name = names[source.labels[i]]
         counts["unlabeled"][name] += 1
-        fname = f"{pos:0{width}d}.png"
+        fname = f"{pos:0{width}d}{_suffix(source.images, i)}"
         if pool_layout == "classes":
             paths.append(str(pool_dir / name / fname))
         else:
@@ -480,7 +563,10 @@ def build(
             truth.append((fname, name))
     images.append(source.images[plan.pool])
 
-    all_images = np.concatenate(images) if images else np.empty((0, 1, 1), np.uint8)
+    if source.images.dtype == object:
+        all_images = np.concatenate(images) if images else np.empty(0, dtype=object)
+    else:
+        all_images = np.concatenate(images) if images else np.empty((0, 1, 1), np.uint8)
     _write_pngs(paths, all_images, workers)
     if pool_layout == "flat":
         with open(staging / TRUTH_CSV, "w", newline="") as f:
@@ -540,8 +626,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="make_biased_folders.py",
         description=(
-            "Build val/, test/, optional labeled/ and a class-imbalanced unlabeled/ pool of PNG "
-            "images from MNIST-style IDX files. The pool keeps every remaining image of the "
+            "Build val/, test/, optional labeled/ and a class-imbalanced unlabeled/ pool of "
+            "images from MNIST-style IDX files (written as PNG) or from any class-folder tree "
+            "(files copied as they are). The pool keeps every remaining image of the "
             "non-rare classes and floor(n_nonrare / r) images drawn at random from the rare "
             "classes taken together."
         ),
@@ -550,8 +637,9 @@ def make_parser() -> argparse.ArgumentParser:
         "--source",
         default="mnist-sample",
         help="'mnist-sample' (bundled 8,000-digit sample, default), 'fashion-mnist' "
-        f"({FASHION_MNIST_DIR}, Debian package dataset-fashion-mnist) or a folder with IDX "
-        "files of standard names",
+        f"({FASHION_MNIST_DIR}, Debian package dataset-fashion-mnist), a folder with IDX "
+        "files of standard names, or any class-folder tree DIR/<class>/... (or DIR/train/<class>/"
+        " with DIR/test/<class>/ as the test set, e.g. unpacked CIFAR-10); its files are copied",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(

@@ -298,3 +298,65 @@ def test_fashion_mnist_default_plan():
     assert plan.test_separate and len(plan.test) == 10_000
     assert len(plan.val) == 10_000 and len(plan.labeled) == 0
     assert len(plan.pool) == 50_000 and not set(plan.val.tolist()) & set(plan.pool.tolist())
+
+
+def _class_tree(root: Path, per_class: dict[str, int], seed: int) -> dict[str, list[Path]]:
+    """RGB images of varying sizes, PNG and JPEG, some in nested folders."""
+    rng = np.random.default_rng(seed)
+    files: dict[str, list[Path]] = {}
+    for c, n in per_class.items():
+        files[c] = []
+        for i in range(n):
+            sub = root / c / ("nested" if i % 5 == 0 else "")
+            sub.mkdir(parents=True, exist_ok=True)
+            size = (int(rng.integers(8, 20)), int(rng.integers(8, 20)), 3)
+            img = Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8), "RGB")
+            path = sub / f"{c}{i:03d}.{'jpg' if i % 2 else 'png'}"
+            img.save(path)
+            files[c].append(path)
+    (root / "notes.txt").write_text("not an image")
+    return files
+
+
+def test_class_folder_tree_with_train_and_test_is_copied_byte_for_byte(tmp_path):
+    src = tmp_path / "tree"
+    train = _class_tree(src / "train", {"cat": 30, "dog": 30, "owl": 30}, 0)
+    test = _class_tree(src / "test", {"cat": 4, "dog": 4, "owl": 4}, 1)
+    out = tmp_path / "out"
+    argv = ["--source", str(src), "--out", str(out), "--val-per-class", "5", "--rare", "owl",
+            "--imbalance", "10", "--workers", "1", "--pool-layout", "classes"]  # fmt: skip
+    assert mbf.main(argv) == 0
+    originals = {p.read_bytes(): c for c, ps in train.items() for p in ps}
+    test_bytes = {p.read_bytes(): c for c, ps in test.items() for p in ps}
+    for split, ref, n in (("val", originals, 5), ("test", test_bytes, 4)):
+        for c in ("cat", "dog", "owl"):
+            got = sorted((out / split / c).iterdir())
+            assert len(got) == n
+            assert all(ref[p.read_bytes()] == c and p.suffix in (".png", ".jpg") for p in got)
+    pool = {c: sorted((out / "unlabeled" / c).iterdir()) for c in ("cat", "dog", "owl")}
+    assert [len(pool[c]) for c in ("cat", "dog")] == [25, 25] and len(pool["owl"]) == 50 // 10
+    all_out = [p.read_bytes() for d in ("val", "unlabeled") for p in (out / d).rglob("*.*")]
+    assert len(set(all_out)) == len(all_out)  # no image in two places
+    assert all(originals[b] for b in all_out)
+    again = tmp_path / "again"
+    assert mbf.main([*argv[:2], "--out", str(again), *argv[4:]]) == 0
+    assert _tree(again) == _tree(out)  # same seed, same files
+
+
+def test_single_class_folder_tree_and_its_errors(tmp_path, capsys):
+    src = tmp_path / "mine"
+    _class_tree(src, {"a": 12, "b": 12}, 2)
+    out = tmp_path / "out"
+    argv = ["--source", str(src), "--out", str(out), "--val-per-class", "2", "--test-per-class",
+            "2", "--labeled-per-class", "1", "--rare", "b", "--imbalance", "2", "--workers", "1"]  # fmt: skip
+    assert mbf.main(argv) == 0
+    assert [len(list((out / "test" / c).iterdir())) for c in "ab"] == [2, 2]
+    with open(out / "unlabeled-truth.csv", newline="") as f:
+        labels = [r["label"] for r in csv.DictReader(f)]
+    assert labels.count("a") == 7 and labels.count("b") == 3
+    assert mbf.main([*argv, "--force", "--class-names", "x,y"]) == 1
+    assert "takes its names from the folders" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    assert mbf.main(["--source", str(empty), "--out", str(tmp_path / "o2")]) == 1
+    assert "neither class folders of images nor IDX files" in capsys.readouterr().err

@@ -262,7 +262,8 @@ def test_builtins_are_registered_like_plugins():
     assert KERNELS.names() == ("sum", "pcc", "product")
     assert ESTIMATORS.names() == ("true", "yhat", "p_yz", "mc_trace", "mc_mi")
     assert STRATEGIES.names() == (
-        "random", "entropy", "margin", "varR", "bald", "coreset", "fk", "pcc",
+        "random", "entropy", "margin", "varR", "bald", "coreset", "balanced-entropy", "badge",
+        "similar", "fk", "pcc",
     )  # fmt: skip
     # tap widths are read off the built networks
     assert ARCHITECTURES["lenet"].tap_dims == {"conv1": 10, "conv2": 20, "fc1": 50}

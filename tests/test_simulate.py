@@ -162,6 +162,10 @@ def test_every_strategy_runs_one_round(folders, tmp_path):
         "fk:true",
         "fk:mc_trace",
         "fk:mc_mi:pcc",
+        "badge",
+        "similar",
+        "similar:gcmi",
+        "balanced-entropy",
     ]
     rows = run(folders, tmp_path / "all", strategies, rounds=1, imbalance=None)
     assert [r["strategy"] for r in rows] == strategies
@@ -169,6 +173,8 @@ def test_every_strategy_runs_one_round(folders, tmp_path):
     assert by["fk:true"]["pseudo_label_accuracy"] == 1.0
     assert by["entropy"]["model_passes"] == 120
     assert by["varR"]["model_passes"] == 3 * 120
+    assert by["badge"]["model_passes"] == by["balanced-entropy"]["model_passes"] == 120
+    assert by["similar"]["model_passes"] == by["similar:gcmi"]["model_passes"] == 120 + 20
     assert by["fk:mc_trace"]["model_passes"] == 2 * (20 + 120) + 3 * (1 + 4) * 120
     for r in rows:
         assert sum(r["batch_histogram"]) == 5
@@ -245,3 +251,21 @@ def test_cli_simulate_and_plot(folders, tmp_path, cli):
     assert res.exit_code == 1 and "choose another results folder" in res.stderr
     res = cli("simulate", "--help")
     assert res.exit_code == 0 and "Example:" in res.stdout
+
+
+def test_simulate_trains_class_balanced_and_records_it(folders, tmp_path, monkeypatch):
+    from alfk_cli import balance
+
+    draws = []
+    real = balance.epoch_order
+    monkeypatch.setattr(balance, "epoch_order", lambda w, g: draws.append(w) or real(w, g))
+    out = tmp_path / "bal"
+    rows = run(folders, out, ["random"], rounds=1, balance="sample")
+    assert len(draws) == 1 and len(draws[0]) == 5  # one epoch over the 5 labelled images
+    plain = run(folders, tmp_path / "plain", ["random"], rounds=1)
+    assert len(draws) == 1
+    assert json.loads((out / "config.json").read_text())["balance"] == "sample"
+    assert "balance" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert rows[0]["batch_histogram"] == plain[0]["batch_histogram"]
+    with pytest.raises(AlfkError, match="balance must be one of"):
+        run(folders, tmp_path / "bad", ["random"], rounds=1, balance="equal")
