@@ -8,16 +8,20 @@ it is exact and deterministic for fixed inputs and seeds.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
 
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import normalizer
-from alfk_cli.models import InputSpec
-from alfk_cli.reproducible import cuda_devices
 
-_DROPOUT = nn.modules.dropout._DropoutNd  # Dropout, Dropout1d/2d/3d, AlphaDropout, ...
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from alfk_cli.models import InputSpec
+
+# torch only for MC dropout (imported there): the strategies that hold these scores are looked
+# up before any model pass, by runs that may need none.
 
 
 def _available_rows(P: int, available: np.ndarray) -> np.ndarray:
@@ -91,7 +95,6 @@ def bald(mc_probs: np.ndarray) -> np.ndarray:
     return entropy(p.mean(axis=0)) - entropy(p).mean(axis=0)
 
 
-@torch.no_grad()
 def mc_dropout_probs(
     model: nn.Module,
     images: torch.Tensor,
@@ -109,7 +112,13 @@ def mc_dropout_probs(
     untouched and the same seed (and batch size) gives the same probabilities. The model is moved
     to ``device``; its train/eval flags are restored afterwards.
     """
-    drops = [m for m in model.modules() if isinstance(m, _DROPOUT)]
+    import torch
+
+    from alfk_cli.images import normalizer
+    from alfk_cli.reproducible import cuda_devices
+
+    dropout = torch.nn.modules.dropout._DropoutNd  # Dropout, Dropout1d/2d/3d, AlphaDropout, ...
+    drops = [m for m in model.modules() if isinstance(m, dropout)]
     if not drops:
         raise AlfkError("MC dropout needs a model with dropout; lenet has it, resnets do not")
     if images.dtype != torch.uint8 or images.dim() != 4:
@@ -129,7 +138,7 @@ def mc_dropout_probs(
         model.eval()
         for m in drops:
             m.train()
-        with torch.random.fork_rng(devices=cuda_devices(device)):
+        with torch.random.fork_rng(devices=cuda_devices(device)), torch.no_grad():
             torch.manual_seed(int(seed))
             for start in range(0, n, batch_size):
                 x = norm(images[start : start + batch_size].to(device))

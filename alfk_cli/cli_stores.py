@@ -91,8 +91,8 @@ def embed(
     with the same arguments; an existing --out is updated, recomputing only new or changed images.
     """
     from alfk_cli.embedding import EmbedOptions, embed_folder
+    from alfk_cli.montecarlo import MCConfig
     from alfk_cli.progress import make_progress
-    from alfk_cli.pseudolabels import MCConfig
 
     outputs_ok(out, model, reference, images, _list_file(pool_list))
     check_taps(checkpoint_arch(model, "lenet"), taps)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from alfk_cli.estimators import get_estimator
-from alfk_cli.pseudolabels import MCConfig
+from alfk_cli.montecarlo import MCConfig
 
 #: Images per model pass when ``EmbedOptions.batch_size`` is None, per architecture (else 64).
 DEFAULT_BATCH = {"lenet": 256, "resnet10": 128, "resnet18": 32}

@@ -14,13 +14,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import InputSpec, TapNet
-from alfk_cli.pseudolabels import MCConfig, NearestReference, image_keys, mc_labels, yhat
+from alfk_cli.montecarlo import MCConfig
 from alfk_cli.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from alfk_cli.models import InputSpec, TapNet
+    from alfk_cli.pseudolabels import NearestReference
+
+    #: Labels for a batch: a tensor [B], or a function of (z [B, L], logits [B, D]) -> labels
+    #: [B] evaluated inside the batch's forward pass (no second forward).
+    Labels = torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# No torch at import: the registry (names, ``needs_reference``, ``uses_mc``) is read when the
+# command line is checked and when a store's configuration is compared, before any model pass;
+# the maths (``pseudolabels``) is imported by the estimators' ``labels``.
 
 __all__ = [
     "DEFAULT_ESTIMATOR",
@@ -33,10 +45,6 @@ __all__ = [
 ]
 
 DEFAULT_ESTIMATOR = "p_yz"
-
-#: Labels for a batch: a tensor [B], or a function of (z [B, L], logits [B, D]) -> labels [B]
-#: evaluated inside the batch's forward pass (no second forward).
-Labels = torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,8 @@ class Prediction(Estimator):
     """argmax of the model's logits."""
 
     def labels(self, batch: EstimatorBatch) -> Labels:
+        from alfk_cli.pseudolabels import yhat
+
         return yhat
 
 
@@ -116,6 +126,8 @@ class _MonteCarlo(Estimator):
     uses_mc = True
 
     def labels(self, batch: EstimatorBatch) -> Labels:
+        from alfk_cli.pseudolabels import image_keys, mc_labels
+
         keys = image_keys(batch.seed, batch.names)
         return mc_labels(
             self.name, batch.model, batch.images, batch.spec, batch.taps, keys, batch.mc
@@ -145,6 +157,8 @@ def describe_images(
     mc_cfg: MCConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """z, g, logits and the labels g used, for one uint8 batch, with the estimator ``method``."""
+    import torch
+
     from alfk_cli.descriptors import describe_batch
     from alfk_cli.images import normalizer
 

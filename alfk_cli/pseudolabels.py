@@ -50,7 +50,6 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -60,6 +59,7 @@ from alfk_cli.descriptors import concat_pooled, frozen_eval
 from alfk_cli.devices import full_precision
 from alfk_cli.errors import AlfkError
 from alfk_cli.models import InputSpec, TapNet
+from alfk_cli.montecarlo import MCConfig  # re-exported: the settings of the MC estimators
 from alfk_cli.standardize import standardize  # per vector, per scale slice (docs/algorithm.md §4)
 
 # --- yhat and p_yz -----------------------------------------------------------------------------
@@ -137,23 +137,6 @@ class NearestReference:
 
 
 # --- Monte-Carlo estimators ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MCConfig:
-    samples: int = 32  # K perturbed copies per image
-    max_degrees: float = 5.0  # rotations uniform in [-max_degrees, +max_degrees] degrees
-    noise_std: float = 0.01  # Gaussian pixel noise on the [0, 1] scale, before normalisation
-    ridge: float = 1e-3  # ε of the scale-free ridge of mc_mi
-    trace_centered: bool = False  # mc_trace: centre the samples over K (textbook covariance)
-    mi_pick: str = "min"  # mc_mi: argmin_d of the MI (measured: the label); "max" = paper's text
-    pixel_budget: int = 1 << 25  # at most this many input values per forward (memory bound)
-
-    def params(self) -> dict:
-        """What determines the labels (for store fingerprints)."""
-        d = asdict(self)
-        d.pop("pixel_budget")
-        return d
 
 
 #: Per-image RNG seeds, as :func:`image_keys` makes them (int64 array) or as plain ints.

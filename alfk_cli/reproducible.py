@@ -18,15 +18,21 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from alfk_cli.errors import AlfkError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions that need it: ``created_stamp`` is used by every
+# writer of stores and scores files, and a run with nothing to compute must not import torch.
 
 
 def cuda_devices(device: torch.device | str | None) -> list[int]:
     """The CUDA devices whose RNG ``torch.random.fork_rng`` must save for ``device``."""
+    import torch
+
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type != "cuda":
         return []
@@ -37,6 +43,8 @@ def cuda_devices(device: torch.device | str | None) -> list[int]:
 def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
     """Run the block with torch's global RNG (CPU, and ``device`` when CUDA) seeded with ``seed``;
     the caller's RNG state is restored on exit."""
+    import torch
+
     with torch.random.fork_rng(devices=cuda_devices(device)):
         torch.manual_seed(int(seed))
         yield
@@ -45,6 +53,8 @@ def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None
 def loader_generator() -> torch.Generator:
     """A generator for a DataLoader that shuffles nothing: it only seeds the (randomness-free)
     decoding workers, and keeps the loader from consuming the global RNG."""
+    import torch
+
     return torch.Generator().manual_seed(0)
 
 
@@ -68,6 +78,8 @@ def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj)`` into ``path`` through an open file: given a path, torch names the zip
     archive's inner folder after the file (``.NAME.partial`` here), so equal contents written
     under different names would differ byte-wise; a file object gets the fixed name ``archive``."""
+    import torch
+
     with open(path, "wb") as fh:
         torch.save(obj, fh)
 

@@ -14,17 +14,19 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import h5py
 import numpy as np
 
 from alfk_cli import __version__
-from alfk_cli.acquisition import Selection
 from alfk_cli.atomic import atomic_output
 from alfk_cli.errors import AlfkError
 from alfk_cli.reproducible import created_stamp
-from alfk_cli.store import open_hdf5
+from alfk_cli.storereader import open_hdf5
+
+if TYPE_CHECKING:
+    from alfk_cli.acquisition import Selection
 
 KIND = "alfk-scores"
 SCHEMA_VERSION = 1

@@ -23,8 +23,14 @@ from alfk_cli.errors import AlfkError
 from alfk_cli.reproducible import seeded
 from alfk_cli.scores import Scores, read_scores, write_scores
 from alfk_cli.store import FeatureStore, check_compatible, open_store
-from alfk_cli.store_round import StoreRound
-from alfk_cli.strategies import FisherKernel, Picked, Strategy, checked_rows, make_strategy
+from alfk_cli.strategies import (
+    FisherKernel,
+    Picked,
+    RoundData,
+    Strategy,
+    checked_rows,
+    make_strategy,
+)
 from alfk_cli.workdir import match_exclusions
 
 __all__ = ["ScoreOptions", "score_stores"]
@@ -240,6 +246,8 @@ def _choose(
     """The strategy's pick as a Selection (no centres for strategies without them)."""
     if P == 0:
         return _empty_selection(getattr(strategy, "kernel", ""))
+    from alfk_cli.store_round import StoreRound  # torch: only when the scores are computed
+
     left_out = np.zeros(len(pool), dtype=bool)
     left_out[sorted(drop)] = True
     data = StoreRound(
@@ -266,7 +274,7 @@ def _choose(
     )
 
 
-def _pick(strategy: Strategy, data: StoreRound, P: int, seed: int) -> Picked:
+def _pick(strategy: Strategy, data: RoundData, P: int, seed: int) -> Picked:
     """The strategy's choice. Under torchrun the Fisher-kernel strategies search the pool on
     every rank (``shardsearch``); the others run on rank 0 alone and share their result."""
 
