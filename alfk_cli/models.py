@@ -5,58 +5,33 @@ non-linearity (docs/algorithm.md §1). ``TapNet.forward_taps`` runs the stages o
 logits plus the requested tap tensors, so descriptors need no hooks. When asked, the earliest
 requested tap is cut from the graph and made a leaf that requires grad: a backward pass from the
 loss then stops there and computes activation gradients only (docs/algorithm.md §2).
+
+The built-in networks (``build_lenet``, ``build_resnet10``, ``build_resnet18``) are registered by
+``archs``, with their inputs and presets, so that naming an architecture needs no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The registry and the architectures' names, inputs and presets need no torch (``archs``); they
+# are re-exported here, where the networks are.
+from alfk_cli.archs import (
+    ARCHITECTURES,
+    ARCHS,
+    ROTATION_CLASSES,
+    ArchSpec,
+    InputSpec,
+    get_arch,
+    register_arch,
+    resolve_taps,
+    scale_dims,
+)
 from alfk_cli.errors import AlfkError
-from alfk_cli.registry import Registry
-
-ROTATION_CLASSES = ("0", "90", "180", "270")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the network eats: images are resized to ``size`` and normalised per channel."""
-
-    size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """A registered architecture: how to build it, what it eats, its tap presets."""
-
-    name: str
-    build: Callable[[int], TapNet]  # number of classes -> a freshly initialised TapNet
-    input: InputSpec
-    presets: dict[str, tuple[str, ...]]  # paper presets, named by total length L
-    default_preset: str
-    train_defaults: dict[str, float] = field(default_factory=dict)
-
-    @cached_property
-    def tap_dims(self) -> dict[str, int]:
-        """Tap name -> its length after global average pooling, read off the built network.
-
-        One forward pass of a blank image through a throw-away copy (seeded: no RNG is used
-        outside it), so no width is ever typed by hand.
-        """
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(0)
-            net = self.build(2).eval()
-            x = torch.zeros(1, self.input.channels, self.input.size, self.input.size)
-            _, feats = net.forward_taps(x, net.stage_names)
-        return {name: pool(f).shape[1] for name, f in zip(net.stage_names, feats, strict=True)}
 
 
 class TapNet(nn.Module):
@@ -109,30 +84,6 @@ def pool(t: torch.Tensor) -> torch.Tensor:
     return t.mean(dim=(2, 3)) if t.dim() == 4 else t
 
 
-ARCHITECTURES: Registry[ArchSpec] = Registry("architecture", "alfk.architectures")
-ARCHS = ARCHITECTURES  # the short name the rest of the code and the tests use
-
-
-def register_arch(
-    name: str,
-    *,
-    input: InputSpec,
-    presets: dict[str, tuple[str, ...]],
-    default_preset: str,
-    train_defaults: dict[str, float] | None = None,
-) -> Callable[[Callable[[int], TapNet]], Callable[[int], TapNet]]:
-    """Decorator: register ``build(num_classes) -> TapNet`` as architecture ``name``."""
-    if default_preset not in presets:
-        raise ValueError(f"default preset {default_preset!r} is not one of {', '.join(presets)}")
-
-    def add(build: Callable[[int], TapNet]) -> Callable[[int], TapNet]:
-        spec = ArchSpec(name, build, input, dict(presets), default_preset, train_defaults or {})
-        ARCHITECTURES.register(name)(spec)
-        return build
-
-    return add
-
-
 # --- LeNet (PyTorch MNIST example layout, as in the paper's code) -------------------------------
 
 
@@ -146,13 +97,6 @@ class _LeNetConv(nn.Module):
         return F.relu(F.max_pool2d(self.drop(self.conv(x)), 2))
 
 
-@register_arch(
-    "lenet",
-    input=InputSpec(28, 1, (0.1307,), (0.3081,)),
-    presets={"L20": ("conv2",), "L80": ("conv1", "conv2", "fc1")},
-    default_preset="L80",
-    train_defaults={"lr": 0.05, "momentum": 0.5, "weight_decay": 0.0, "batch_size": 25},
-)
 def build_lenet(num_classes: int) -> TapNet:
     stages = [
         ("conv1", _LeNetConv(1, 10)),
@@ -160,9 +104,6 @@ def build_lenet(num_classes: int) -> TapNet:
         ("fc1", nn.Sequential(nn.Flatten(), nn.Linear(320, 50), nn.ReLU())),
     ]
     return TapNet(stages, nn.Dropout(0.5), nn.Linear(50, num_classes))
-
-
-_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 # --- ResNets (torchvision BasicBlock and ImageNet stem) -----------------------------------------
@@ -230,57 +171,12 @@ def build_resnet(blocks: Sequence[int], in_channels: int, num_classes: int) -> T
     return net
 
 
-@register_arch(
-    "resnet10",
-    input=InputSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    presets={"L256": ("layer3",), "L768": ("layer3", "layer4")},
-    default_preset="L768",
-    train_defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128},
-)
 def build_resnet10(num_classes: int) -> TapNet:
     return build_resnet((1, 1, 1, 1), 3, num_classes)
 
 
-@register_arch(
-    "resnet18",
-    input=InputSpec(224, 3, *_IMAGENET),
-    presets={"L512": ("layer4",), "L768": ("layer3", "layer4")},
-    default_preset="L768",
-    train_defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64},
-)
 def build_resnet18(num_classes: int) -> TapNet:
     return build_resnet((2, 2, 2, 2), 3, num_classes)
-
-
-def get_arch(name: str) -> ArchSpec:
-    """The registered architecture ``name``; an unknown name is an error naming the known ones."""
-    return ARCHITECTURES[name]
-
-
-def resolve_taps(arch: str, taps: str | Sequence[str] | None) -> tuple[str, ...]:
-    """A preset name (``L80``), a comma-separated list of tap names, or None for the default."""
-    spec = get_arch(arch)
-    if taps is None or taps == "":
-        return spec.presets[spec.default_preset]
-    if isinstance(taps, str):
-        if taps in spec.presets:
-            return spec.presets[taps]
-        taps = [t.strip() for t in taps.split(",") if t.strip()]
-    names = tuple(taps)
-    bad = [t for t in names if t not in spec.tap_dims]
-    if bad or not names:
-        raise AlfkError(
-            f"unknown tap {bad[0] if bad else '(none)'!r} for {arch}; presets: "
-            f"{', '.join(spec.presets)}; taps: {', '.join(spec.tap_dims)}"
-        )
-    if len(set(names)) != len(names):
-        raise AlfkError(f"taps repeat a name: {','.join(names)}")
-    return names
-
-
-def scale_dims(arch: str, taps: Sequence[str]) -> list[int]:
-    spec = get_arch(arch)
-    return [spec.tap_dims[t] for t in taps]
 
 
 def build_model(arch: str, num_classes: int, seed: int | None = None) -> TapNet:
@@ -307,3 +203,25 @@ def penultimate_tap(arch: str) -> str | None:
         if not (pools or isinstance(m, _POOLING_HEAD)):
             return None
     return net.stage_names[-1]
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "ARCHS",
+    "ROTATION_CLASSES",
+    "ArchSpec",
+    "BasicBlock",
+    "InputSpec",
+    "TapNet",
+    "build_lenet",
+    "build_model",
+    "build_resnet",
+    "build_resnet10",
+    "build_resnet18",
+    "get_arch",
+    "penultimate_tap",
+    "pool",
+    "register_arch",
+    "resolve_taps",
+    "scale_dims",
+]

@@ -7,9 +7,9 @@ from alfk_cli.registry import Registry
 
 def registries() -> dict[str, Registry]:
     """The registries by kind (importing them registers the built-ins)."""
+    from alfk_cli.archs import ARCHITECTURES
     from alfk_cli.estimators import ESTIMATORS
     from alfk_cli.kernels import KERNELS
-    from alfk_cli.models import ARCHITECTURES
     from alfk_cli.strategies import STRATEGIES
 
     return {
