@@ -13,8 +13,10 @@ A registry is a read-only mapping from name to object, so ``name in KERNELS``, `
 and ``list(KERNELS)`` work. An unknown name raises :class:`UnknownName` (an ``AlfkError``)
 naming the known ones. Installed packages can add entries without an import: an entry point in
 the group ``alfk.<kind>`` (``alfk.architectures``, ``alfk.kernels``, ``alfk.estimators``,
-``alfk.strategies``) names a module, or a callable, which is loaded the first time the registry
-is read and registers its objects itself.
+``alfk.strategies``) names a module, or a callable, which registers its objects itself. Entry
+points are loaded the first time a name that is not registered yet is looked up, or the registry
+is listed: a run that only uses built-in names never reads the installed packages' metadata nor
+imports a plug-in (which may import torch).
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ class Registry(Mapping[str, T], Generic[T]):
                 obj()
 
     def __getitem__(self, name: str) -> T:
+        if name in self._items:  # registered already: no entry point needs loading
+            return self._items[name]
         self._load_plugins()
         try:
             return self._items[name]
@@ -97,7 +101,8 @@ class Registry(Mapping[str, T], Generic[T]):
             ) from None
 
     def get(self, name: str, default: Any = None) -> Any:
-        self._load_plugins()
+        if name not in self._items:
+            self._load_plugins()
         return self._items.get(name, default)
 
     def __iter__(self) -> Iterator[str]:
@@ -109,6 +114,8 @@ class Registry(Mapping[str, T], Generic[T]):
         return len(self._items)
 
     def __contains__(self, name: Any) -> bool:
+        if name in self._items:
+            return True
         self._load_plugins()
         return name in self._items
 

@@ -257,6 +257,19 @@ def test_registry_names_errors_and_entry_points(tmp_path, monkeypatch):
         broken.names()
 
 
+def test_registered_names_read_no_entry_points(monkeypatch):
+    groups: list[str] = []
+    monkeypatch.setattr(
+        importlib.metadata, "entry_points", lambda group: groups.append(group) or []
+    )
+    reg: Registry[int] = Registry("widget", "alfk.widgets")
+    reg.register("one")(1)
+    assert "one" in reg and reg["one"] == 1 and reg.get("one") == 1
+    assert groups == []  # a built-in name is known without the installed packages' metadata
+    assert "two" not in reg and groups == ["alfk.widgets"]
+    assert reg.names() == ("one",) and groups == ["alfk.widgets"]  # read once
+
+
 def test_builtins_are_registered_like_plugins():
     assert ARCHITECTURES.names() == ("lenet", "resnet10", "resnet18")
     assert KERNELS.names() == ("sum", "pcc", "product")
