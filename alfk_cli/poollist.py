@@ -31,7 +31,7 @@ from alfk_cli.errors import AlfkError
 from alfk_cli.names import printable
 
 if TYPE_CHECKING:
-    from alfk_cli.images import ImageSet
+    from alfk_cli.imagescan import ImageSet
 
 STDIN = "-"
 
@@ -121,7 +121,7 @@ def scan_pool(
     """``images.scan_images`` over the images a pool list names (see the module docstring):
     paths in ``trusted`` keep its size and mtime unstat'ed, the rest are stat'ed. ``strict``:
     any skipped line or file is an error."""
-    from alfk_cli.images import scan_images
+    from alfk_cli.imagescan import scan_images
 
     listed = read_pool_list(pool_list, root)
     if strict and listed.skipped:
