@@ -2,23 +2,33 @@
 
 A checkpoint is a plain dict (loadable with ``weights_only=True``): the state dict plus the
 architecture, the class names, the input spec and provenance. It is written atomically.
+
+``read_checkpoint`` reads the file once: the metadata without torch (``torchzip``; torch itself
+when that reader cannot tell) and the sha256 of the bytes, which stores and scores files record.
+The weights (``CheckpointFile.load``) come from the same bytes, so they always match that hash;
+torch is imported only then.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from alfk_cli import __version__
+from alfk_cli.archs import ROTATION_CLASSES, InputSpec, get_arch
 from alfk_cli.atomic import atomic_output
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import ROTATION_CLASSES, InputSpec, TapNet, build_model, get_arch
 from alfk_cli.reproducible import created_stamp, save_torch
+from alfk_cli.torchzip import NotReadable, read_pickled
+
+if TYPE_CHECKING:
+    import torch
+
+    from alfk_cli.models import TapNet
 
 FORMAT = "alfk-checkpoint"
 FORMAT_VERSION = 1
@@ -38,6 +48,8 @@ class Checkpoint:
     sha256: str = ""
 
     def build(self) -> TapNet:
+        from alfk_cli.models import build_model
+
         # seeded only so that the throw-away initialisation leaves the global RNG alone
         model = build_model(self.arch, len(self.classes), seed=0)
         model.load_state_dict(self.state_dict)
@@ -78,18 +90,62 @@ def save_checkpoint(
         save_torch(payload, tmp)  # the same bytes whatever the file's name
 
 
-def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpoint:
-    """Read a checkpoint; ``arch`` (when given) must match the one it was made for."""
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint's metadata and sha256, read without torch, with the bytes they came from."""
+
+    path: Path
+    arch: str
+    classes: list[str]
+    head: str
+    input: InputSpec
+    info: dict[str, Any]
+    sha256: str
+    data: bytes = field(repr=False)
+
+    def load(self) -> Checkpoint:
+        """The checkpoint with its weights (imports torch), from the same bytes."""
+        return checkpoint_from_dict(
+            _torch_load(self.data, self.path), self.path, sha256=self.sha256
+        )
+
+
+def read_checkpoint(path: str | os.PathLike, arch: str | None = None) -> CheckpointFile:
+    """Read a checkpoint's metadata; ``arch`` (when given) must match the one it was made for.
+
+    The same checks and messages as :func:`load_checkpoint`, without importing torch when the
+    file is a checkpoint ``torchzip`` can read."""
     path = Path(path)
     if not path.is_file():
         raise AlfkError(f"checkpoint {path} does not exist")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AlfkError(f"cannot read checkpoint {path}: {exc.strerror}") from None
+    try:
+        raw = read_pickled(data)
+    except NotReadable:
+        raw = None
+    if not is_checkpoint_dict(raw):  # in doubt, torch decides (and words the error)
+        raw = _torch_load(data, path)
+    meta = _metadata(raw, path, arch)
+    return CheckpointFile(path=path, **meta, sha256=hashlib.sha256(data).hexdigest(), data=data)
+
+
+def _torch_load(data: bytes, path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
         raise AlfkError(
             f"cannot read checkpoint {path}: not an alfk checkpoint ({type(exc).__name__})"
         ) from None
-    return checkpoint_from_dict(raw, path, arch)
+
+
+def load_checkpoint(path: str | os.PathLike, arch: str | None = None) -> Checkpoint:
+    """Read a checkpoint with its weights; ``arch`` (when given) must match its architecture."""
+    return read_checkpoint(path, arch).load()
 
 
 def is_checkpoint_dict(raw: object) -> bool:
@@ -97,8 +153,8 @@ def is_checkpoint_dict(raw: object) -> bool:
     return isinstance(raw, dict) and raw.get("format") == FORMAT
 
 
-def checkpoint_from_dict(raw: object, path: Path, arch: str | None = None) -> Checkpoint:
-    """The :class:`Checkpoint` in ``raw``, the dict loaded from the file ``path``."""
+def _metadata(raw: object, path: Path, arch: str | None) -> dict[str, Any]:
+    """The checked metadata fields of the checkpoint dict ``raw`` (of the file ``path``)."""
     if not isinstance(raw, dict) or not is_checkpoint_dict(raw):
         raise AlfkError(f"{path} is not an alfk checkpoint")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -108,16 +164,37 @@ def checkpoint_from_dict(raw: object, path: Path, arch: str | None = None) -> Ch
     if arch is not None and raw["arch"] != arch:
         raise AlfkError(f"checkpoint {path} was made for {raw['arch']}, not {arch}")
     inp = raw["input"]
+    return {
+        "arch": raw["arch"],
+        "classes": list(raw["classes"]),
+        "head": raw["head"],
+        "input": InputSpec(inp["size"], inp["channels"], tuple(inp["mean"]), tuple(inp["std"])),
+        "info": dict(raw.get("info", {})),
+    }
+
+
+def checkpoint_from_dict(
+    raw: object, path: Path, arch: str | None = None, *, sha256: str | None = None
+) -> Checkpoint:
+    """The :class:`Checkpoint` in ``raw``, the dict loaded from the file ``path`` (whose sha256
+    is ``sha256`` when the caller already has it)."""
+    meta = _metadata(raw, path, arch)
+    assert isinstance(raw, dict), "_metadata checked it"
     return Checkpoint(
-        arch=raw["arch"],
-        classes=list(raw["classes"]),
-        head=raw["head"],
-        input=InputSpec(inp["size"], inp["channels"], tuple(inp["mean"]), tuple(inp["std"])),
+        **meta,
         state_dict=raw["state_dict"],
-        info=dict(raw.get("info", {})),
         path=path,
-        sha256=file_sha256(path),
+        sha256=sha256 if sha256 is not None else file_sha256(path),
     )
+
+
+def check_classes(ckpt: Checkpoint | CheckpointFile, classes: list[str]) -> None:
+    """A task checkpoint embeds only images of its own classes (other heads get a fresh one)."""
+    if ckpt.head == "classifier" and ckpt.classes != list(classes):
+        raise AlfkError(
+            f"checkpoint {ckpt.path} was trained on classes {','.join(ckpt.classes)}, "
+            f"but the images have {','.join(classes)}"
+        )
 
 
 def init_from(model: TapNet, ckpt: Checkpoint) -> list[str]:
@@ -157,13 +234,11 @@ def task_model(ckpt: Checkpoint, classes: list[str], seed: int = 0) -> TapNet:
     A task checkpoint with the same classes is used as is; a rotation-pretrained one (or one
     with other classes) keeps its trunk and gets a fresh, seeded classifier for ``classes``.
     """
-    if ckpt.head == "classifier" and ckpt.classes == list(classes):
-        return ckpt.build()
+    from alfk_cli.models import build_model
+
+    check_classes(ckpt, classes)
     if ckpt.head == "classifier":
-        raise AlfkError(
-            f"checkpoint {ckpt.path} was trained on classes {','.join(ckpt.classes)}, "
-            f"but the images have {','.join(classes)}"
-        )
+        return ckpt.build()
     model = build_model(ckpt.arch, len(classes), seed=seed)
     init_from(model, ckpt)
     return model
@@ -172,11 +247,14 @@ def task_model(ckpt: Checkpoint, classes: list[str], seed: int = 0) -> TapNet:
 __all__ = [
     "ROTATION_CLASSES",
     "Checkpoint",
+    "CheckpointFile",
+    "check_classes",
     "checkpoint_from_dict",
     "file_sha256",
     "init_from",
     "is_checkpoint_dict",
     "load_checkpoint",
+    "read_checkpoint",
     "save_checkpoint",
     "task_model",
 ]

@@ -1,8 +1,19 @@
+import pathlib
+import struct
+import zipfile
+
 import pytest
 import torch
 
 from alfk_cli.atomic import partial_path
-from alfk_cli.checkpoint import init_from, load_checkpoint, save_checkpoint, task_model
+from alfk_cli.checkpoint import (
+    file_sha256,
+    init_from,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    task_model,
+)
 from alfk_cli.errors import AlfkError
 from alfk_cli.models import ROTATION_CLASSES, build_model
 
@@ -92,3 +103,81 @@ def test_task_model_from_rotation_and_task_checkpoints(tmp_path):
     assert task_model(load_checkpoint(task_path), ["x", "y"]).num_classes == 2
     with pytest.raises(AlfkError, match="trained on classes x,y"):
         task_model(load_checkpoint(task_path), ["p", "q"])
+
+
+def _count_torch_loads(monkeypatch, refuse: bool = False) -> list[int]:
+    """Calls of torch.load from now on (``refuse``: each one fails the test)."""
+    calls: list[int] = []
+    real = torch.load
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if refuse:
+            raise AssertionError("torch.load was called")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("arch", "classes", "head"),
+    [
+        ("lenet", list(ROTATION_CLASSES), "rotation"),
+        ("lenet", ["a", "b", "c"], "classifier"),
+        ("resnet10", ["x", "y"], "classifier"),
+    ],
+)
+def test_metadata_is_read_without_torch_as_torch_reads_it(
+    tmp_path, monkeypatch, arch, classes, head
+):
+    path = tmp_path / "m.pt"
+    model = build_model(arch, len(classes), seed=3)
+    save_checkpoint(path, model, arch, classes, head=head, info={"epochs": 2, "val_accuracy": 0.5})
+    full = load_checkpoint(path)
+    calls = _count_torch_loads(monkeypatch, refuse=True)
+    meta = read_checkpoint(path)
+    assert calls == []
+    assert (meta.arch, meta.classes, meta.head, meta.input, meta.info) == (
+        full.arch, full.classes, full.head, full.input, full.info,
+    )  # fmt: skip
+    assert meta.sha256 == full.sha256 == file_sha256(path)
+    monkeypatch.undo()
+    weights = meta.load().state_dict  # from the bytes that were hashed
+    assert weights.keys() == full.state_dict.keys()
+    assert all(torch.equal(weights[k], full.state_dict[k]) for k in weights)
+
+
+def _record_offset(path, name: str) -> int:
+    """Where the data of the zip record ``name`` starts in the file."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name)
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def test_what_the_reader_cannot_take_apart_goes_to_torch(tmp_path, monkeypatch):
+    path = tmp_path / "m.pt"
+    save_checkpoint(
+        path, build_model("lenet", 4, seed=0), "lenet", list(ROTATION_CLASSES), "rotation"
+    )
+    raw = torch.load(path, weights_only=True)
+    calls = _count_torch_loads(monkeypatch)
+    # torch's legacy (non-zip) format: read by torch
+    legacy = tmp_path / "legacy.pt"
+    torch.save(raw, legacy, _use_new_zipfile_serialization=False)
+    assert read_checkpoint(legacy).head == "rotation" and len(calls) == 1
+    # a tensor record with a flipped byte fails its CRC: torch decides (this one reads it anyway)
+    damaged = tmp_path / "damaged.pt"
+    data = bytearray(path.read_bytes())
+    data[_record_offset(path, "archive/data/0") + 3] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert read_checkpoint(damaged).sha256 == file_sha256(damaged) and len(calls) == 2
+    # an object a state dict is not made of: refused here, and by torch's weights_only
+    foreign = tmp_path / "foreign.pt"
+    torch.save({**raw, "info": {"where": pathlib.PurePosixPath("x")}}, foreign)
+    with pytest.raises(AlfkError, match=r"cannot read checkpoint .*foreign\.pt: not an alfk"):
+        read_checkpoint(foreign)
+    assert len(calls) == 3
