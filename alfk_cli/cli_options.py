@@ -1,22 +1,25 @@
 """The command line's shared pieces: option types, parse-time checks, and stderr wording.
 
 Option values are checked when the command line is parsed (exit 2, before any work), against the
-library's own registries, imported only then so that ``--help`` stays fast. Everything for
-humans goes to stderr; stdout carries data only.
+library's own registries, imported only then so that ``--help`` stays fast; none of those checks
+imports torch (a run with nothing to compute must not). Everything for humans goes to stderr;
+stdout carries data only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.table import Table
 
 from alfk_cli.errors import AlfkError
 from alfk_cli.names import printable
 from alfk_cli.progress import stderr
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 _Value = TypeVar("_Value", bound="str | None")
 
@@ -37,7 +40,7 @@ def check_device(value: str) -> str:
 
 
 def check_kernel(value: str) -> str:
-    from alfk_cli.acquisition import KERNELS
+    from alfk_cli.kernels import KERNELS
 
     return one_of(value, KERNELS, "--kernel")
 
@@ -59,9 +62,9 @@ def check_strategy(value: str) -> str:
 
 
 def check_arch(value: str | None) -> str | None:
-    from alfk_cli.models import ARCHS
+    from alfk_cli.archs import ARCHS
 
-    return one_of(value, tuple(ARCHS), "--arch")
+    return one_of(value, ARCHS, "--arch")
 
 
 def check_format(value: str) -> str:
@@ -72,7 +75,7 @@ def check_format(value: str) -> str:
 
 def check_taps(arch: str, taps: str | None) -> None:
     """``--taps`` against the architecture it will be used with (known once the checkpoint is)."""
-    from alfk_cli.models import resolve_taps
+    from alfk_cli.archs import resolve_taps
 
     if taps:
         try:
@@ -85,9 +88,9 @@ def checkpoint_arch(model: Path | None, default: str) -> str:
     """The architecture of ``model`` (read before any work), else ``default``."""
     if model is None:
         return default
-    from alfk_cli.checkpoint import load_checkpoint
+    from alfk_cli.checkpoint import read_checkpoint
 
-    return load_checkpoint(model).arch
+    return read_checkpoint(model).arch
 
 
 def outputs_ok(out: Path, *inputs: Path | None) -> None:
@@ -182,6 +185,7 @@ def report_skipped(skipped: list[tuple[str, str]] | list[str], root: Path, quiet
 
 def accuracy_table(title: str, classes: list[str], overall: float, per_class: list[float]) -> Table:
     from rich import box
+    from rich.table import Table
 
     from alfk_cli.progress import plain_output
 

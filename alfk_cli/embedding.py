@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from alfk_cli import distributed
 from alfk_cli.embedoptions import DEFAULT_BATCH, EmbedOptions
@@ -40,9 +39,9 @@ from alfk_cli.embedreuse import (
 )
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import describe_images, get_estimator
-from alfk_cli.images import ImageDataset, ImageSet, decode_failure, loader_workers, printable
+from alfk_cli.imagescan import ImageSet
+from alfk_cli.names import printable
 from alfk_cli.reporting import ProgressSink
-from alfk_cli.reproducible import loader_generator
 from alfk_cli.storewriter import StoreWriter
 
 
@@ -58,7 +57,7 @@ class EmbedSummary:
     pseudo_label: str
     classes: list[str]
     taps: tuple[str, ...]
-    device: str = "cpu"
+    device: str = "cpu"  # of the model passes; as asked (``auto``) when the store was up to date
     pseudo_accuracy: float | None = None  # pseudo == labels, over images with known labels
     notes: list[str] = field(default_factory=list)  # e.g. why a reuse store was not used
 
@@ -134,6 +133,9 @@ def write_embed(
     ``reuse``, compute the rest, then rename the finished file into place. On any failure the
     partial file stays for the next run to resume. Under torchrun every rank calls it and
     computes a share of the rows (``embedshard``)."""
+    # The model first (torch): a checkpoint that does not fit its architecture fails before any
+    # file is created, as a plan does for every other bad input.
+    _ = plan.model  # built (and cached) before the partial file is opened
     if distributed.world() > 1:
         from alfk_cli.embedshard import write_sharded
 
@@ -207,7 +209,7 @@ def _summary(
         pseudo_label=plan.method,
         classes=list(plan.classes),
         taps=plan.taps,
-        device=str(plan.device),
+        device=plan.device_name,
         pseudo_accuracy=result.pseudo_accuracy,
         notes=result.notes,
     )
@@ -257,6 +259,11 @@ def _compute(
     failed: list[tuple[int, str]] = []
     if len(work) == 0:
         return 0, failed
+    import torch  # here, not at import: a store that is up to date needs no model pass
+
+    from alfk_cli.images import ImageDataset, decode_failure, loader_workers
+    from alfk_cli.reproducible import loader_generator
+
     opts, images, dev, spec = plan.options, plan.images, plan.device, plan.spec
     loader = torch.utils.data.DataLoader(
         ImageDataset(images, spec, rows=work.tolist()),

@@ -14,6 +14,12 @@ Which labels g is computed with (docs/algorithm.md §2-3):
 
 Planning writes nothing: a bad checkpoint, an unwritable output folder, a mismatched reference
 or an empty folder raise AlfkError before any file is created.
+
+Planning imports no torch: the checkpoint's metadata and hash are read from its bytes
+(``checkpoint.read_checkpoint``), so deciding that a store is up to date (its fingerprint)
+needs no model. The model, its device, p_yz's reference index and the store header (whose scale
+widths are read off a built network) are made on first use, by the writer, from the same
+checkpoint bytes the fingerprint was computed from.
 """
 
 from __future__ import annotations
@@ -21,47 +27,56 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from alfk_cli import __version__
+from alfk_cli.archs import InputSpec, resolve_taps, scale_dims
 from alfk_cli.atomic import check_writable_dir
-from alfk_cli.checkpoint import Checkpoint, load_checkpoint, task_model
-from alfk_cli.devices import resolve_device
+from alfk_cli.checkpoint import CheckpointFile, check_classes, read_checkpoint, task_model
+from alfk_cli.devices import parse_device
 from alfk_cli.embedoptions import EmbedOptions
 from alfk_cli.embedreuse import trusted_files
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import DEFAULT_ESTIMATOR, get_estimator
-from alfk_cli.images import ImageSet, scan_images
-from alfk_cli.models import InputSpec, TapNet, resolve_taps, scale_dims
+from alfk_cli.imagescan import ImageSet, scan_images
 from alfk_cli.poollist import scan_pool
-from alfk_cli.pseudolabels import NearestReference
 from alfk_cli.storeformat import SCHEMA_VERSION, config_fingerprint, content_fingerprint
 from alfk_cli.storereader import FeatureStore, open_store
 from alfk_cli.storewriter import StoreHeader
 
+if TYPE_CHECKING:
+    import torch
+
+    from alfk_cli.models import TapNet
+    from alfk_cli.pseudolabels import NearestReference
+
 
 @dataclass(kw_only=True)
 class EmbedPlan:
-    """What ``plan_embed`` decided: the images and their labels, the model, the store's header
-    and its fingerprints. ``options`` are resolved: ``taps`` the tap names, ``pseudo_label`` the
-    method."""
+    """What ``plan_embed`` decided: the images and their labels, the checkpoint, the store's
+    configuration and its fingerprints. ``options`` are resolved: ``taps`` the tap names,
+    ``pseudo_label`` the method. ``model``, ``device``, ``labeler`` and ``header`` are made on
+    first use (they import torch)."""
 
     out: Path
     folder: str | os.PathLike  # the image folder as the caller gave it (for messages)
     options: EmbedOptions
     images: ImageSet
     labels: np.ndarray  # per image: index into ``classes``, −1 unknown
+    sizes: np.ndarray  # per image: file size and mtime, as scanned
+    mtimes: np.ndarray
     classes: list[str]
     class_source: str  # where the classes come from, for messages
     not_classes: list[str]  # first-level sub-folders that are not class names
-    spec: InputSpec
-    model: TapNet
-    device: torch.device
-    labeler: NearestReference | None  # p_yz's nearest reference images
-    header: StoreHeader
+    checkpoint: CheckpointFile
+    reference: str | os.PathLike | None
+    # the reference's z, labels and scale widths, when the estimator reads them (p_yz)
+    reference_data: tuple[np.ndarray, np.ndarray, list[int]] | None
+    config: dict  # what determines the store's contents (its ``embed_config``)
     config_fingerprint: str
     fingerprint: str
 
@@ -75,7 +90,60 @@ class EmbedPlan:
 
     @property
     def batch_size(self) -> int:
-        return self.options.batch_for(self.header.arch)
+        return self.options.batch_for(self.checkpoint.arch)
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.checkpoint.input
+
+    @cached_property
+    def device(self) -> torch.device:
+        from alfk_cli.devices import resolve_device
+
+        return resolve_device(self.options.device)
+
+    @property
+    def device_name(self) -> str:
+        """The device as resolved, when it was; else as asked (``auto``: nothing ran on it)."""
+        if "device" in self.__dict__:
+            return str(self.__dict__["device"])
+        return parse_device(self.options.device)
+
+    @cached_property
+    def model(self) -> TapNet:
+        """The task model for ``classes``, on ``device``, from the planned checkpoint's bytes."""
+        return task_model(self.checkpoint.load(), self.classes, self.options.seed).to(self.device)
+
+    @cached_property
+    def labeler(self) -> NearestReference | None:
+        """p_yz's nearest reference images (None for the other estimators)."""
+        if self.reference_data is None:
+            return None
+        from alfk_cli.pseudolabels import NearestReference
+
+        return NearestReference(*self.reference_data)
+
+    @cached_property
+    def header(self) -> StoreHeader:
+        return StoreHeader(
+            image_root=str(Path(self.folder)),
+            arch=self.checkpoint.arch,
+            checkpoint_sha256=self.checkpoint.sha256,
+            pseudo_label=self.method,
+            taps=self.taps,
+            scale_dims=scale_dims(self.checkpoint.arch, self.taps),
+            classes=self.classes,
+            paths=self.images.paths,
+            labels=self.labels,
+            sizes=self.sizes,
+            mtime_ns=self.mtimes,
+            extra_attrs={
+                "seed": np.int64(self.options.seed),
+                "embed_config": json.dumps(self.config, sort_keys=True),
+                "config_fingerprint": self.config_fingerprint,
+                "reference_path": str(self.reference) if self.reference is not None else "",
+            },
+        )
 
     def notes(self) -> list[str]:
         """What the caller should be told about the plan (sub-folders that are not classes)."""
@@ -107,7 +175,7 @@ def plan_embed(
     if options.batch_size is not None and options.batch_size < 1:
         raise AlfkError("the batch size must be at least 1")
     method = get_estimator(options.pseudo_label).name if options.pseudo_label is not None else None
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint)
     arch = ckpt.arch
     explicit_taps = resolve_taps(arch, options.taps) if options.taps not in (None, "") else None
     ref: FeatureStore | None = None
@@ -117,17 +185,8 @@ def plan_embed(
             _check_reference(ref, ckpt, Path(checkpoint), explicit_taps, options.seed)
         taps = explicit_taps or (ref.taps if ref is not None else resolve_taps(arch, None))
         taps = resolve_taps(arch, list(taps))
-        if images is None and options.pool_list is not None:
-            images = scan_pool(
-                folder, options.pool_list, strict=options.strict, trusted=trusted_files(out, reuse)
-            )
-        elif images is None:
-            images = scan_images(
-                folder,
-                strict=options.strict,
-                verify=options.strict,  # else decode failures are caught when embedding
-                trusted=trusted_files(out, reuse) if options.strict else {},
-            )
+        if images is None:
+            images = _scan(folder, out, reuse, options)
         method, classes, class_source = _label_source(
             method, images, folder, ref, ckpt, Path(checkpoint)
         )
@@ -137,16 +196,18 @@ def plan_embed(
                 f"pseudo-label method {method} needs class sub-folders; {folder} has {not_classes[0]!r}, "
                 f"which is not among the classes of {class_source} ({','.join(classes)})"
             )
-        dev = resolve_device(options.device)
-        model = task_model(ckpt, classes, options.seed).to(dev)
+        if parse_device(options.device).startswith("cuda"):  # a GPU asked for must be there
+            from alfk_cli.devices import resolve_device
+
+            resolve_device(options.device)
+        check_classes(ckpt, classes)
         if get_estimator(method).uses_mc and options.mc.samples < 2:
             raise AlfkError("Monte-Carlo pseudo-labels need at least 2 samples")
         resolved = replace(options, taps=tuple(taps), pseudo_label=method)
-        header, cfg_fp, fingerprint = _store_header(
-            ckpt, resolved, folder, reference, ref, images, classes, labels
-        )
-        labeler = (
-            NearestReference(ref.z[:], ref.labels[:], ref.scale_dims)
+        config = _config(ckpt, resolved, classes, ref)
+        sizes, mtimes = _file_stats(images)
+        reference_data = (
+            (ref.z[:], ref.labels[:], ref.scale_dims)
             if ref is not None and get_estimator(method).needs_reference
             else None
         )
@@ -154,25 +215,36 @@ def plan_embed(
         if ref is not None:
             ref.close()
     return EmbedPlan(
-        out=out, folder=folder, options=resolved, images=images, labels=labels, classes=classes,
-        class_source=class_source, not_classes=not_classes, spec=ckpt.input, model=model,
-        device=dev, labeler=labeler, header=header, config_fingerprint=cfg_fp,
-        fingerprint=fingerprint,
+        out=out, folder=folder, options=resolved, images=images, labels=labels, sizes=sizes,
+        mtimes=mtimes, classes=classes, class_source=class_source, not_classes=not_classes,
+        checkpoint=ckpt, reference=reference, reference_data=reference_data, config=config,
+        config_fingerprint=config_fingerprint(config),
+        fingerprint=content_fingerprint(config, images.paths, labels, sizes, mtimes),
     )  # fmt: skip
 
 
-def _store_header(
-    ckpt: Checkpoint,
-    options: EmbedOptions,
-    folder: str | os.PathLike,
-    reference: str | os.PathLike | None,
-    ref: FeatureStore | None,
-    images: ImageSet,
-    classes: list[str],
-    labels: np.ndarray,
-) -> tuple[StoreHeader, str, str]:
-    """The store's header, its config fingerprint and its content fingerprint."""
-    config = {
+def _scan(
+    folder: str | os.PathLike, out: Path, reuse: str | os.PathLike | None, options: EmbedOptions
+) -> ImageSet:
+    """The folder's images (or its pool list's); files that decoded into ``out`` or ``reuse``
+    before are trusted."""
+    if options.pool_list is not None:
+        return scan_pool(
+            folder, options.pool_list, strict=options.strict, trusted=trusted_files(out, reuse)
+        )
+    return scan_images(
+        folder,
+        strict=options.strict,
+        verify=options.strict,  # else decode failures are caught when embedding
+        trusted=trusted_files(out, reuse) if options.strict else {},
+    )
+
+
+def _config(
+    ckpt: CheckpointFile, options: EmbedOptions, classes: list[str], ref: FeatureStore | None
+) -> dict:
+    """Everything but the image list that determines the store's contents (its fingerprint)."""
+    return {
         "schema_version": SCHEMA_VERSION,
         "alfk_version": __version__,
         "arch": ckpt.arch,
@@ -182,29 +254,6 @@ def _store_header(
         "reference_data_sha256": ref.data_sha256() if ref is not None else None,
         **options.fingerprint_dict(),  # taps, pseudo_label, mc, seed
     }
-    cfg_fp = config_fingerprint(config)
-    sizes, mtimes = _file_stats(images)
-    fingerprint = content_fingerprint(config, images.paths, labels, sizes, mtimes)
-    header = StoreHeader(
-        image_root=str(Path(folder)),
-        arch=ckpt.arch,
-        checkpoint_sha256=ckpt.sha256,
-        pseudo_label=str(options.pseudo_label),
-        taps=tuple(options.taps or ()),
-        scale_dims=scale_dims(ckpt.arch, tuple(options.taps or ())),
-        classes=classes,
-        paths=images.paths,
-        labels=labels,
-        sizes=sizes,
-        mtime_ns=mtimes,
-        extra_attrs={
-            "seed": np.int64(options.seed),
-            "embed_config": json.dumps(config, sort_keys=True),
-            "config_fingerprint": cfg_fp,
-            "reference_path": str(reference) if reference is not None else "",
-        },
-    )
-    return header, cfg_fp, fingerprint
 
 
 def _label_source(
@@ -212,7 +261,7 @@ def _label_source(
     images: ImageSet,
     folder: str | os.PathLike,
     ref: FeatureStore | None,
-    ckpt: Checkpoint,
+    ckpt: CheckpointFile,
     model_path: Path,
 ) -> tuple[str, list[str], str]:
     """The pseudo-label method, the classes, and where the classes come from (for messages)."""
@@ -264,7 +313,7 @@ def _remap_labels(images: ImageSet, classes: list[str]) -> tuple[np.ndarray, lis
 
 
 def _check_reference(
-    ref: FeatureStore, ckpt: Checkpoint, model_path: Path, taps, seed: int
+    ref: FeatureStore, ckpt: CheckpointFile, model_path: Path, taps, seed: int
 ) -> None:
     """A reference must be a validation store of the same checkpoint (and taps, when given)."""
     if ref.pseudo_label != "true" or len(ref) == 0 or (np.asarray(ref.labels[:]) < 0).any():

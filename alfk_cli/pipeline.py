@@ -17,9 +17,9 @@ from pathlib import Path
 from alfk_cli import distributed, ledger
 from alfk_cli.embedding import EmbedOptions, EmbedSummary, embed_folder, trusted_files
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import ImageSet, scan_images
+from alfk_cli.imagescan import ImageSet, scan_images
+from alfk_cli.montecarlo import MCConfig
 from alfk_cli.poollist import scan_pool
-from alfk_cli.pseudolabels import MCConfig
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.scores import Scores
 from alfk_cli.scoring import ScoreOptions, score_stores
