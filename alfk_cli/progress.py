@@ -12,18 +12,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -132,6 +126,17 @@ def make_progress(quiet: bool = False) -> Progress | PlainProgress:
     """Bars on a terminal, timestamped lines elsewhere; nothing at all when ``quiet``."""
     if plain_output():
         return PlainProgress(stderr, disable=quiet)
+    # rich's bars only for a terminal: their modules cost a cron job's start-up for nothing
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
