@@ -8,6 +8,11 @@ Runs, each as its own ``alfk`` process (wall seconds, peak RSS of that process):
   4. the same again: warm (nothing changed: no model passes)
 Memory must not grow with the number of images: compare the RSS of the 10k and 50k embeds.
 
+``--warm-only`` times step 4 alone in the work folder an earlier run left, ``--rounds`` times,
+with and without a pool list (``--pool-list``), interleaving the checkouts ``--compare`` names
+(each runs its own ``alfk_cli``; default: this one): wall and CPU (user + system) seconds of the
+process and the load average, and a check that every run printed the same selection.
+
 Needs the folders of ``examples/make_biased_folders.py --source fashion-mnist --imbalance 1
 --test-per-class 0 --out ROOT`` (built here when ROOT/val is missing; Debian's
 dataset-fashion-mnist must be installed).
@@ -16,6 +21,7 @@ dataset-fashion-mnist must be installed).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -27,23 +33,62 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(cmd: list[str], label: str) -> tuple[float, float]:
-    """Run ``cmd``; return (wall s, peak RSS MiB of that process) and print a line.
+def timed(cmd: list[str], label: str, cwd: Path | None = None) -> tuple[float, float]:
+    """Run ``cmd``; return (wall s, peak RSS MiB of that process) and print a line."""
+    wall_s, _, rss, _ = run(cmd, label, cwd)
+    print(f"{label:<44} {wall_s:8.1f} s   peak RSS {rss:7.0f} MiB", flush=True)
+    return wall_s, rss
+
+
+def run(cmd: list[str], label: str, cwd: Path | None = None) -> tuple[float, float, float, str]:
+    """Run ``cmd``: (wall s, CPU s (user + system), peak RSS MiB, sha256 of its stdout).
 
     ``os.wait4`` gives the child's own rusage, so no GNU time is needed (GPU images lack it).
     """
-    with tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as err, tempfile.TemporaryFile("w+b") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd)
         _, status, usage = os.wait4(proc.pid, 0)
         wall_s = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             err.seek(0)
             sys.exit(f"{label} failed:\n{err.read()[-2000:]}")
+        out.seek(0)
+        printed = hashlib.sha256(out.read()).hexdigest()
     rss = usage.ru_maxrss / 1024  # KiB on Linux
-    print(f"{label:<44} {wall_s:8.1f} s   peak RSS {rss:7.0f} MiB", flush=True)
-    return wall_s, rss
+    return wall_s, usage.ru_utime + usage.ru_stime, rss, printed
+
+
+def warm_rounds(args: argparse.Namespace, sel: list[str]) -> None:
+    """The warm select alone, ``args.rounds`` times per checkout and pool-list setting,
+    interleaved; every run must print the same selection."""
+    pool_list = args.root / "pool.txt"
+    if args.pool_list:
+        files = sorted(
+            p.relative_to(args.root / "unlabeled") for p in (args.root / "unlabeled").rglob("*.png")
+        )
+        pool_list.write_text("".join(f"{p.as_posix()}\n" for p in files))
+    settings = [[]] + ([["--pool-list", str(pool_list)]] if args.pool_list else [])
+    checkouts = args.compare or [REPO]
+    printed: set[str] = set()
+    for r in range(args.rounds):
+        for extra in settings:
+            for checkout in checkouts:
+                # -m from the checkout: its alfk_cli comes first on sys.path
+                cmd = [sys.executable, "-m", "alfk_cli.cli", *sel[3:], *extra]
+                wall, cpu, rss, out = run(cmd, "warm select", cwd=Path(checkout))
+                printed.add(out)
+                load = os.getloadavg()[0]
+                name = f"{Path(checkout).name}{' --pool-list' if extra else ''}"
+                print(
+                    f"round {r + 1}  {name:<32} wall {wall:6.2f} s  CPU {cpu:5.2f} s  "
+                    f"RSS {rss:5.0f} MiB  load {load:4.1f}",
+                    flush=True,
+                )
+    if len(printed) != 1:
+        sys.exit(f"the warm runs printed {len(printed)} different selections")
+    print("every warm run printed the same selection")
 
 
 def main() -> None:
@@ -53,8 +98,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--pretrain-epochs", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--warm-only", action="store_true", help="time the warm select alone")
+    ap.add_argument("--rounds", type=int, default=1, help="with --warm-only: rounds")
+    ap.add_argument("--pool-list", action="store_true", help="with --warm-only: also a pool list")
+    ap.add_argument("--compare", nargs="+", type=Path, help="with --warm-only: checkouts to time")
     args = ap.parse_args()
-    root = args.root
+    root = args.root = args.root.resolve()  # the warm runs start in other folders
     if not (root / "val").is_dir():
         subprocess.run(
             [
@@ -75,6 +124,27 @@ def main() -> None:
     alfk = [sys.executable, "-m", "alfk_cli.cli"]
     dev = ["--device", args.device, "--workers", str(args.workers)]
     work = root / "bench"
+    init = work / "init.pt"
+    sel = [
+        *alfk,
+        "select",
+        "--val",
+        str(root / "val"),
+        "--pool",
+        str(root / "unlabeled"),
+        "--P",
+        str(args.P),
+        "--model",
+        str(init),
+        "--workdir",
+        str(work / "wd"),
+        "-q",
+        *dev,
+    ]
+    if args.warm_only:
+        if not (work / "wd" / "scores.h5").is_file():
+            sys.exit(f"no work folder from an earlier run in {work}: run without --warm-only first")
+        return warm_rounds(args, sel)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     n_val = sum(1 for p in (root / "val").rglob("*.png"))
@@ -82,7 +152,6 @@ def main() -> None:
     print(
         f"Fashion-MNIST: {n_val} validation images, {n_pool} pool images, P={args.P}, device {args.device}"
     )
-    init = work / "init.pt"
     timed(
         [
             *alfk,
@@ -150,22 +219,6 @@ def main() -> None:
         ],
         "score (sum kernel)",
     )
-    sel = [
-        *alfk,
-        "select",
-        "--val",
-        str(root / "val"),
-        "--pool",
-        str(root / "unlabeled"),
-        "--P",
-        str(args.P),
-        "--model",
-        str(init),
-        "--workdir",
-        str(work / "wd"),
-        "-q",
-        *dev,
-    ]
     cold, _ = timed(sel, "select cold (embed val + pool, score)")
     warm, _ = timed(sel, "select warm (nothing changed)")
     print(f"warm / cold = {warm / cold:.3f}")
