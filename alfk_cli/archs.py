@@ -9,6 +9,7 @@ copy, so no width is ever typed by hand).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -126,17 +127,17 @@ def scale_dims(arch: str, taps: Sequence[str]) -> list[int]:
 # --- the built-in architectures (networks in ``models``) -----------------------------------------
 
 
+def _build_builtin(function: str, num_classes: int) -> TapNet:
+    """``models.<function>(num_classes)``: models (torch) is imported when a network is built."""
+    from alfk_cli import models
+
+    net: TapNet = getattr(models, function)(num_classes)
+    return net
+
+
 def _built_by(function: str) -> Callable[[int], TapNet]:
-    """``models.<function>``, imported when a network is first built."""
-
-    def build(num_classes: int) -> TapNet:
-        from alfk_cli import models
-
-        net: TapNet = getattr(models, function)(num_classes)
-        return net
-
-    build.__name__ = build.__qualname__ = function
-    return build
+    # a partial of a module-level function, so a spec pickles like one holding the function
+    return functools.partial(_build_builtin, function)
 
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
