@@ -4,6 +4,7 @@ everything that needs a model pass is still detected."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import pytest
 
 from alfk_cli.checkpoint import file_sha256, save_checkpoint
 from alfk_cli.models import ROTATION_CLASSES, build_model
+from alfk_cli.storeformat import content_fingerprint
 from conftest import write_images
 
 # Runs ``alfk ARGS`` and appends to the file LOG every import of torch, torchvision or faiss that
@@ -212,6 +214,25 @@ def test_a_store_without_a_fingerprint_is_rewritten_not_trusted(cli, world):
     assert "30 images (0 computed, 30 reused" in _summary(r.stderr, "pool.h5")
     with h5py.File(WORK / "pool.h5") as f:
         assert "fingerprint" in f.attrs
+
+
+def test_stores_from_before_are_judged_by_the_fingerprint_they_were_written_with(cli, world):
+    """The configuration a validation store's fingerprint hashes, key for key as alfk wrote it
+    before a checkpoint could be read without torch (c028598, this world's checkpoint hash),
+    and the fingerprint of that configuration and the image list: a store written then is up to
+    date now exactly when it was then."""
+    assert cli(*SELECT).exit_code == 0
+    with h5py.File(WORK / "val.h5") as f:
+        config = json.loads(f.attrs["embed_config"])
+        rows = [f["paths"].asstr()[:].tolist(), f["labels"][:], f["size"][:], f["mtime_ns"][:]]
+        fingerprint = f.attrs["fingerprint"]
+    assert config == {
+        "alfk_version": "0.1.0", "arch": "lenet", "checkpoint_sha256": file_sha256("init.pt"),
+        "classes": ["a", "b", "c"], "mc": None, "pseudo_label": "true",
+        "reference_data_sha256": None, "schema_version": 1, "seed": 0,
+        "taps": ["conv1", "conv2", "fc1"],
+    }  # fmt: skip
+    assert fingerprint == content_fingerprint(config, *rows)
 
 
 def test_a_damaged_checkpoint_is_an_error_as_before(cli, world):
