@@ -46,9 +46,10 @@ __all__ = [
 GRAM_MAX_ROWS = 11585
 
 #: How centres are chosen among the misclassified validation images when there are more than P:
-#: ``kcenter`` (the paper: one greedy k-center over all of them) or ``class`` (P split over the
-#: true classes in proportion to their errors, then k-center within each class).
-CENTER_RULES = ("kcenter", "class")
+#: ``kcenter`` (the paper: one greedy k-center over all of them), ``class`` (P split over the
+#: true classes in proportion to their errors, then k-center within each class) or ``sample``
+#: (the same split, then a seeded uniform sample within each class: the errors' own density).
+CENTER_RULES = ("kcenter", "class", "sample")
 
 
 @dataclass
@@ -129,8 +130,10 @@ def choose_centers(
     ``class``, P is split over the true classes in proportion to their counts in M' (largest
     remainders, :func:`alfk_cli.quotas.class_quotas`) and each class's share is a greedy
     k-center over that class's rows (seeded with ``seed`` + class), the classes' centres
-    concatenated in class order. M' = 0: the whole validation set is the candidate set instead
-    (same rules) and ``fallback`` is True.
+    concatenated in class order; with ``sample``, the same split, each share drawn uniformly
+    without replacement from that class's rows (``numpy.random.default_rng(seed + class)``,
+    in row order). M' = 0: the whole validation set is the candidate set instead (same rules)
+    and ``fallback`` is True.
     """
     kern = get_kernel(kernel)
     P = _positive_int(P, "P")
@@ -159,10 +162,16 @@ def choose_centers(
     cls = labels[cand]
     classes = np.unique(cls)
     quotas = class_quotas(P, np.array([np.count_nonzero(cls == c) for c in classes]))
-    parts = [
-        _kcenter(kern, z_all, g_all, dims, cand[cls == c], int(q), seed + int(c))
-        for c, q in zip(classes, quotas)
-    ]
+    if rule == "sample":
+        parts = [
+            np.sort(np.random.default_rng(seed + int(c)).choice(cand[cls == c], int(q), False))
+            for c, q in zip(classes, quotas)
+        ]
+    else:
+        parts = [
+            _kcenter(kern, z_all, g_all, dims, cand[cls == c], int(q), seed + int(c))
+            for c, q in zip(classes, quotas)
+        ]
     return np.concatenate(parts).astype(np.int64), fallback
 
 

@@ -40,7 +40,7 @@ Strategies = Annotated[
         help="Comma-separated: random, entropy, margin, varR, bald, coreset, balanced-entropy, "
         "badge, similar[:flqmi|gcmi], pcc, "
         "fk[:ESTIMATOR[:KERNEL[:CENTRES]]] (estimators p_yz, p_yz_knn, yhat, true, mc_trace, "
-        "mc_mi; kernels sum, product, pcc; centres kcenter, class), or plug-ins' (alfk list).",
+        "mc_mi; kernels sum, product, pcc; centres kcenter, class, sample), or plug-ins' (alfk list).",
     ),
 ]
 Rounds = Annotated[int, typer.Option("--rounds", "-B", min=1, help="Rounds B.")]

@@ -94,7 +94,10 @@ def ref_centers(kernel, zv, gv, labels, cand, P, seed, rule):
     out = []
     for c, q in zip(classes, quotas):
         mine = [i for i in cand if int(labels[i]) == c]
-        out += ref_centers(kernel, zv, gv, labels, mine, q, seed + c, "kcenter")
+        if rule == "sample":
+            out += sorted(np.random.default_rng(seed + c).choice(mine, q, replace=False).tolist())
+        else:
+            out += ref_centers(kernel, zv, gv, labels, mine, q, seed + c, "kcenter")
     return out
 
 
@@ -230,10 +233,12 @@ def test_select_kcenter_path(kernel):
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("P", [1, 7, 10, 34])
-def test_select_class_centres_path(kernel, P):
-    """Centres split over the true classes by their error counts, k-center within each."""
+@pytest.mark.parametrize("rule", ["class", "sample"])
+def test_select_class_centres_path(kernel, P, rule):
+    """Centres split over the true classes by their error counts, then k-center (``class``)
+    or a seeded uniform sample (``sample``) within each."""
     val, pool = make_store(4, m=60, n_mis=35)
-    got = assert_matches_reference(val, pool, P, kernel, seed=7, rule="class")
+    got = assert_matches_reference(val, pool, P, kernel, seed=7, rule=rule)
     mis = misclassified(val["logits"], val["labels"])
     counts = np.bincount(val["labels"][mis], minlength=4)
     want = ref_quotas(P, [c for c in counts if c])

@@ -91,7 +91,7 @@ def test_strategy_names_parse_with_defaults_and_fail_with_the_known_names():
         ("fk:p_yz:cosine", "unknown kernel 'cosine'; choose one of sum, pcc, product"),
         ("uncertainty", "unknown strategy 'uncertainty'; choose one of random, entropy"),
         ("random:x", "takes no ':' arguments"),
-        ("fk:p_yz:sum:x", "unknown centre rule 'x'; use one of kcenter, class"),
+        ("fk:p_yz:sum:x", "unknown centre rule 'x'; use one of kcenter, class, sample"),
         ("fk:p_yz:sum:class:x", "fk[:ESTIMATOR[:KERNEL[:CENTRES]]]"),
     ):
         with pytest.raises(AlfkError, match=re.escape(says)):
