@@ -181,3 +181,29 @@ def test_what_the_reader_cannot_take_apart_goes_to_torch(tmp_path, monkeypatch):
     with pytest.raises(AlfkError, match=r"cannot read checkpoint .*foreign\.pt: not an alfk"):
         read_checkpoint(foreign)
     assert len(calls) == 3
+
+
+class _Exploit:
+    """Pickles as a call of os.system: what a hostile checkpoint would carry."""
+
+    def __init__(self, cmd: str) -> None:
+        self.cmd = cmd
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (self.cmd,))
+
+
+def test_a_hostile_pickle_is_never_executed(tmp_path):
+    from alfk_cli.torchzip import NotReadable, read_pickled
+
+    sentinel = tmp_path / "pwned"
+    path = tmp_path / "hostile.pt"
+    # torch's own archive layout, so the reader does unpickle it
+    torch.save({"format": "alfk-checkpoint", "payload": _Exploit(f"touch {sentinel}")}, path)
+    with pytest.raises(NotReadable, match="posix.system|os.system"):
+        read_pickled(path.read_bytes())
+    with pytest.raises(AlfkError, match="not an alfk checkpoint"):
+        read_checkpoint(path)  # torch's weights_only refuses it too
+    assert not sentinel.exists()
