@@ -74,6 +74,13 @@ BatchSize = Annotated[
         "--batch-size", min=1, help="Fine-tuning batch size (default: the architecture's)."
     ),
 ]
+LearningRate = Annotated[
+    float | None,
+    typer.Option(
+        "--lr",
+        help="Fine-tuning learning rate (default: the architecture's).",
+    ),
+]
 Plot = Annotated[
     bool, typer.Option("--plot/--no-plot", help="Write OUT/curves.png (needs matplotlib).")
 ]
@@ -101,6 +108,7 @@ def simulate(
     pretrain_epochs: PretrainEpochs = 8,
     eval_every: EvalEvery = 1,
     batch_size: BatchSize = None,
+    lr: LearningRate = None,
     balance: Balance = "none",
     mc_samples: McSamples = 32,
     device: Device = "auto",
@@ -127,7 +135,7 @@ def simulate(
         seeds=seed_list, arch=arch, taps=taps, init=cast("InitName", init), epochs=epochs,
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,
-        workers=workers, balance=balance, batch_size=batch_size,
+        workers=workers, balance=balance, batch_size=batch_size, lr=lr,
     )  # fmt: skip
     tell = (lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False))
     rows = run_simulation(options, progress=tell)
