@@ -17,15 +17,16 @@ tie exactly and are broken by the smaller pool id.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from alfk_cli.errors import AlfkError
-from alfk_cli.kernels import KERNELS, Buffers, Kernel, get_kernel
-from alfk_cli.search import kcenter_greedy, use_gpu
+from alfk_cli.kernels import KERNELS, Buffers, Kernel, canonical, error_bounds, get_kernel
+from alfk_cli.search import CPU_BACKEND, SearchBackend, kcenter_greedy, search_backend
 from alfk_cli.shardsearch import sharded_topk
 from alfk_cli.standardize import check_dims, norm_bound, standardize
 
@@ -86,22 +87,44 @@ def misclassified(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.argmax(logits, axis=1) != labels).astype(np.int64)
 
 
-def _similarity(kernel: Kernel, z: np.ndarray, g: np.ndarray | None):
-    """``sim_to(i)`` over the standardised candidates in the kernel's space."""
+def _similarity(
+    kernel: Kernel, z: np.ndarray, g: np.ndarray | None, backend: SearchBackend
+) -> Callable[[int], np.ndarray]:
+    """``sim_to(i)`` over the standardised candidates in the kernel's space: float32 GEMMs,
+    k-center's filter (its picks are decided canonically, see ``choose_centers``)."""
     n = z.shape[0]
-
-    def block(a: int, b: int, rows: np.ndarray | None = None) -> np.ndarray:
-        zz = z[a:b] if rows is None else z[rows]
-        gg = None if g is None else (g[a:b] if rows is None else g[rows])
-        return kernel.gram(zz, gg, z, g)
-
+    gram = _gram(kernel, z, g, backend)
     if n <= GRAM_MAX_ROWS:
-        gram = np.empty((n, n), dtype=np.float32)
+        full = np.empty((n, n), dtype=np.float32)
         step = 1024
         for a in range(0, n, step):
-            gram[a : a + step] = block(a, min(n, a + step))
-        return lambda i: gram[i]
-    return lambda i: block(0, 0, np.array([i]))[0]
+            full[a : a + step] = gram(slice(a, min(n, a + step)))
+        return lambda i: full[i]
+    return lambda i: gram(np.array([i]))[0]
+
+
+def _gram(
+    kernel: Kernel, z: np.ndarray, g: np.ndarray | None, backend: SearchBackend
+) -> Callable[[Any], np.ndarray]:
+    """``gram(rows)``: the similarities of ``rows`` (a slice or an index array) to every
+    candidate, as numpy GEMMs, or as torch GEMMs on the backend's device."""
+    if not backend.torch_gemms:
+        return lambda rows: kernel.gram(z[rows], None if g is None else g[rows], z, g)
+    import torch
+
+    from alfk_cli.devices import ieee_matmul
+
+    dev = torch.device(backend.device)
+    tz = torch.from_numpy(z).to(dev)
+    tg = None if g is None else torch.from_numpy(g).to(dev)
+
+    def gram(rows: Any) -> np.ndarray:
+        sel = rows if isinstance(rows, slice) else torch.from_numpy(rows).to(dev)
+        with ieee_matmul():  # the error bound assumes float32 arithmetic
+            out = kernel.gram(tz[sel], None if tg is None else tg[sel], tz, tg)
+        return out.cpu().numpy()
+
+    return gram
 
 
 def choose_centers(
@@ -113,12 +136,16 @@ def choose_centers(
     P: int,
     kernel: str | Kernel,
     seed: int,
+    *,
+    backend: SearchBackend = CPU_BACKEND,
 ) -> tuple[np.ndarray, bool]:
     """Centres for one round (Alg. 1 lines 3-7): validation rows, int64, plus the fallback flag.
 
     M' = misclassified rows. M' <= P: all of them, in index order. Otherwise greedy k-center over
     them in the kernel's similarity space to P centres. M' = 0: the whole validation set is the
-    candidate set instead (same rule) and ``fallback`` is True.
+    candidate set instead (same rule) and ``fallback`` is True. The similarities are float32
+    GEMMs (on the ``backend``'s device) that only filter; each pick is decided by the kernel's
+    canonical similarities, so the centres are the same on every backend.
     """
     kern = get_kernel(kernel)
     P = _positive_int(P, "P")
@@ -141,7 +168,14 @@ def choose_centers(
     dims = check_dims(scale_dims, z_all.shape[1])
     z = standardize(z_all[cand], dims)
     g = standardize(np.asarray(val_g)[cand], dims) if kern.uses_g else None
-    chosen = kcenter_greedy(_similarity(kern, z, g), cand.size, P, seed)
+    z64, g64 = z.astype(np.float64), None if g is None else g.astype(np.float64)
+
+    def canon(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        return canonical(kern, z64, g64, z, g, centres, rows)
+
+    err = float(error_bounds(kern, z, g, math.sqrt(norm_bound(dims))).max())
+    sim_to = _similarity(kern, z, g, backend)
+    chosen = kcenter_greedy(sim_to, cand.size, P, seed, canon=canon, err=err)
     return cand[chosen], fallback
 
 
@@ -283,6 +317,8 @@ def select(
     seed: int = 0,
     device: str = "cpu",
     chunk_rows: int = 65536,
+    *,
+    backend: SearchBackend | None = None,
 ) -> Selection:
     """Select P pool rows for labelling (docs/algorithm.md §4-6).
 
@@ -290,11 +326,13 @@ def select(
     ``scale_dims`` (and ``logits``, ``labels`` for ``val``); ``z``/``g`` may be h5py datasets, read
     in chunks of ``chunk_rows`` rows. ``exclude`` (boolean mask or row indices over the pool) is
     removed before the search. Raises :class:`AlfkError` when P exceeds the available pool rows.
+    ``backend``: where the search filters (default: :func:`alfk_cli.search.search_backend` of
+    ``device``); the selection does not depend on it.
     """
     kern = get_kernel(kernel)
     P = _positive_int(P, "P")
     chunk_rows = _positive_int(chunk_rows, "chunk_rows")
-    gpu = use_gpu(device)
+    backend = backend or search_backend(device)  # the one choice of where the search runs
 
     vz = _matrix(_field(val, "z"), "z", "validation")
     vg = _matrix(_field(val, "g"), "g", "validation")
@@ -321,11 +359,11 @@ def select(
     vz = np.asarray(vz)
     vg = np.asarray(vg)
     centers, fallback = choose_centers(
-        vz, vg, _field(val, "logits"), _field(val, "labels"), dims, P, kern, seed
+        vz, vg, _field(val, "logits"), _field(val, "labels"), dims, P, kern, seed, backend=backend
     )
     cz = standardize(vz[centers], dims)
     cg = standardize(vg[centers], dims) if kern.uses_g else None
-    scorer = kern.scorer(cz, cg, gpu=gpu, norm_sq=norm_bound(dims))
+    scorer = kern.scorer(cz, cg, backend=backend, norm_sq=norm_bound(dims))
 
     n_c = centers.size
     per = -(-P // n_c)
