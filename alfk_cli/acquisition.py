@@ -26,7 +26,7 @@ import numpy as np
 
 from alfk_cli.errors import AlfkError
 from alfk_cli.kernels import KERNELS, Buffers, Kernel, canonical, error_bounds, get_kernel
-from alfk_cli.search import CPU_BACKEND, SearchBackend, kcenter_greedy, search_backend
+from alfk_cli.search import CPU_BACKEND, U64, SearchBackend, kcenter_greedy, search_backend
 from alfk_cli.shardsearch import sharded_topk
 from alfk_cli.standardize import check_dims, norm_bound, standardize
 
@@ -88,12 +88,13 @@ def misclassified(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def _similarity(
-    kernel: Kernel, z: np.ndarray, g: np.ndarray | None, backend: SearchBackend
+    kernel: Kernel, z64: np.ndarray, g64: np.ndarray | None, backend: SearchBackend
 ) -> Callable[[int], np.ndarray]:
-    """``sim_to(i)`` over the standardised candidates in the kernel's space: float32 GEMMs,
-    k-center's filter (its picks are decided canonically, see ``choose_centers``)."""
-    n = z.shape[0]
-    gram = _gram(kernel, z, g, backend)
+    """``sim_to(i)`` over the standardised candidates in the kernel's space, k-center's filter:
+    float64 GEMMs (their error is ~1e-9 of float32's, so few picks need the canonical decision,
+    see ``choose_centers``), held as a float32 Gram matrix when it fits."""
+    n = z64.shape[0]
+    gram = _gram(kernel, z64, g64, backend)
     if n <= GRAM_MAX_ROWS:
         full = np.empty((n, n), dtype=np.float32)
         step = 1024
@@ -104,25 +105,22 @@ def _similarity(
 
 
 def _gram(
-    kernel: Kernel, z: np.ndarray, g: np.ndarray | None, backend: SearchBackend
+    kernel: Kernel, z64: np.ndarray, g64: np.ndarray | None, backend: SearchBackend
 ) -> Callable[[Any], np.ndarray]:
     """``gram(rows)``: the similarities of ``rows`` (a slice or an index array) to every
-    candidate, as numpy GEMMs, or as torch GEMMs on the backend's device."""
+    candidate, as numpy GEMMs, or as torch GEMMs on the backend's device (float64: TF32 and bf16
+    never apply)."""
     if not backend.torch_gemms:
-        return lambda rows: kernel.gram(z[rows], None if g is None else g[rows], z, g)
+        return lambda rows: kernel.gram(z64[rows], None if g64 is None else g64[rows], z64, g64)
     import torch
 
-    from alfk_cli.devices import ieee_matmul
-
     dev = torch.device(backend.device)
-    tz = torch.from_numpy(z).to(dev)
-    tg = None if g is None else torch.from_numpy(g).to(dev)
+    tz = torch.from_numpy(z64).to(dev)
+    tg = None if g64 is None else torch.from_numpy(g64).to(dev)
 
     def gram(rows: Any) -> np.ndarray:
         sel = rows if isinstance(rows, slice) else torch.from_numpy(rows).to(dev)
-        with ieee_matmul():  # the error bound assumes float32 arithmetic
-            out = kernel.gram(tz[sel], None if tg is None else tg[sel], tz, tg)
-        return out.cpu().numpy()
+        return kernel.gram(tz[sel], None if tg is None else tg[sel], tz, tg).cpu().numpy()
 
     return gram
 
@@ -173,8 +171,9 @@ def choose_centers(
     def canon(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
         return canonical(kern, z64, g64, z, g, centres, rows)
 
-    err = float(error_bounds(kern, z, g, math.sqrt(norm_bound(dims))).max())
-    sim_to = _similarity(kern, z, g, backend)
+    # the filter's float64 GEMMs, and the float32 rounding of the Gram matrix holding them
+    err = float(error_bounds(kern, z, g, math.sqrt(norm_bound(dims)), unit=U64).max())
+    sim_to = _similarity(kern, z64, g64, backend)
     chosen = kcenter_greedy(sim_to, cand.size, P, seed, canon=canon, err=err)
     return cand[chosen], fallback
 

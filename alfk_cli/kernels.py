@@ -84,8 +84,8 @@ class Kernel:
         return self.combine(rz, rg)
 
     def gram(self, qz: Any, qg: Any, xz: Any, xg: Any) -> Any:
-        """Dense similarities ``[len(qz), len(xz)]`` (float32 in, float32 out; numpy arrays or
-        torch tensors): k-center's filter, within :meth:`error_bound` of :func:`canonical`."""
+        """Dense similarities ``[len(qz), len(xz)]`` (numpy arrays or torch tensors, in their
+        dtype): k-center's filter, in float64, within :meth:`error_bound` of :func:`canonical`."""
         return self.combine(qz @ xz.T, qg @ xg.T if self.uses_g else None)
 
     def payload(self, z: np.ndarray, g: np.ndarray | None, dims: Any, buffers: Buffers) -> Any:
@@ -220,16 +220,19 @@ def canonical(
     return np.asarray(kernel.combine(rz, rg), dtype=np.float64)
 
 
-def error_bounds(kernel: Kernel, qz: np.ndarray, qg: np.ndarray | None, bound: float) -> np.ndarray:
-    """Per query row: the bound on |float32 filter − canonical| of :func:`canonical`, for rows
-    whose ẑ and ĝ norms are at most ``bound`` (the float32 GEMM error, the float64 canonical
-    error, then the kernel's combination of them, :meth:`Kernel.error_bound`)."""
+def error_bounds(
+    kernel: Kernel, qz: np.ndarray, qg: np.ndarray | None, bound: float, unit: float = U32
+) -> np.ndarray:
+    """Per query row: the bound on |filter − canonical| of :func:`canonical`, for rows whose ẑ
+    and ĝ norms are at most ``bound`` (the GEMMs' error in the arithmetic of unit round-off
+    ``unit``, float32 by default, the float64 canonical error, then the kernel's combination of
+    them with float32 rounding, :meth:`Kernel.error_bound`)."""
 
     def side(q: np.ndarray | None) -> tuple[Any, Any]:
         if q is None:
             return None, None
         b = row_norms(q) * bound
-        return b, gamma_bound(q.shape[1]) * b + 4 * q.shape[1] * U64 * b
+        return b, gamma_bound(q.shape[1], unit) * b + 4 * q.shape[1] * U64 * b
 
     bz, ez = side(qz)
     bg, eg = side(qg)

@@ -114,9 +114,10 @@ def _gpu_res() -> Any:
     return _gpu_resources
 
 
-def gamma_bound(d: int) -> float:
-    """Bound factor for a float32 dot product of length ``d`` (any summation order), with margin."""
-    nu = (d + 2) * U32
+def gamma_bound(d: int, unit: float = U32) -> float:
+    """Bound factor for a dot product of length ``d`` (any summation order), with margin, in the
+    arithmetic of unit round-off ``unit`` (float32 by default)."""
+    nu = (d + 2) * unit
     return 2.0 * nu / (1.0 - nu)
 
 

@@ -215,3 +215,18 @@ def test_kcenter_picks_are_decided_canonically_whatever_the_filter_rounds():
         assert got.tolist() == ref_kcenter(sim, m, trial)
         astray += kcenter_greedy(lambda i, s=noisy: s[i], n, m, trial).tolist() != got.tolist()
     assert astray > 0  # the test has teeth: without canonical decisions the noise shows
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kcenter_centres_are_the_same_on_both_backends_and_without_the_gram_matrix(
+    kernel, monkeypatch
+):
+    from alfk_cli import acquisition
+
+    val, _ = make_store(54, m=90, n=10, n_mis=60, val_dups=4)
+    args = (val["z"], val["g"], val["logits"], val["labels"], val["scale_dims"], 15, kernel, 4)
+    held = acquisition.choose_centers(*args)[0]
+    assert acquisition.choose_centers(*args, backend=TORCH_CPU)[0].tolist() == held.tolist()
+    monkeypatch.setattr(acquisition, "GRAM_MAX_ROWS", 10)  # similarities row by row instead
+    for backend in (CPU_BACKEND, TORCH_CPU):
+        assert acquisition.choose_centers(*args, backend=backend)[0].tolist() == held.tolist()
