@@ -100,18 +100,25 @@ def match_exclusions(
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise AlfkError(f"exclude file {path} {what}")
-    root = Path(pool_root)
-    real_root = root.resolve()
-    rel_index: dict[str, int] | PathIndex = (
-        {p: i for i, p in enumerate(pool_paths)}  # held anyway: a dict is the fastest look-up
-        if isinstance(pool_paths, list)
-        else PathIndex(pool_paths)
-    )
-    bases = [Path.cwd(), path.resolve().parent]
-    names = {root.absolute().name, real_root.name} - {""}  # a symlinked pool has two
     # Non-UTF-8 bytes are kept as surrogate escapes: such a line cannot name a pool image (those
     # are skipped at scan time), so it simply matches nothing.
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    if isinstance(pool_paths, list):  # held anyway: a dict is the fastest look-up
+        return _match_lines(text, path, Path(pool_root), {p: i for i, p in enumerate(pool_paths)})
+    index = PathIndex(pool_paths)
+    found = _match_lines(text, path, Path(pool_root), index)
+    if index.confirmed():
+        return found
+    # a 64-bit hash collision (odds ~ pool size x lines / 2**64): match by the paths themselves
+    return _match_lines(text, path, Path(pool_root), {p: i for i, p in enumerate(pool_paths)})
+
+
+def _match_lines(
+    text: str, path: Path, root: Path, rel_index: dict[str, int] | PathIndex
+) -> Exclusions:
+    real_root = root.resolve()
+    bases = [Path.cwd(), path.resolve().parent]
+    names = {root.absolute().name, real_root.name} - {""}  # a symlinked pool has two
     rows: set[int] = set()
     unmatched = 0
     _resolved.cache_clear()  # folders may have changed since an earlier call
@@ -141,8 +148,9 @@ def _resolved(folder: str) -> Path:
 
 class PathIndex:
     """The row of a path in a sequence of paths, without holding them: the paths' 64-bit
-    hashes, sorted (16 B per path, against ~160 B for a list and a dict of 10M), and each hit
-    checked against the sequence itself, so a hash collision cannot match the wrong row. As a
+    hashes, sorted (16 B per path, against ~160 B for a list and a dict of 10M). A look-up
+    answers by hash alone and remembers the answer; :meth:`confirmed` then checks every answer
+    against the paths in one batched read (one read per hit cost more than the search). As a
     dict built in row order, a path listed twice gives its last row."""
 
     #: str -> int64; Python's own (salted per process, which is all an index in memory needs)
@@ -153,14 +161,25 @@ class PathIndex:
         hashes = np.fromiter(map(self.hash_of, paths), dtype=np.int64, count=len(paths))
         self.order = np.argsort(hashes, kind="stable")
         self.hashes = hashes[self.order]
+        self.answers: dict[str, int] = {}
 
     def get(self, key: str) -> int | None:
+        """The last row whose path has ``key``'s hash, or None (then no path is ``key``)."""
         h = self.hash_of(key)
-        lo, hi = np.searchsorted(self.hashes, h, "left"), np.searchsorted(self.hashes, h, "right")
-        for row in self.order[lo:hi][::-1].tolist():
-            if self.paths[row] == key:
-                return row
-        return None
+        hi = int(np.searchsorted(self.hashes, h, "right"))
+        if hi == 0 or self.hashes[hi - 1] != h:
+            return None
+        self.answers[key] = row = int(self.order[hi - 1])
+        return row
+
+    def confirmed(self) -> bool:
+        """Whether every answer given so far is the row of that very path (False only after a
+        hash collision)."""
+        keys = list(self.answers)
+        rows = np.array([self.answers[k] for k in keys], dtype=np.int64)
+        at = getattr(self.paths, "at", None)
+        got = at(rows) if at is not None else [self.paths[r] for r in rows.tolist()]
+        return list(got) == keys
 
 
 def _match_line(

@@ -41,15 +41,16 @@ def test_store_paths_read_like_the_list(lazy):
     assert list(cached) == NAMES and cached.at(rows) == lazy.at(rows) and cached[3] == NAMES[3]
 
 
-@pytest.mark.parametrize("colliding", [False, True])
-def test_path_index_finds_each_row_and_nothing_else(lazy, monkeypatch, colliding):
-    if colliding:  # every path in one of three hash buckets: hits must be checked by value
-        monkeypatch.setattr(PathIndex, "hash_of", staticmethod(lambda s: len(s) % 3))
+def test_path_index_answers_by_hash_and_confirms_by_path(lazy, monkeypatch):
     index = PathIndex(lazy)
-    assert [index.get(p) for p in NAMES] == list(range(23))
-    assert index.get("d0/img999.png") is None and index.get("") is None
+    assert [index.get(p) for p in NAMES] == list(range(23)) and index.confirmed()
+    assert index.get("d0/img999.png") is None and index.get("") is None and index.confirmed()
     twice = PathIndex(["a.png", "b.png", "a.png"])  # as a dict in row order: the last row
-    assert twice.get("a.png") == 2 and twice.get("b.png") == 1
+    assert twice.get("a.png") == 2 and twice.get("b.png") == 1 and twice.confirmed()
+    # every path in one of three hash buckets: answers by hash go wrong, and it is noticed
+    monkeypatch.setattr(PathIndex, "hash_of", staticmethod(lambda s: len(s) % 3))
+    colliding = PathIndex(lazy)
+    assert colliding.get("d1/img001.png") == 22 and not colliding.confirmed()
 
 
 def test_exclusions_match_alike_from_a_list_and_from_a_store(lazy, tmp_path, monkeypatch):
@@ -67,9 +68,11 @@ def test_exclusions_match_alike_from_a_list_and_from_a_store(lazy, tmp_path, mon
     sent = tmp_path / "sent.txt"
     sent.write_text("\n".join([*lines, "unlabeled/d9/none.png"]) + "\n")
     from_list = match_exclusions(sent, "unlabeled", NAMES)
-    from_store = match_exclusions(sent, "unlabeled", lazy)
-    assert from_store == from_list
     assert from_list.rows == [1, 4, 8, 20] and from_list.unmatched == 1
+    assert match_exclusions(sent, "unlabeled", lazy) == from_list
+    # hash collisions everywhere: the answers fail their check and the paths decide instead
+    monkeypatch.setattr(PathIndex, "hash_of", staticmethod(lambda s: len(s) % 3))
+    assert match_exclusions(sent, "unlabeled", lazy) == from_list
 
 
 def test_score_never_reads_the_pool_paths_as_a_list(cli, tmp_path, monkeypatch):
