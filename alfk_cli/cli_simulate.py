@@ -39,8 +39,8 @@ Strategies = Annotated[
         "-s",
         help="Comma-separated: random, entropy, margin, varR, bald, coreset, balanced-entropy, "
         "badge, similar[:flqmi|gcmi], pcc, "
-        "fk[:ESTIMATOR[:KERNEL]] (estimators p_yz, yhat, true, mc_trace, mc_mi; "
-        "kernels sum, product, pcc), or plug-ins' (alfk list).",
+        "fk[:ESTIMATOR[:KERNEL[:CENTRES]]] (estimators p_yz, p_yz_knn, yhat, true, mc_trace, "
+        "mc_mi; kernels sum, product, pcc; centres kcenter, class, sample), or plug-ins' (alfk list).",
     ),
 ]
 Rounds = Annotated[int, typer.Option("--rounds", "-B", min=1, help="Rounds B.")]
@@ -68,6 +68,19 @@ PretrainEpochs = Annotated[int, typer.Option("--pretrain-epochs", min=1)]
 EvalEvery = Annotated[
     int, typer.Option("--eval-every", min=1, help="Validate every N epochs (and the last).")
 ]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size", min=1, help="Fine-tuning batch size (default: the architecture's)."
+    ),
+]
+LearningRate = Annotated[
+    float | None,
+    typer.Option(
+        "--lr",
+        help="Fine-tuning learning rate (default: the architecture's).",
+    ),
+]
 Plot = Annotated[
     bool, typer.Option("--plot/--no-plot", help="Write OUT/curves.png (needs matplotlib).")
 ]
@@ -94,6 +107,8 @@ def simulate(
     epochs: Epochs = 50,
     pretrain_epochs: PretrainEpochs = 8,
     eval_every: EvalEvery = 1,
+    batch_size: BatchSize = None,
+    lr: LearningRate = None,
     balance: Balance = "none",
     mc_samples: McSamples = 32,
     device: Device = "auto",
@@ -120,7 +135,7 @@ def simulate(
         seeds=seed_list, arch=arch, taps=taps, init=cast("InitName", init), epochs=epochs,
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,
-        workers=workers, balance=balance,
+        workers=workers, balance=balance, batch_size=batch_size, lr=lr,
     )  # fmt: skip
     tell = (lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False))
     rows = run_simulation(options, progress=tell)

@@ -17,10 +17,9 @@ Outputs under ``out_dir``::
     runs/<strategy>/<seed>/round_<b>.json     {"row": result row, "labelled_rows": [...], ...}
     results.jsonl, results.csv                every finished row, sorted (rewritten each round)
 
-A round's ``.json`` is written after its ``.pt`` and marks it finished; a re-run with the same
-arguments continues after the last finished round of each (strategy, seed). Each round reseeds
-every random number generator from (seed, round), so a resumed run gives the same results.
-``model_passes``: see :mod:`alfk_cli.strategies`.
+A round's ``.json`` (written after its ``.pt``) marks it finished; a re-run with the same arguments
+continues after the last finished round of each (strategy, seed). Each round reseeds every RNG
+from (seed, round), so a resumed run gives the same results. ``model_passes``: see strategies.
 """
 
 from __future__ import annotations
@@ -102,6 +101,8 @@ class SimulateOptions:
     epochs: int = 50
     pretrain_epochs: int = 8
     eval_every: int = 1
+    batch_size: int | None = None  # the arch's; in config.json only when set (runs resume)
+    lr: float | None = None  # likewise
     balance: str = "none"  # class balancing of each round's training (balance.py)
     imbalance: float | None = None
     rare: tuple[str | int, ...] = (5, 6, 7, 8, 9)
@@ -121,9 +122,11 @@ class SimulateOptions:
             raise AlfkError("a strategy is named twice")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise AlfkError("give one or more distinct seeds")
-        for name in ("rounds", "P", "epochs", "eval_every"):
-            if int(getattr(self, name)) < 1:
+        for name in ("rounds", "P", "epochs", "eval_every", "batch_size"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise AlfkError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise AlfkError(f"lr must be positive, got {self.lr}")
         check_balance(self.balance)
         if self.init not in INITS:
             raise AlfkError(f"init must be pretrain or random, not {self.init!r}")
@@ -150,6 +153,8 @@ class SimulateOptions:
             "epochs": int(self.epochs),
             "pretrain_epochs": int(self.pretrain_epochs) if self.init == "pretrain" else None,
             "eval_every": int(self.eval_every),
+            **({"batch_size": int(self.batch_size)} if self.batch_size is not None else {}),
+            **({"lr": float(self.lr)} if self.lr is not None else {}),
             **({"balance": self.balance} if self.balance != "none" else {}),
             "imbalance": None
             if self.imbalance is None or self.imbalance == 1
@@ -179,12 +184,7 @@ def _initial_model(
     pretrain_epochs = options.pretrain_epochs
     if init == "random":
         return build_model(arch, len(classes), seed=seed)
-    from alfk_cli.checkpoint import (
-        ROTATION_CLASSES,
-        load_checkpoint,
-        save_checkpoint,
-        task_model,
-    )
+    from alfk_cli.checkpoint import ROTATION_CLASSES, load_checkpoint, save_checkpoint, task_model
 
     path = out / "cache" / f"pretrain_seed{seed}.pt"
     if not path.is_file():
@@ -401,7 +401,8 @@ def _one_round(
         workers=options.workers,
         eval_every=options.eval_every,
         balance=options.balance,
-    )
+        batch_size=options.batch_size, lr=options.lr,
+    )  # fmt: skip
     t0 = time.perf_counter()
     best_epoch, val_acc = fit(
         rd.model,

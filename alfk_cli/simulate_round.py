@@ -181,7 +181,7 @@ class MemoryRound:
         return z, g, lg, used
 
     def fisher(
-        self, estimator: Estimator, kernel: Kernel, P: int, seed: int
+        self, estimator: Estimator, kernel: Kernel, P: int, seed: int, center_rule: str = "kcenter"
     ) -> tuple[Selection, float | None]:
         """Validation described with true labels, the available pool with the estimator."""
         vz, vg, vl, _ = self.describe(self.val.x, "true", labels=self.val.y)
@@ -200,5 +200,6 @@ class MemoryRound:
             kernel=kernel,
             seed=seed,
             device="auto" if self.device.type == "cuda" else "cpu",
+            center_rule=center_rule,
         )
         return dataclasses.replace(sel, selected=avail[sel.selected].astype(np.int64)), pseudo_acc
