@@ -17,16 +17,17 @@ tie exactly and are broken by the smaller pool id.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from alfk_cli.errors import AlfkError
-from alfk_cli.kernels import KERNELS, Buffers, Kernel, get_kernel
+from alfk_cli.kernels import KERNELS, Buffers, Kernel, canonical, error_bounds, get_kernel
 from alfk_cli.quotas import class_quotas
-from alfk_cli.search import kcenter_greedy, use_gpu
+from alfk_cli.search import CPU_BACKEND, U64, SearchBackend, kcenter_greedy, search_backend
 from alfk_cli.shardsearch import sharded_topk
 from alfk_cli.standardize import check_dims, norm_bound, standardize
 
@@ -94,22 +95,42 @@ def misclassified(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.argmax(logits, axis=1) != labels).astype(np.int64)
 
 
-def _similarity(kernel: Kernel, z: np.ndarray, g: np.ndarray | None):
-    """``sim_to(i)`` over the standardised candidates in the kernel's space."""
-    n = z.shape[0]
-
-    def block(a: int, b: int, rows: np.ndarray | None = None) -> np.ndarray:
-        zz = z[a:b] if rows is None else z[rows]
-        gg = None if g is None else (g[a:b] if rows is None else g[rows])
-        return kernel.gram(zz, gg, z, g)
-
+def _similarity(
+    kernel: Kernel, z64: np.ndarray, g64: np.ndarray | None, backend: SearchBackend
+) -> Callable[[int], np.ndarray]:
+    """``sim_to(i)`` over the standardised candidates in the kernel's space, k-center's filter:
+    float64 GEMMs (their error is ~1e-9 of float32's, so few picks need the canonical decision,
+    see ``choose_centers``), held as a float32 Gram matrix when it fits."""
+    n = z64.shape[0]
+    gram = _gram(kernel, z64, g64, backend)
     if n <= GRAM_MAX_ROWS:
-        gram = np.empty((n, n), dtype=np.float32)
+        full = np.empty((n, n), dtype=np.float32)
         step = 1024
         for a in range(0, n, step):
-            gram[a : a + step] = block(a, min(n, a + step))
-        return lambda i: gram[i]
-    return lambda i: block(0, 0, np.array([i]))[0]
+            full[a : a + step] = gram(slice(a, min(n, a + step)))
+        return lambda i: full[i]
+    return lambda i: gram(np.array([i]))[0]
+
+
+def _gram(
+    kernel: Kernel, z64: np.ndarray, g64: np.ndarray | None, backend: SearchBackend
+) -> Callable[[Any], np.ndarray]:
+    """``gram(rows)``: the similarities of ``rows`` (a slice or an index array) to every
+    candidate, as numpy GEMMs, or as torch GEMMs on the backend's device (float64: TF32 and bf16
+    never apply)."""
+    if not backend.torch_gemms:
+        return lambda rows: kernel.gram(z64[rows], None if g64 is None else g64[rows], z64, g64)
+    import torch
+
+    dev = torch.device(backend.device)
+    tz = torch.from_numpy(z64).to(dev)
+    tg = None if g64 is None else torch.from_numpy(g64).to(dev)
+
+    def gram(rows: Any) -> np.ndarray:
+        sel = rows if isinstance(rows, slice) else torch.from_numpy(rows).to(dev)
+        return kernel.gram(tz[sel], None if tg is None else tg[sel], tz, tg).cpu().numpy()
+
+    return gram
 
 
 def choose_centers(
@@ -122,6 +143,8 @@ def choose_centers(
     kernel: str | Kernel,
     seed: int,
     rule: str = "kcenter",
+    *,
+    backend: SearchBackend = CPU_BACKEND,
 ) -> tuple[np.ndarray, bool]:
     """Centres for one round (Alg. 1 lines 3-7): validation rows, int64, plus the fallback flag.
 
@@ -133,7 +156,9 @@ def choose_centers(
     concatenated in class order; with ``sample``, the same split, each share drawn uniformly
     without replacement from that class's rows (``numpy.random.default_rng(seed + class)``,
     in row order). M' = 0: the whole validation set is the candidate set instead (same rules)
-    and ``fallback`` is True.
+    and ``fallback`` is True. k-center's similarities are float64 GEMMs (on the ``backend``'s
+    device) that only filter; each pick is decided by the kernel's canonical similarities, so
+    the centres are the same on every backend.
     """
     kern = get_kernel(kernel)
     P = _positive_int(P, "P")
@@ -158,7 +183,7 @@ def choose_centers(
     dims = check_dims(scale_dims, z_all.shape[1])
     g_all = np.asarray(val_g) if kern.uses_g else None
     if rule == "kcenter":
-        return _kcenter(kern, z_all, g_all, dims, cand, P, seed), fallback
+        return _kcenter(kern, z_all, g_all, dims, cand, P, seed, backend), fallback
     cls = labels[cand]
     classes = np.unique(cls)
     quotas = class_quotas(P, np.array([np.count_nonzero(cls == c) for c in classes]))
@@ -169,7 +194,7 @@ def choose_centers(
         ]
     else:
         parts = [
-            _kcenter(kern, z_all, g_all, dims, cand[cls == c], int(q), seed + int(c))
+            _kcenter(kern, z_all, g_all, dims, cand[cls == c], int(q), seed + int(c), backend)
             for c, q in zip(classes, quotas)
         ]
     return np.concatenate(parts).astype(np.int64), fallback
@@ -183,13 +208,22 @@ def _kcenter(
     cand: np.ndarray,
     n: int,
     seed: int,
+    backend: SearchBackend,
 ) -> np.ndarray:
     """``n`` of the validation rows ``cand`` by greedy k-center in the kernel's space."""
     if n >= cand.size:
         return cand
     z = standardize(z_all[cand], dims)
     g = standardize(g_all[cand], dims) if g_all is not None else None
-    return cand[kcenter_greedy(_similarity(kern, z, g), cand.size, n, seed)]
+    z64, g64 = z.astype(np.float64), None if g is None else g.astype(np.float64)
+
+    def canon(rows: np.ndarray, centres: np.ndarray) -> np.ndarray:
+        return canonical(kern, z64, g64, z, g, centres, rows)
+
+    # the filter's float64 GEMMs, and the float32 rounding of the Gram matrix holding them
+    err = float(error_bounds(kern, z, g, math.sqrt(norm_bound(dims)), unit=U64).max())
+    sim_to = _similarity(kern, z64, g64, backend)
+    return cand[kcenter_greedy(sim_to, cand.size, n, seed, canon=canon, err=err)]
 
 
 # ----------------------------------------------------------------------------- selection walk
@@ -331,6 +365,8 @@ def select(
     device: str = "cpu",
     chunk_rows: int = 65536,
     center_rule: str = "kcenter",
+    *,
+    backend: SearchBackend | None = None,
 ) -> Selection:
     """Select P pool rows for labelling (docs/algorithm.md §4-6).
 
@@ -338,12 +374,14 @@ def select(
     ``scale_dims`` (and ``logits``, ``labels`` for ``val``); ``z``/``g`` may be h5py datasets, read
     in chunks of ``chunk_rows`` rows. ``exclude`` (boolean mask or row indices over the pool) is
     removed before the search. ``center_rule`` is the centre rule (:data:`CENTER_RULES`). Raises
-    :class:`AlfkError` when P exceeds the available pool rows.
+    :class:`AlfkError` when P exceeds the available pool rows. ``backend``: where the search
+    filters (default: :func:`alfk_cli.search.search_backend` of ``device``); the selection does
+    not depend on it.
     """
     kern = get_kernel(kernel)
     P = _positive_int(P, "P")
     chunk_rows = _positive_int(chunk_rows, "chunk_rows")
-    gpu = use_gpu(device)
+    backend = backend or search_backend(device)  # the one choice of where the search runs
 
     vz = _matrix(_field(val, "z"), "z", "validation")
     vg = _matrix(_field(val, "g"), "g", "validation")
@@ -370,11 +408,20 @@ def select(
     vz = np.asarray(vz)
     vg = np.asarray(vg)
     centers, fallback = choose_centers(
-        vz, vg, _field(val, "logits"), _field(val, "labels"), dims, P, kern, seed, center_rule
+        vz,
+        vg,
+        _field(val, "logits"),
+        _field(val, "labels"),
+        dims,
+        P,
+        kern,
+        seed,
+        center_rule,
+        backend=backend,
     )
     cz = standardize(vz[centers], dims)
     cg = standardize(vg[centers], dims) if kern.uses_g else None
-    scorer = kern.scorer(cz, cg, gpu=gpu, norm_sq=norm_bound(dims))
+    scorer = kern.scorer(cz, cg, backend=backend, norm_sq=norm_bound(dims))
 
     n_c = centers.size
     per = -(-P // n_c)

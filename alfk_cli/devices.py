@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from alfk_cli.errors import AlfkError
 
@@ -79,3 +79,32 @@ def full_precision() -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@contextmanager
+def ieee_matmul() -> Iterator[None]:
+    """IEEE float32 matrix products inside the block, on CUDA (no TF32) and on the CPU (no
+    oneDNN bf16 or TF32), whatever ``torch.set_float32_matmul_precision`` the caller chose.
+
+    For the exact search: its a-priori error bound assumes every product and partial sum of a
+    float32 GEMM is rounded to float32. ``"highest"`` sets both the legacy flag and (torch >=
+    2.9) the per-backend ones, which cuBLAS requires to agree; on the way out the legacy value is
+    set back first and the per-backend values after it, so the caller's state is restored as
+    it was, even a mixed one (whose legacy getter raises).
+    """
+    import torch
+
+    try:
+        legacy: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller mixed the legacy and the per-backend APIs
+        legacy = None
+    backends: list[Any] = [torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", 0)]
+    per_backend = [(obj, obj.fp32_precision) for obj in backends if hasattr(obj, "fp32_precision")]
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        for obj, value in per_backend:
+            obj.fp32_precision = value

@@ -27,15 +27,26 @@ from typing import Any
 import numpy as np
 
 from alfk_cli.registry import Registry
-from alfk_cli.search import U32, U64, IPScorer, canon_dot, gamma_bound, row_norms
+from alfk_cli.search import (
+    U32,
+    U64,
+    IPScorer,
+    SearchBackend,
+    canon_dot,
+    gamma_bound,
+    row_norms,
+)
 from alfk_cli.standardize import standardize_into
 
-__all__ = ["KERNELS", "Buffers", "CombinedScorer", "Kernel", "get_kernel"]
-
-#: Scratch budget (bytes) for the two blocks of kernel scores in the default search (about 8k
-#: pool columns per block for 1250 centres: fast GEMMs, and the combine and top-k still run from
-#: cache-warm memory).
-BLOCK_BYTES = 80 << 20
+__all__ = [
+    "KERNELS",
+    "Buffers",
+    "CombinedScorer",
+    "Kernel",
+    "canonical",
+    "error_bounds",
+    "get_kernel",
+]
 
 
 class Buffers:
@@ -72,8 +83,9 @@ class Kernel:
         """``combine`` that may overwrite ``rz`` (the search's scratch block)."""
         return self.combine(rz, rg)
 
-    def gram(self, qz: np.ndarray, qg: np.ndarray | None, xz: np.ndarray, xg: Any) -> np.ndarray:
-        """Dense similarities ``[len(qz), len(xz)]`` (float32 in, float32 out): k-center's."""
+    def gram(self, qz: Any, qg: Any, xz: Any, xg: Any) -> Any:
+        """Dense similarities ``[len(qz), len(xz)]`` (numpy arrays or torch tensors, in their
+        dtype): k-center's filter, in float64, within :meth:`error_bound` of :func:`canonical`."""
         return self.combine(qz @ xz.T, qg @ xg.T if self.uses_g else None)
 
     def payload(self, z: np.ndarray, g: np.ndarray | None, dims: Any, buffers: Buffers) -> Any:
@@ -87,9 +99,12 @@ class Kernel:
         standardize_into(gs, g, dims)
         return zs, gs
 
-    def scorer(self, cz: np.ndarray, cg: np.ndarray | None, *, gpu: bool, norm_sq: float) -> Any:
-        """The exact-search scorer for standardised centres; ``norm_sq`` bounds ``|ẑ|², |ĝ|²``."""
-        return CombinedScorer(self, cz, cg, gpu, math.sqrt(norm_sq))
+    def scorer(
+        self, cz: np.ndarray, cg: np.ndarray | None, *, backend: SearchBackend, norm_sq: float
+    ) -> Any:
+        """The exact-search scorer for standardised centres; ``norm_sq`` bounds ``|ẑ|², |ĝ|²``;
+        ``backend`` says where its filter runs."""
+        return CombinedScorer(self, cz, cg, backend, math.sqrt(norm_sq))
 
     def error_bound(self, bz: Any, bg: Any, ez: Any, eg: Any) -> Any:
         """Bound on ``|combine(a+δ, b+ε) − combine(a, b)|`` over ``|a| ≤ bz, |b| ≤ bg, |δ| ≤ ez,
@@ -144,8 +159,11 @@ class SumKernel(Kernel):
         standardize_into(out[:, w:], g, dims)
         return out
 
-    def scorer(self, cz: np.ndarray, cg: np.ndarray | None, *, gpu: bool, norm_sq: float) -> Any:
-        return IPScorer(np.concatenate([cz, cg], axis=1), gpu, max_norm=math.sqrt(2 * norm_sq))
+    def scorer(
+        self, cz: np.ndarray, cg: np.ndarray | None, *, backend: SearchBackend, norm_sq: float
+    ) -> Any:
+        zg = np.concatenate([cz, cg], axis=1)
+        return IPScorer(zg, backend, max_norm=math.sqrt(2 * norm_sq))
 
 
 @register_kernel("pcc")
@@ -162,8 +180,10 @@ class PCCKernel(Kernel):
         standardize_into(out, z, dims)
         return out
 
-    def scorer(self, cz: np.ndarray, cg: np.ndarray | None, *, gpu: bool, norm_sq: float) -> Any:
-        return IPScorer(cz, gpu, max_norm=math.sqrt(norm_sq))
+    def scorer(
+        self, cz: np.ndarray, cg: np.ndarray | None, *, backend: SearchBackend, norm_sq: float
+    ) -> Any:
+        return IPScorer(cz, backend, max_norm=math.sqrt(norm_sq))
 
 
 @register_kernel("product")
@@ -181,90 +201,78 @@ class ProductKernel(Kernel):
 # ----------------------------------------------------------------------------- default search
 
 
+def canonical(
+    kernel: Kernel,
+    qz64: np.ndarray,
+    qg64: np.ndarray | None,
+    xz: np.ndarray,
+    xg: np.ndarray | None,
+    qrows: np.ndarray,
+    xrows: np.ndarray,
+) -> np.ndarray:
+    """The kernel's canonical similarity of each pair ``(qrows[t], xrows[t])``: ``combine`` of
+    the canonical float64 ``R_z`` and ``R_g`` (:func:`alfk_cli.search.canon_dot`)."""
+    rz = canon_dot(qz64, xz, qrows, xrows)
+    rg = None
+    if qg64 is not None:
+        assert xg is not None, "queries with g score rows with g"
+        rg = canon_dot(qg64, xg, qrows, xrows)
+    return np.asarray(kernel.combine(rz, rg), dtype=np.float64)
+
+
+def error_bounds(
+    kernel: Kernel, qz: np.ndarray, qg: np.ndarray | None, bound: float, unit: float = U32
+) -> np.ndarray:
+    """Per query row: the bound on |filter − canonical| of :func:`canonical`, for rows whose ẑ
+    and ĝ norms are at most ``bound`` (the GEMMs' error in the arithmetic of unit round-off
+    ``unit``, float32 by default, the float64 canonical error, then the kernel's combination of
+    them with float32 rounding, :meth:`Kernel.error_bound`)."""
+
+    def side(q: np.ndarray | None) -> tuple[Any, Any]:
+        if q is None:
+            return None, None
+        b = row_norms(q) * bound
+        return b, gamma_bound(q.shape[1], unit) * b + 4 * q.shape[1] * U64 * b
+
+    bz, ez = side(qz)
+    bg, eg = side(qg)
+    return np.asarray(kernel.error_bound(bz, bg, ez, eg), dtype=np.float64)
+
+
 class CombinedScorer:
     """Any kernel: blocked float32 torch GEMMs for ``R_z``/``R_g``, ``combine``, a running top-k
-    as the filter, and canonical float64 rescoring (see :func:`alfk_cli.search.exact_topk_stream`).
+    as the filter (:mod:`alfk_cli.torchfilter`, on the backend's device), and canonical float64
+    rescoring (see :func:`alfk_cli.search.exact_topk_stream`).
     """
 
     def __init__(
-        self, kernel: Kernel, qz: np.ndarray, qg: np.ndarray | None, gpu: bool, bound: float
+        self,
+        kernel: Kernel,
+        qz: np.ndarray,
+        qg: np.ndarray | None,
+        backend: SearchBackend,
+        bound: float,
     ):
-        import torch
+        from alfk_cli.torchfilter import TorchQueries
 
-        self.torch, self.kernel = torch, kernel
-        self.dev = torch.device("cuda" if gpu else "cpu")
+        self.kernel = kernel
         self.qz = np.ascontiguousarray(qz, dtype=np.float32)
         self.qg = None if qg is None else np.ascontiguousarray(qg, dtype=np.float32)
         self.qz64 = self.qz.astype(np.float64)
         self.qg64 = None if self.qg is None else self.qg.astype(np.float64)
-        self.tqz = torch.from_numpy(self.qz).to(self.dev)
-        self.tqg = None if self.qg is None else torch.from_numpy(self.qg).to(self.dev)
+        self.filter = TorchQueries(self.qz, self.qg, backend.device)
         # per query: bounds on |R| and on the float32 GEMM error plus the float64 canonical error
-        self.eps_rows = self._error_bounds(bound)
-
-    def _error_bounds(self, bound: float) -> np.ndarray:
-        def side(q: np.ndarray | None) -> tuple[Any, Any]:
-            if q is None:
-                return None, None
-            b = row_norms(q) * bound
-            return b, gamma_bound(q.shape[1]) * b + 4 * q.shape[1] * U64 * b
-
-        bz, ez = side(self.qz)
-        bg, eg = side(self.qg)
-        return np.asarray(self.kernel.error_bound(bz, bg, ez, eg), dtype=np.float64)
+        self.eps_rows = error_bounds(kernel, self.qz, self.qg, bound)
 
     def begin(self, payload: tuple[np.ndarray, np.ndarray | None]) -> None:
         self.xz, self.xg = payload
-        self.txz = self.torch.from_numpy(self.xz).to(self.dev)
-        self.txg = None if self.xg is None else self.torch.from_numpy(self.xg).to(self.dev)
+        self.filter.begin(self.xz, self.xg)
 
     def eps(self, rows: np.ndarray) -> np.ndarray:
         return self.eps_rows[rows]
 
-    def _queries(self, rows: np.ndarray) -> tuple[Any, Any]:
-        if rows.size == self.qz.shape[0]:
-            return self.tqz, self.tqg
-        sel = self.torch.from_numpy(rows).to(self.dev)
-        return self.tqz[sel], None if self.tqg is None else self.tqg[sel]
-
     def approx(self, rows: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
-        torch = self.torch
-        qz, qg = self._queries(rows)
-        n, nr = self.txz.shape[0], rows.size
-        step = min(n, max(kp, BLOCK_BYTES // (8 * max(1, nr))))
-        # Two score blocks reused across the chunk (fresh large buffers cost page faults).
-        flat_z = torch.empty(nr * step, dtype=torch.float32, device=self.dev)
-        flat_g = None if qg is None else torch.empty_like(flat_z)
-        best_v = best_i = None
-        prev = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")  # no TF32/bf16: the error bound needs fp32
-        try:
-            for a in range(0, n, step):
-                b = min(n, a + step)
-                s = flat_z[: nr * (b - a)].view(nr, b - a)
-                torch.matmul(qz, self.txz[a:b].T, out=s)
-                t = None
-                if flat_g is not None:
-                    assert self.txg is not None, "queries with g score pool chunks with g"
-                    t = flat_g[: nr * (b - a)].view(nr, b - a)
-                    torch.matmul(qg, self.txg[a:b].T, out=t)
-                v, i = torch.topk(self.kernel.combine_inplace(s, t), min(kp, b - a), dim=1)
-                i += a
-                if best_v is not None:
-                    v = torch.cat([best_v, v], dim=1)
-                    i = torch.cat([best_i, i], dim=1)
-                    v, pos = torch.topk(v, min(kp, v.shape[1]), dim=1)
-                    i = torch.gather(i, 1, pos)
-                best_v, best_i = v, i
-        finally:
-            torch.set_float32_matmul_precision(prev)
-        assert best_v is not None and best_i is not None, "a pool chunk has at least one row"
-        return best_v.cpu().numpy(), best_i.cpu().numpy().astype(np.int64)
+        return self.filter.topk(rows, kp, self.kernel.combine_inplace)
 
     def canon(self, qrows: np.ndarray, xrows: np.ndarray) -> np.ndarray:
-        rz = canon_dot(self.qz64, self.xz, qrows, xrows)
-        rg = None
-        if self.qg64 is not None:
-            assert self.xg is not None, "queries with g score pool chunks with g"
-            rg = canon_dot(self.qg64, self.xg, qrows, xrows)
-        return np.asarray(self.kernel.combine(rz, rg), dtype=np.float64)
+        return canonical(self.kernel, self.qz64, self.qg64, self.xz, self.xg, qrows, xrows)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from alfk_cli.atomic import check_writable_dir
 from alfk_cli.errors import AlfkError
 from alfk_cli.reproducible import seeded
 from alfk_cli.scores import Scores, read_scores, write_scores
+from alfk_cli.search import search_backend
 from alfk_cli.store import FeatureStore, check_compatible, open_store
 from alfk_cli.strategies import (
     FisherKernel,
@@ -36,7 +38,7 @@ from alfk_cli.workdir import match_exclusions
 __all__ = ["ScoreOptions", "score_stores"]
 
 
-def _same_files(pool_paths: list[str], pool_root: str, val: FeatureStore) -> np.ndarray:
+def _same_files(pool_paths: Iterable[str], pool_root: str, val: FeatureStore) -> np.ndarray:
     """Pool rows that are validation images: the validation folder lies inside the pool folder
     (e.g. ``--pool data/ --val data/val``), so the same file is reachable through both."""
     pool_abs, val_abs = Path(pool_root).resolve(), Path(val.image_root).resolve()
@@ -99,6 +101,7 @@ def score_stores(
     ``repeat_sent``: with ``reuse``, an existing ``out`` made with these images left out as sent
     (instead of ``options.sent``) is returned as it is: the previous run, repeated unchanged."""
     check_writable_dir(out)
+    search_backend(options.device)  # a bad ALFK_SEARCH_BACKEND fails before the stores are read
     with open_store(val_path) as val, open_store(pool_path) as pool:
         strategy, root, base, base_notes = _prepare(val, pool, options)
         if options.reuse and repeat_sent is not None:
@@ -167,7 +170,7 @@ def _with_sent(
     pool: FeatureStore, drop: set[int], notes: list[str], sent: frozenset[str]
 ) -> tuple[set[int], list[str]]:
     """``drop`` and ``notes`` extended by the pool images sent in earlier runs (new objects)."""
-    rows = {i for i, p in enumerate(pool.paths) if p in sent} - drop if sent else set()
+    rows = {i for i, p in enumerate(pool.path_view()) if p in sent} - drop if sent else set()
     if not rows:
         return set(drop), list(notes)
     note = f"left out {len(rows)} pool image(s) sent in earlier runs (the ledger)"
@@ -177,9 +180,10 @@ def _with_sent(
 def _left_out(
     val: FeatureStore, pool: FeatureStore, root: str, exclude: str | os.PathLike | None
 ) -> tuple[set[int], list[str]]:
-    """Pool rows that may not be selected (validation images, listed images) and notes."""
+    """Pool rows that may not be selected (validation images, listed images) and notes. The
+    pool's paths are read a block at a time (a list of 10M takes ~2 GiB while it is read)."""
     notes: list[str] = []
-    pool_paths = pool.paths
+    pool_paths = pool.path_view()
     drop = set(_same_files(pool_paths, root, val).tolist())
     if drop:
         notes.append(f"left out {len(drop)} pool image(s) that are also validation images")
@@ -301,11 +305,11 @@ def _write(
     logits = np.empty((len(rows), len(classes)), dtype=np.float32)
     logits[order] = pool.logits[rows[order]] if len(rows) else logits[:0]
     predicted = [classes[c] for c in logits.argmax(1)]
-    val_paths, pool_paths = val.paths, pool.paths
+    val_paths = val.paths
     center_paths = [
         os.path.join(val.image_root, val_paths[c]) if c >= 0 else "" for c in sel.center
     ]
-    write_scores(out, sel, [pool_paths[r] for r in rows], predicted, center_paths, root, attrs)
+    write_scores(out, sel, pool.path_view().at(rows), predicted, center_paths, root, attrs)
 
 
 def _empty_selection(kernel: str) -> acquisition.Selection:

@@ -1,4 +1,4 @@
-"""Exact FAISS helpers: device choice, streamed inner-product top-k, greedy k-center.
+"""The exact search: the search backend, streamed inner-product top-k, greedy k-center.
 
 The pool is never held whole: searches take an iterable of chunks and merge per-chunk results into a
 running top-k. FAISS (or a GEMM) only *filters* candidates; every candidate that can reach a top-k
@@ -9,28 +9,37 @@ identical rows tie exactly and ties are broken by the smaller pool id. A candida
 when an a-priori float32 error bound proves that nothing FAISS left out can beat it; otherwise the
 chunk is searched again with more neighbours for the affected queries. The result is the exact
 top-k under the order (score descending, id ascending), whatever the chunking.
+
+Which library filters is one decision, :func:`search_backend`, taken once per search from the
+device: FAISS on the CPU, FAISS on the GPU, or torch matmul + topk (on a CUDA device when the
+installed FAISS has no GPU support). The result does not depend on it.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
 from alfk_cli.errors import AlfkError
 
 __all__ = [
+    "BACKEND_ENV",
+    "CPU_BACKEND",
     "IPScorer",
+    "SearchBackend",
     "canon_dot",
     "exact_topk_stream",
     "gamma_bound",
     "kcenter_greedy",
     "row_norms",
+    "search_backend",
     "topk_ip",
-    "use_gpu",
 ]
 
 #: Neighbours fetched per chunk beyond k, so that a tie or near-tie at the k-th place is detected.
@@ -46,21 +55,55 @@ RESCORE_BLOCK = 1 << 21
 _gpu_resources: Any = None
 
 
-def use_gpu(device: str) -> bool:
-    """Whether searches should run on the GPU for ``device`` (``auto``, ``cpu``, ``cuda`` or
-    ``cuda:N``, as :func:`alfk_cli.devices.parse_device` reads them).
+#: Environment variable that overrides the choice: ``auto`` (the default), ``faiss`` or ``torch``.
+BACKEND_ENV = "ALFK_SEARCH_BACKEND"
 
-    True for ``cuda``/``cuda:N``/``auto`` when torch sees a CUDA device and the installed FAISS has
-    GPU support. ``cuda`` without a CUDA device raises :class:`AlfkError`, as
-    :func:`alfk_cli.devices.resolve_device` does; ``cuda`` with a CPU-only FAISS (the ``faiss-cpu``
-    wheel off Linux x86_64) searches on the CPU, since the search is exact and its results are
-    the same there: the model still runs on the GPU.
+
+@dataclass(frozen=True)
+class SearchBackend:
+    """Which library computes the search's float32 filter, and the torch device of its GEMMs.
+
+    ``faiss-cpu``: FAISS on the CPU (the GEMMs of combined kernels on ``device``, the CPU unless
+    forced); ``faiss-gpu``: FAISS's GPU search (for k <= ``GPU_MAX_K``; FAISS on the CPU above it)
+    and torch GEMMs on ``device``; ``torch``: torch matmul + topk on ``device`` for every kernel
+    and for k-center's similarities. The selection is the same on all of them.
+    """
+
+    kind: Literal["faiss-cpu", "faiss-gpu", "torch"] = "faiss-cpu"
+    device: str = "cpu"
+
+    @property
+    def torch_gemms(self) -> bool:
+        """Whether k-center's similarities are torch GEMMs on ``device`` (else numpy)."""
+        return self.kind != "faiss-cpu"
+
+
+CPU_BACKEND = SearchBackend()
+
+
+def search_backend(device: str = "cpu", prefer: str | None = None) -> SearchBackend:
+    """The search backend for ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``): the one place
+    the choice is made.
+
+    On the CPU: FAISS. On CUDA: FAISS's GPU search when the installed FAISS has GPU support (the
+    ``faiss-gpu`` wheel), else torch matmul + topk on the GPU (``faiss-cpu``, off Linux x86_64).
+    ``prefer`` (default: the ``ALFK_SEARCH_BACKEND`` environment variable, else ``auto``) may
+    force ``faiss`` (the CPU one where FAISS has no GPU) or ``torch`` (on the CPU too). ``cuda``
+    without a CUDA device raises :class:`AlfkError`, as :func:`alfk_cli.devices.resolve_device`.
     """
     from alfk_cli.devices import parse_device, resolve_device
 
-    if parse_device(device) == "cpu":
-        return False
-    return resolve_device(device).type == "cuda" and _faiss().get_num_gpus() > 0  # imports torch
+    raw = prefer if prefer is not None else os.environ.get(BACKEND_ENV, "")
+    choice = raw.strip().lower() or "auto"
+    if choice not in ("auto", "faiss", "torch"):
+        raise AlfkError(f"unknown search backend {raw!r} ({BACKEND_ENV}); use auto, faiss or torch")
+    dev = "cpu" if parse_device(device) == "cpu" else str(resolve_device(device))  # imports torch
+    if dev == "cpu":
+        return SearchBackend("torch", "cpu") if choice == "torch" else CPU_BACKEND
+    gpu_faiss = _faiss().get_num_gpus() > 0
+    if choice == "torch" or (choice == "auto" and not gpu_faiss):
+        return SearchBackend("torch", dev)
+    return SearchBackend("faiss-gpu", dev) if gpu_faiss else CPU_BACKEND
 
 
 def _faiss() -> Any:
@@ -78,9 +121,10 @@ def _gpu_res() -> Any:
     return _gpu_resources
 
 
-def gamma_bound(d: int) -> float:
-    """Bound factor for a float32 dot product of length ``d`` (any summation order), with margin."""
-    nu = (d + 2) * U32
+def gamma_bound(d: int, unit: float = U32) -> float:
+    """Bound factor for a dot product of length ``d`` (any summation order), with margin, in the
+    arithmetic of unit round-off ``unit`` (float32 by default)."""
+    nu = (d + 2) * unit
     return 2.0 * nu / (1.0 - nu)
 
 
@@ -104,17 +148,28 @@ def canon_dot(q64: np.ndarray, x: np.ndarray, qrows: np.ndarray, xrows: np.ndarr
 
 
 class IPScorer:
-    """Inner-product scorer: FAISS flat search (CPU or GPU) as the filter, canonical rescoring."""
+    """Inner-product scorer: the backend's flat search (FAISS on the CPU or GPU, or torch matmul +
+    topk) as the filter, canonical rescoring."""
 
-    def __init__(self, queries: np.ndarray, gpu: bool, max_norm: float | None = None):
+    def __init__(
+        self,
+        queries: np.ndarray,
+        backend: SearchBackend = CPU_BACKEND,
+        max_norm: float | None = None,
+    ):
         self.q = np.ascontiguousarray(queries, dtype=np.float32)
         self.q64 = self.q.astype(np.float64)
         self.qnorm = row_norms(self.q)
-        self.gpu = gpu
+        self.backend = backend
         self.max_norm = max_norm
         self.gamma = gamma_bound(self.q.shape[1])
         self.x: np.ndarray | None = None
         self.bound = 0.0
+        self._torch: Any = None
+        if backend.kind == "torch":
+            from alfk_cli.torchfilter import TorchQueries
+
+            self._torch = TorchQueries(self.q, None, backend.device)
 
     def begin(self, payload: np.ndarray) -> None:
         x = payload
@@ -130,6 +185,8 @@ class IPScorer:
             self.bound = xmax
         else:
             self.bound = self.max_norm
+        if self._torch is not None:
+            self._torch.begin(self.x, None)
 
     def eps(self, rows: np.ndarray) -> np.ndarray:
         b = self.qnorm[rows] * self.bound
@@ -140,17 +197,30 @@ class IPScorer:
         return self.x
 
     def approx(self, rows: np.ndarray, kp: int) -> tuple[np.ndarray, np.ndarray]:
+        if self._torch is not None:
+            return self._torch.topk(rows, kp, _inner_product)
         q = self.q if rows.size == self.q.shape[0] else self.q[rows]
         x = self._chunk()
         faiss = _faiss()
-        if self.gpu and kp <= GPU_MAX_K:
-            dist, idx = faiss.knn_gpu(_gpu_res(), q, x, kp, metric=faiss.METRIC_INNER_PRODUCT)
+        if self.backend.kind == "faiss-gpu" and kp <= GPU_MAX_K:
+            ip, gpu = faiss.METRIC_INNER_PRODUCT, _gpu_index(self.backend)
+            dist, idx = faiss.knn_gpu(_gpu_res(), q, x, kp, metric=ip, device=gpu)
         else:
             dist, idx = faiss.knn(q, x, kp, faiss.METRIC_INNER_PRODUCT)
         return dist, idx
 
     def canon(self, qrows: np.ndarray, xrows: np.ndarray) -> np.ndarray:
         return canon_dot(self.q64, self._chunk(), qrows, xrows)
+
+
+def _inner_product(s: Any, t: Any) -> Any:
+    return s
+
+
+def _gpu_index(backend: SearchBackend) -> int:
+    """The CUDA device index FAISS should use (-1: the current device)."""
+    _, _, index = backend.device.partition(":")
+    return int(index) if index else -1
 
 
 def exact_topk_stream(
@@ -234,6 +304,7 @@ def topk_ip(
     device: str = "cpu",
     *,
     max_norm: float | None = None,
+    backend: SearchBackend | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of each query over a pool streamed in chunks.
 
@@ -242,19 +313,26 @@ def topk_ip(
     descending, equal scores by smaller id; ``k`` is clipped to the pool size. Scores are compared
     in float64 (canonical rescoring), so two float32 scores may print equal yet be ordered.
     ``max_norm``: a known upper bound on the pool rows' norms (skips one pass per chunk).
+    ``backend``: the filter (default: :func:`search_backend` of ``device``).
     """
     q = np.asarray(queries)
     if q.ndim != 2:
         raise AlfkError(f"queries must be 2-D, got shape {q.shape}")
     if not np.isfinite(q).all():
         raise AlfkError("non-finite values in the queries (NaN or inf)")
-    scorer = IPScorer(q, use_gpu(device), max_norm)
+    scorer = IPScorer(q, backend or search_backend(device), max_norm)
     scores, ids = exact_topk_stream(scorer, _normalise_chunks(base_chunks), q.shape[0], int(k))
     return scores.astype(np.float32), ids
 
 
 def kcenter_greedy(
-    sim_to: Callable[[int], np.ndarray], n: int, n_centers: int, seed: int
+    sim_to: Callable[[int], np.ndarray],
+    n: int,
+    n_centers: int,
+    seed: int,
+    *,
+    canon: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    err: float = 0.0,
 ) -> np.ndarray:
     """Farthest-first greedy k-center in a similarity space.
 
@@ -262,6 +340,12 @@ def kcenter_greedy(
     whose best (maximum) similarity to the chosen centres is lowest, ties to the smallest index.
     ``sim_to(i)`` returns the similarities of all ``n`` points to point ``i``. Returns the centres
     (int64) in the order chosen; ``n_centers`` is clipped to ``n``.
+
+    With ``canon(rows, centres)`` (the exact similarity of each pair ``rows[t]``, ``centres[t]``)
+    and ``err`` (a bound on ``|sim_to − canon|`` for every pair), ``sim_to`` only filters: each
+    pick is decided by ``canon`` among the points whose filtered best similarity comes within
+    ``2·err`` of the lowest, which provably holds the exact pick, so the centres do not depend
+    on how (BLAS, device) ``sim_to`` rounds.
     """
     n_centers = min(int(n_centers), int(n))
     if n_centers <= 0:
@@ -273,9 +357,36 @@ def kcenter_greedy(
     if best.shape != (n,):
         raise AlfkError(f"sim_to returned shape {best.shape}, expected ({n},)")
     best[first] = np.inf
+    exact = None if canon is None else _CanonicalBest(canon, n)
     for _ in range(1, n_centers):
-        nxt = int(np.argmin(best))  # first occurrence: ties go to the smallest index
+        near = None if exact is None else np.flatnonzero(best <= best.min() + 2 * err)
+        if exact is not None and near is not None and near.size > 1:
+            nxt = exact.argmin(near, centers)
+        else:
+            nxt = int(np.argmin(best))  # first occurrence: ties go to the smallest index
         centers.append(nxt)
         np.maximum(best, np.asarray(sim_to(nxt), dtype=np.float64).reshape(-1), out=best)
         best[nxt] = np.inf
     return np.asarray(centers, dtype=np.int64)
+
+
+class _CanonicalBest:
+    """Each point's exact best similarity to the chosen centres, brought up to date lazily: only
+    points that come near the minimum are ever rescored, and each against new centres only."""
+
+    def __init__(self, canon: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int):
+        self.canon = canon
+        self.best = np.full(n, -np.inf)
+        self.upto = np.zeros(n, dtype=np.int64)  # centres already folded into ``best``
+
+    def argmin(self, rows: np.ndarray, centers: list[int]) -> int:
+        """The row of ``rows`` (ascending) with the lowest exact best similarity, ties to the
+        smallest."""
+        todo = len(centers) - self.upto[rows]
+        pair_rows = np.repeat(rows, todo)
+        starts = np.repeat(self.upto[rows] - np.cumsum(todo) + todo, todo)
+        pair_centres = np.asarray(centers, dtype=np.int64)[np.arange(pair_rows.size) + starts]
+        if pair_rows.size:
+            np.maximum.at(self.best, pair_rows, self.canon(pair_rows, pair_centres))
+        self.upto[rows] = len(centers)
+        return int(rows[np.argmin(self.best[rows])])  # first occurrence: the smallest row

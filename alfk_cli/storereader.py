@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import h5py
 import numpy as np
@@ -81,9 +82,16 @@ class FeatureStore:
 
     @property
     def paths(self) -> list[str]:
+        """Every path, as a list (cached): ~200 B of memory per image while reading, ~90 B
+        after; :meth:`path_view` reads them in blocks instead."""
         if self._paths is None:
             self._paths = [str(p) for p in self.file["paths"].asstr()[:]]
         return self._paths
+
+    def path_view(self) -> StorePaths:
+        """The paths as a sequence read from the file as it is used, a block at a time (the
+        cached list when :attr:`paths` was already read): for passes over a big pool's paths."""
+        return StorePaths(self.file["paths"], self._paths)
 
     @property
     def seed(self) -> int | None:
@@ -141,6 +149,53 @@ class FeatureStore:
                     h.update(block)
             self._sha256 = h.hexdigest()
         return self._sha256
+
+
+class StorePaths(Sequence[str]):
+    """A store's ``paths`` dataset as a read-only sequence of str that holds one block of rows
+    at a time: iteration reads ``BLOCK`` rows per HDF5 read, ``at`` reads chosen rows."""
+
+    #: Rows per read while iterating (~20 MiB of str objects).
+    BLOCK = 1 << 18
+
+    def __init__(self, ds: h5py.Dataset, cached: list[str] | None = None):
+        self.ds, self.cached = ds, cached
+
+    def __len__(self) -> int:
+        return int(self.ds.shape[0])
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if self.cached is not None:
+            return self.cached[i]
+        if isinstance(i, slice):
+            return [str(p) for p in self.ds.asstr()[i]]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return str(self.ds.asstr()[i % len(self)])
+
+    def __iter__(self) -> Iterator[str]:
+        if self.cached is not None:
+            yield from self.cached
+            return
+        for a in range(0, len(self), self.BLOCK):
+            yield from self[a : a + self.BLOCK]
+
+    def at(self, rows: np.ndarray) -> list[str]:
+        """The paths of ``rows`` (any order, repeats allowed), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.cached is not None:
+            return [self.cached[r] for r in rows.tolist()]
+        if rows.size == 0:
+            return []
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        got = self.ds.asstr()[uniq]  # h5py wants increasing indices
+        return [str(got[j]) for j in inverse.tolist()]
 
 
 def open_hdf5(path: Path, what: str) -> h5py.File:
@@ -217,4 +272,4 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     return ds[uniq][inverse]
 
 
-__all__ = ["FeatureStore", "check_compatible", "open_hdf5", "open_store", "read_rows"]
+__all__ = ["FeatureStore", "StorePaths", "check_compatible", "open_hdf5", "open_store", "read_rows"]

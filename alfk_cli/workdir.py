@@ -7,9 +7,11 @@ import errno
 import fcntl
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from alfk_cli.errors import AlfkError
 
@@ -81,7 +83,7 @@ class Exclusions:
 
 
 def match_exclusions(
-    path: str | os.PathLike, pool_root: str | os.PathLike, pool_paths: list[str]
+    path: str | os.PathLike, pool_root: str | os.PathLike, pool_paths: Sequence[str]
 ) -> Exclusions:
     """Pool rows named in ``path``: one image per line (as printed by ``select``, or relative to
     the pool folder); blank lines and ``#`` comments are ignored.
@@ -90,19 +92,33 @@ def match_exclusions(
     ``rel`` when it is ``rel`` itself, or resolves (from the working directory, or from the exclude
     file's folder, following symlinks) to the pool's file ``rel``, or ends with ``<pool folder
     name>/rel`` (a path printed by a run from another directory). Lines that match nothing are
-    counted, not errors: an exclusion list usually covers more than one pool."""
+    counted, not errors: an exclusion list usually covers more than one pool.
+
+    ``pool_paths``: a list, or a lazy sequence such as ``FeatureStore.path_view()`` (then the
+    paths are looked up through :class:`PathIndex`, never all held)."""
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise AlfkError(f"exclude file {path} {what}")
-    root = Path(pool_root)
-    real_root = root.resolve()
-    rel_index = {p: i for i, p in enumerate(pool_paths)}
-    bases = [Path.cwd(), path.resolve().parent]
-    names = {root.absolute().name, real_root.name} - {""}  # a symlinked pool has two
     # Non-UTF-8 bytes are kept as surrogate escapes: such a line cannot name a pool image (those
     # are skipped at scan time), so it simply matches nothing.
     text = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    if isinstance(pool_paths, list):  # held anyway: a dict is the fastest look-up
+        return _match_lines(text, path, Path(pool_root), {p: i for i, p in enumerate(pool_paths)})
+    index = PathIndex(pool_paths)
+    found = _match_lines(text, path, Path(pool_root), index)
+    if index.confirmed():
+        return found
+    # a 64-bit hash collision (odds ~ pool size x lines / 2**64): match by the paths themselves
+    return _match_lines(text, path, Path(pool_root), {p: i for i, p in enumerate(pool_paths)})
+
+
+def _match_lines(
+    text: str, path: Path, root: Path, rel_index: dict[str, int] | PathIndex
+) -> Exclusions:
+    real_root = root.resolve()
+    bases = [Path.cwd(), path.resolve().parent]
+    names = {root.absolute().name, real_root.name} - {""}  # a symlinked pool has two
     rows: set[int] = set()
     unmatched = 0
     _resolved.cache_clear()  # folders may have changed since an earlier call
@@ -130,14 +146,54 @@ def _resolved(folder: str) -> Path:
     return Path(folder).resolve()
 
 
+class PathIndex:
+    """The row of a path in a sequence of paths, without holding them: the paths' 64-bit
+    hashes, sorted (16 B per path, against ~160 B for a list and a dict of 10M). A look-up
+    answers by hash alone and remembers the answer; :meth:`confirmed` then checks every answer
+    against the paths in one batched read (one read per hit cost more than the search). As a
+    dict built in row order, a path listed twice gives its last row."""
+
+    #: str -> int64; Python's own (salted per process, which is all an index in memory needs)
+    hash_of: Callable[[str], int] = hash
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = paths
+        hashes = np.fromiter(map(self.hash_of, paths), dtype=np.int64, count=len(paths))
+        self.order = np.argsort(hashes, kind="stable")
+        self.hashes = hashes[self.order]
+        self.answers: dict[str, int] = {}
+
+    def get(self, key: str) -> int | None:
+        """The last row whose path has ``key``'s hash, or None (then no path is ``key``)."""
+        h = self.hash_of(key)
+        hi = int(np.searchsorted(self.hashes, h, "right"))
+        if hi == 0 or self.hashes[hi - 1] != h:
+            return None
+        self.answers[key] = row = int(self.order[hi - 1])
+        return row
+
+    def confirmed(self) -> bool:
+        """Whether every answer given so far is the row of that very path (False only after a
+        hash collision)."""
+        keys = list(self.answers)
+        rows = np.array([self.answers[k] for k in keys], dtype=np.int64)
+        at = getattr(self.paths, "at", None)
+        got = at(rows) if at is not None else [self.paths[r] for r in rows.tolist()]
+        return list(got) == keys
+
+
 def _match_line(
-    name: str, rel_index: dict[str, int], real_root: Path, bases: list[Path], pool_names: set[str]
+    name: str,
+    rel_index: dict[str, int] | PathIndex,
+    real_root: Path,
+    bases: list[Path],
+    pool_names: set[str],
 ) -> int | None:
     posix = name.replace(os.sep, "/")
     if posix.startswith("./"):
         posix = os.path.normpath(posix).replace(os.sep, "/")
-    if posix in rel_index:
-        return rel_index[posix]
+    if (row := rel_index.get(posix)) is not None:
+        return row
     p = Path(name)
     for base in [Path("/")] if p.is_absolute() else bases:
         with contextlib.suppress(ValueError, OSError):
@@ -145,19 +201,19 @@ def _match_line(
             # thousands of lines share a few folders, and resolve() is the expensive step
             folder = _resolved(str(base / p.parent))
             rel = (folder / p.name).relative_to(real_root).as_posix()
-            if rel in rel_index:
-                return rel_index[rel]
+            if (row := rel_index.get(rel)) is not None:
+                return row
     parts = posix.split("/")
     for i, part in enumerate(parts[:-1]):  # .../<pool name>/<rel>, printed elsewhere
         if part in pool_names:
             rel = "/".join(parts[i + 1 :])
-            if rel in rel_index:
-                return rel_index[rel]
+            if (row := rel_index.get(rel)) is not None:
+                return row
     return None
 
 
 def read_exclude(
-    path: str | os.PathLike, pool_root: str | os.PathLike, pool_paths: list[str]
+    path: str | os.PathLike, pool_root: str | os.PathLike, pool_paths: Sequence[str]
 ) -> list[int]:
     """The pool rows of :func:`match_exclusions` (kept for callers that need only the rows)."""
     return match_exclusions(path, pool_root, pool_paths).rows

@@ -4,6 +4,10 @@ The reference builds full similarity matrices in float64, sorts with explicit Py
 k-center and the rank-major selection with plain loops; it imports nothing from alfk_cli except the
 error type. Scores are computed as elementwise products summed along the feature axis, so identical
 rows give identical scores (exact ties) on any BLAS.
+
+Every test runs twice: with the default search backend (FAISS on the CPU) and with the torch
+backend forced on the CPU (``ALFK_SEARCH_BACKEND=torch``: torch matmul + topk filter, torch
+GEMMs for k-center), which must give the same results.
 """
 
 from __future__ import annotations
@@ -21,9 +25,15 @@ from alfk_cli.acquisition import (
     standardize,
 )
 from alfk_cli.errors import AlfkError
-from alfk_cli.search import kcenter_greedy, topk_ip, use_gpu
+from alfk_cli.search import BACKEND_ENV, kcenter_greedy, topk_ip
 
 KERNELS = ("sum", "pcc", "product")
+
+
+@pytest.fixture(autouse=True, params=["faiss", "torch"])
+def backend_env(request, monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, request.param)
+    return request.param
 
 
 # ----------------------------------------------------------------------------- reference
@@ -506,19 +516,3 @@ def test_rank_major_select_walk():
     assert sorted(sel.tolist()) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     padded, _, _ = rank_major_select(np.array([[3, -1]]), np.array([[1.0, -np.inf]]), 5)
     assert padded.tolist() == [3]
-
-
-def test_use_gpu():
-    assert use_gpu("cpu") is False
-    with pytest.raises(AlfkError, match="device"):
-        use_gpu("gpu0")
-    import faiss
-    import torch
-
-    if not torch.cuda.is_available():
-        assert use_gpu("auto") is False
-        with pytest.raises(AlfkError, match="cuda"):
-            use_gpu("cuda")
-    else:  # a CPU-only FAISS searches on the CPU even for cuda (exact either way)
-        has = faiss.get_num_gpus() > 0
-        assert use_gpu("cuda") is has and use_gpu("auto") is has

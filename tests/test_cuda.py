@@ -1,4 +1,5 @@
-"""The CUDA paths: GPU descriptors, bf16-autocast training, GPU embedding, FAISS on the GPU.
+"""The CUDA paths: GPU descriptors, bf16-autocast training, GPU embedding, FAISS on the GPU,
+the torch search backend on the GPU.
 
 Skipped without a CUDA device (CI has none). On a machine with one, ``pytest tests/test_cuda.py``.
 Each test compares a GPU result with the CPU result of the same computation; the CPU path is the
@@ -14,14 +15,17 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_acquisition import make_store
+from test_search_backend import clustered_topk
 
 from alfk_cli import simulate as sim
+from alfk_cli.acquisition import select
 from alfk_cli.checkpoint import load_checkpoint, save_checkpoint
 from alfk_cli.descriptors import describe_batch
 from alfk_cli.embedding import embed_folder
 from alfk_cli.models import ARCHS, ROTATION_CLASSES, build_model, resolve_taps
 from alfk_cli.pseudolabels import MCConfig, image_keys, mc_scores
-from alfk_cli.search import topk_ip, use_gpu
+from alfk_cli.search import CPU_BACKEND, SearchBackend, search_backend, topk_ip
 from alfk_cli.training import ImageSource, TrainConfig, evaluate, fit
 from conftest import blob_images, make_labelled, write_images
 
@@ -123,11 +127,59 @@ def test_faiss_gpu_top_k_equals_the_cpu():
     x = rng.standard_normal((5000, 32)).astype(np.float32)
     x[100] = x[200]  # an exact tie: the smaller id first on both
     chunks = [(0, x[:2000]), (2000, x[2000:])]
-    assert use_gpu("cuda")
+    assert search_backend("cuda").kind == "faiss-gpu"
     s_cpu, i_cpu = topk_ip(q, iter(chunks), 50, "cpu")
     s_gpu, i_gpu = topk_ip(q, iter(chunks), 50, "cuda")
     np.testing.assert_array_equal(i_gpu, i_cpu)
     np.testing.assert_array_equal(s_gpu, s_cpu)
+
+
+TORCH_CUDA = SearchBackend("torch", "cuda")
+
+
+@pytest.fixture
+def tf32_allowed():
+    """The caller allows TF32 matmuls (``set_float32_matmul_precision("high")``)."""
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision("highest")
+
+
+def test_torch_backend_is_chosen_for_cuda_with_a_cpu_only_faiss(monkeypatch):
+    monkeypatch.delenv("ALFK_SEARCH_BACKEND", raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)
+    assert search_backend("cuda") == TORCH_CUDA
+
+
+def test_torch_backend_top_k_on_the_gpu_equals_faiss_on_the_cpu(tf32_allowed):
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((7, 48)).astype(np.float32)
+    x = rng.standard_normal((6000, 48)).astype(np.float32)
+    x[100] = x[2500] = x[4999]  # exact ties across chunks: the smaller id first on both
+    keep = np.flatnonzero(rng.random(6000) > 0.1)  # excluded rows
+    chunks = [(keep[a : a + 2000], x[keep[a : a + 2000]]) for a in range(0, keep.size, 2000)]
+    s_gpu, i_gpu = topk_ip(q, iter(chunks), 3000, backend=TORCH_CUDA)  # k > FAISS's GPU limit
+    s_cpu, i_cpu = topk_ip(q, iter(chunks), 3000, backend=CPU_BACKEND)
+    np.testing.assert_array_equal(i_gpu, i_cpu)
+    np.testing.assert_array_equal(s_gpu, s_cpu)
+
+
+@pytest.mark.parametrize("kernel", ["sum", "pcc", "product"])
+def test_torch_backend_on_the_gpu_selects_what_the_cpu_selects(kernel, tf32_allowed):
+    """Select forced onto the torch backend on CUDA (k-center GEMMs too), TF32 allowed by the
+    caller: the CPU FAISS path's selection, scores and centres, bit for bit; and the exact top-k
+    of near-identical rows that TF32 would misorder."""
+    val, pool = make_store(61, m=80, n=6000, dims=(40, 88), n_mis=40, val_dups=3)
+    exclude = np.zeros(6000, dtype=bool)
+    exclude[::7] = True
+    args = dict(exclude=exclude, seed=2, chunk_rows=1500)
+    on_gpu = select(val, pool, 25, kernel, backend=TORCH_CUDA, **args)
+    on_cpu = select(val, pool, 25, kernel, backend=CPU_BACKEND, **args)
+    for name in ("selected", "score", "center", "centers"):
+        np.testing.assert_array_equal(getattr(on_gpu, name), getattr(on_cpu, name), name)
+    ids, want = clustered_topk(kernel, TORCH_CUDA)
+    np.testing.assert_array_equal(ids, want)
+    assert torch.get_float32_matmul_precision() == "high"  # the caller's setting is back
 
 
 def test_cli_train_then_select_on_the_gpu(cli, folders, tmp_path, monkeypatch):

@@ -1,11 +1,11 @@
-"""One device parser for ``--device``, ``resolve_device`` and the FAISS device choice."""
+"""One device parser for ``--device``, ``resolve_device`` and the search backend's choice."""
 
 import pytest
 import torch
 
 from alfk_cli.devices import parse_device, resolve_device
 from alfk_cli.errors import AlfkError
-from alfk_cli.search import use_gpu
+from alfk_cli.search import CPU_BACKEND, search_backend
 
 
 @pytest.mark.parametrize(
@@ -49,10 +49,10 @@ def test_cuda_without_a_cuda_device(name):
     with pytest.raises(AlfkError, match="no CUDA device is available") as resolved:
         resolve_device(name)
     with pytest.raises(AlfkError, match="no CUDA device is available") as searched:
-        use_gpu(name)
+        search_backend(name)
     assert str(searched.value) == str(resolved.value)
     assert "--device" not in str(resolved.value)  # the library does not name CLI flags
-    assert use_gpu("auto") is False and use_gpu("cpu") is False
+    assert search_backend("auto") == search_backend("cpu") == CPU_BACKEND
 
 
 def test_cuda_index_beyond_the_devices(monkeypatch):
@@ -63,9 +63,9 @@ def test_cuda_index_beyond_the_devices(monkeypatch):
         resolve_device("cuda:1")
 
 
-def test_use_gpu_rejects_unknown_devices():
+def test_search_backend_rejects_unknown_devices():
     with pytest.raises(AlfkError, match="unknown device 'gpu0'"):
-        use_gpu("gpu0")
+        search_backend("gpu0")
 
 
 def test_cli_normalises_and_rejects_devices(cli, tmp_path):

@@ -24,20 +24,21 @@ from conftest import make_labelled, write_images
 BATCH = "4"  # 31 pool rows: 8 batches, 4 per rank
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", ALFK_PROGRESS="plain", ALFK_DIST_TIMEOUT="120")
+    env.update(OMP_NUM_THREADS="1", ALFK_PROGRESS="plain", ALFK_DIST_TIMEOUT="120", **extra)
     return env
 
 
-def alfk(cwd: Path, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    """``alfk ARGS`` in ``cwd``: one process, or ``nproc`` under torchrun (gloo, CPU)."""
+def alfk(cwd: Path, *args: str, nproc: int = 1, **env: str) -> subprocess.CompletedProcess:
+    """``alfk ARGS`` in ``cwd``: one process, or ``nproc`` under torchrun (gloo, CPU); ``env``
+    adds environment variables."""
     launch = [sys.executable, "-m", "alfk_cli"]
     if nproc > 1:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
         launch += [f"--nproc_per_node={nproc}", "-m", "alfk_cli"]
     return subprocess.run(
-        [*launch, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=240
+        [*launch, *args], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=240
     )
 
 
@@ -138,6 +139,29 @@ def test_torchrun_embed_and_score_equal_one_process(world: Path, cli, monkeypatc
     assert printed[0] == printed[1] and printed[0].count("\n") == 10
 
 
+def test_torchrun_score_on_the_torch_backend_equals_faiss_in_one_process(
+    world: Path, cli, monkeypatch, one_thread
+):
+    """ALFK_SEARCH_BACKEND=torch: each rank filters its share of the pool with torch matmul +
+    topk (and k-center with torch GEMMs); the merged scores file is the single-process FAISS
+    one, for the inner-product and the product kernels."""
+    one = world / "one"
+    monkeypatch.chdir(one)
+    for args in (
+        (*EMBED, "--images", "../val", "--out", "val.h5"),
+        (*EMBED, "--images", "../pool", "--reference", "val.h5", "--out", "pool.h5"),
+    ):
+        assert cli(*args).exit_code == 0  # up to date when the test above made them
+    for kernel in ("sum", "product"):
+        score = ("score", "--val", "val.h5", "--pool", "pool.h5", "--P", "4", "--kernel", kernel)
+        assert cli(*score, "--out", f"faiss-{kernel}.h5").exit_code == 0
+        run = alfk(one, *score, "--out", f"torch-{kernel}.h5", nproc=2, ALFK_SEARCH_BACKEND="torch")
+        assert run.returncode == 0, run.stderr
+        assert_same_file(one / f"faiss-{kernel}.h5", one / f"torch-{kernel}.h5")
+        with h5py.File(one / f"torch-{kernel}.h5", "r") as f:
+            assert f.attrs["misclassified"] > 4 == f["centers"].shape[0]  # k-center chose them
+
+
 def test_torchrun_train_uses_ddp_and_writes_a_checkpoint(world: Path, cli, monkeypatch):
     two = world / "two"
     args = ("train", "--data", "../val", "--val", "../val", "--init", "../init.pt")
@@ -192,7 +216,7 @@ def test_merged_rank_topk_is_the_global_topk(world_size: int) -> None:
         lo, hi = rank_range(n, r, world_size)
         ids = np.arange(lo, hi, dtype=np.int64)
         chunks = [(ids[a : a + 5], x[lo:hi][a : a + 5]) for a in range(0, hi - lo, 5)]
-        parts.append(exact_topk_stream(IPScorer(q, False), chunks, nq, k))
+        parts.append(exact_topk_stream(IPScorer(q), chunks, nq, k))
     merged = merge_topk(parts, k)
     full = (q.astype(np.float64) @ x.astype(np.float64).T, np.tile(np.arange(n), (nq, 1)))
     want = brute_topk(*full, k)
