@@ -23,7 +23,7 @@ from alfk_cli.poollist import scan_pool
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.scores import Scores
 from alfk_cli.scoring import ScoreOptions, score_stores
-from alfk_cli.search import search_backend
+from alfk_cli.search import backend_choice
 from alfk_cli.strategies import make_strategy
 from alfk_cli.workdir import default_workdir, locked, newest_checkpoint
 
@@ -87,7 +87,7 @@ def run_select(
     strategy = make_strategy(
         options.strategy, {"estimator": options.pseudo_label, "kernel": options.kernel}
     )
-    search_backend(options.device)  # a bad ALFK_SEARCH_BACKEND fails before any model pass
+    backend_choice()  # a bad ALFK_SEARCH_BACKEND fails before any model pass
     # Printed paths start with the pool folder as typed, normalised (``unlabeled``, ``unlabeled/``
     # and ``./unlabeled`` print alike); exclusions match by identity whatever the spelling.
     pool_arg = os.path.normpath(str(pool_dir))

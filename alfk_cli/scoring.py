@@ -23,7 +23,7 @@ from alfk_cli.atomic import check_writable_dir
 from alfk_cli.errors import AlfkError
 from alfk_cli.reproducible import seeded
 from alfk_cli.scores import Scores, read_scores, write_scores
-from alfk_cli.search import search_backend
+from alfk_cli.search import backend_choice
 from alfk_cli.store import FeatureStore, check_compatible, open_store
 from alfk_cli.strategies import (
     FisherKernel,
@@ -101,7 +101,7 @@ def score_stores(
     ``repeat_sent``: with ``reuse``, an existing ``out`` made with these images left out as sent
     (instead of ``options.sent``) is returned as it is: the previous run, repeated unchanged."""
     check_writable_dir(out)
-    search_backend(options.device)  # a bad ALFK_SEARCH_BACKEND fails before the stores are read
+    backend_choice()  # a bad ALFK_SEARCH_BACKEND fails before the stores are read
     with open_store(val_path) as val, open_store(pool_path) as pool:
         strategy, root, base, base_notes = _prepare(val, pool, options)
         if options.reuse and repeat_sent is not None:

@@ -33,6 +33,7 @@ __all__ = [
     "CPU_BACKEND",
     "IPScorer",
     "SearchBackend",
+    "backend_choice",
     "canon_dot",
     "exact_topk_stream",
     "gamma_bound",
@@ -93,10 +94,7 @@ def search_backend(device: str = "cpu", prefer: str | None = None) -> SearchBack
     """
     from alfk_cli.devices import parse_device, resolve_device
 
-    raw = prefer if prefer is not None else os.environ.get(BACKEND_ENV, "")
-    choice = raw.strip().lower() or "auto"
-    if choice not in ("auto", "faiss", "torch"):
-        raise AlfkError(f"unknown search backend {raw!r} ({BACKEND_ENV}); use auto, faiss or torch")
+    choice = backend_choice(prefer)
     dev = "cpu" if parse_device(device) == "cpu" else str(resolve_device(device))  # imports torch
     if dev == "cpu":
         return SearchBackend("torch", "cpu") if choice == "torch" else CPU_BACKEND
@@ -104,6 +102,18 @@ def search_backend(device: str = "cpu", prefer: str | None = None) -> SearchBack
     if choice == "torch" or (choice == "auto" and not gpu_faiss):
         return SearchBackend("torch", dev)
     return SearchBackend("faiss-gpu", dev) if gpu_faiss else CPU_BACKEND
+
+
+def backend_choice(prefer: str | None = None) -> str:
+    """``auto``, ``faiss`` or ``torch``: ``prefer``, else ``ALFK_SEARCH_BACKEND``, else ``auto``.
+
+    Torch-free, so commands check the variable before any model pass without importing torch
+    (a warm run that never searches must not pay for the import)."""
+    raw = prefer if prefer is not None else os.environ.get(BACKEND_ENV, "")
+    choice = raw.strip().lower() or "auto"
+    if choice not in ("auto", "faiss", "torch"):
+        raise AlfkError(f"unknown search backend {raw!r} ({BACKEND_ENV}); use auto, faiss or torch")
+    return choice
 
 
 def _faiss() -> Any:
