@@ -8,6 +8,8 @@ it is exact and deterministic for fixed inputs and seeds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from torch import nn
@@ -91,7 +93,6 @@ def bald(mc_probs: np.ndarray) -> np.ndarray:
     return entropy(p.mean(axis=0)) - entropy(p).mean(axis=0)
 
 
-@torch.no_grad()
 def mc_dropout_probs(
     model: nn.Module,
     images: torch.Tensor,
@@ -109,35 +110,55 @@ def mc_dropout_probs(
     untouched and the same seed (and batch size) gives the same probabilities. The model is moved
     to ``device``; its train/eval flags are restored afterwards.
     """
-    drops = [m for m in model.modules() if isinstance(m, _DROPOUT)]
-    if not drops:
-        raise AlfkError("MC dropout needs a model with dropout; lenet has it, resnets do not")
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise AlfkError(
             f"expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
         )
-    K, batch_size = int(K), int(batch_size)
-    if K < 1 or batch_size < 1:
+    if int(batch_size) < 1:
+        raise AlfkError("K and batch_size must be at least 1")
+    n, b = images.shape[0], int(batch_size)
+    batches = (images[s : s + b] for s in range(0, n, b))
+    return mc_dropout_batches(model, batches, n, spec, K, seed, device)
+
+
+@torch.no_grad()
+def mc_dropout_batches(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    n: int,
+    spec: InputSpec,
+    K: int,
+    seed: int,
+    device: torch.device | str,
+) -> np.ndarray:
+    """:func:`mc_dropout_probs` over ``n`` images that come in uint8 batches (decoded on demand):
+    the same probabilities as for the images in one tensor cut into batches of the same sizes."""
+    drops = [m for m in model.modules() if isinstance(m, _DROPOUT)]
+    if not drops:
+        raise AlfkError("MC dropout needs a model with dropout; lenet has it, resnets do not")
+    K = int(K)
+    if K < 1:
         raise AlfkError("K and batch_size must be at least 1")
     device = torch.device(device)
     norm = normalizer(spec)
     flags = {m: m.training for m in model.modules()}
     model.to(device)
-    n = images.shape[0]
     out: np.ndarray | None = None
+    start = 0
     try:
         model.eval()
         for m in drops:
             m.train()
         with torch.random.fork_rng(devices=cuda_devices(device)):
             torch.manual_seed(int(seed))
-            for start in range(0, n, batch_size):
-                x = norm(images[start : start + batch_size].to(device))
+            for batch in batches:
+                x = norm(batch.to(device))
                 for k in range(K):
                     p = torch.softmax(model(x).float(), dim=1).cpu().numpy()
                     if out is None:
                         out = np.empty((K, n, p.shape[1]), dtype=np.float32)
                     out[k, start : start + x.shape[0]] = p
+                start += x.shape[0]
     finally:
         for module, flag in flags.items():
             module.train(flag)

@@ -226,7 +226,7 @@ def test_streamed_training_gives_the_preloaded_weights(inputs, monkeypatch, work
     cfg = default_config("lenet", epochs=2, batch_size=5, seed=3, workers=workers)
     weights = []
     for streamed in (False, True):
-        monkeypatch.setattr("alfk_cli.training.fits_in_memory", lambda *_a, s=streamed: not s)
+        monkeypatch.setattr("alfk_cli.sources.fits_in_memory", lambda *_a, s=streamed: not s)
         model = build_model("lenet", 3, seed=0)
         train_classifier(model, data, val, spec, cfg, torch.device("cpu"))
         weights.append(model.state_dict())
