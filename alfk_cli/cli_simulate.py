@@ -68,6 +68,15 @@ PretrainEpochs = Annotated[int, typer.Option("--pretrain-epochs", min=1)]
 EvalEvery = Annotated[
     int, typer.Option("--eval-every", min=1, help="Validate every N epochs (and the last).")
 ]
+CacheMib = Annotated[
+    float | None,
+    typer.Option(
+        "--cache-mib",
+        min=0,
+        help="Decoded images kept in memory, MiB (default 1024): folders that fit are decoded "
+        "once, the rest at each pass, batch by batch (0: all). Results do not depend on it.",
+    ),
+]
 Plot = Annotated[
     bool, typer.Option("--plot/--no-plot", help="Write OUT/curves.png (needs matplotlib).")
 ]
@@ -98,6 +107,7 @@ def simulate(
     mc_samples: McSamples = 32,
     device: Device = "auto",
     workers: Workers = None,
+    cache_mib: CacheMib = None,
     plot: Plot = True,
     quiet: Quiet = False,
 ) -> None:
@@ -121,6 +131,7 @@ def simulate(
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,
         workers=workers, balance=balance,
+        **({} if cache_mib is None else {"cache_mib": cache_mib}),
     )  # fmt: skip
     tell = (lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False))
     rows = run_simulation(options, progress=tell)
