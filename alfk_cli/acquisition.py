@@ -25,11 +25,13 @@ import numpy as np
 
 from alfk_cli.errors import AlfkError
 from alfk_cli.kernels import KERNELS, Buffers, Kernel, get_kernel
+from alfk_cli.quotas import class_quotas
 from alfk_cli.search import kcenter_greedy, use_gpu
 from alfk_cli.shardsearch import sharded_topk
 from alfk_cli.standardize import check_dims, norm_bound, standardize
 
 __all__ = [
+    "CENTER_RULES",
     "KERNELS",
     "Descriptors",
     "Selection",
@@ -42,6 +44,12 @@ __all__ = [
 
 #: Largest candidate set whose k-center similarity matrix is precomputed (float32, 512 MiB).
 GRAM_MAX_ROWS = 11585
+
+#: How centres are chosen among the misclassified validation images when there are more than P:
+#: ``kcenter`` (the paper: one greedy k-center over all of them), ``class`` (P split over the
+#: true classes in proportion to their errors, then k-center within each class) or ``sample``
+#: (the same split, then a seeded uniform sample within each class: the errors' own density).
+CENTER_RULES = ("kcenter", "class", "sample")
 
 
 @dataclass
@@ -113,15 +121,24 @@ def choose_centers(
     P: int,
     kernel: str | Kernel,
     seed: int,
+    rule: str = "kcenter",
 ) -> tuple[np.ndarray, bool]:
     """Centres for one round (Alg. 1 lines 3-7): validation rows, int64, plus the fallback flag.
 
-    M' = misclassified rows. M' <= P: all of them, in index order. Otherwise greedy k-center over
-    them in the kernel's similarity space to P centres. M' = 0: the whole validation set is the
-    candidate set instead (same rule) and ``fallback`` is True.
+    M' = misclassified rows. M' <= P: all of them, in index order. Otherwise, with ``rule``
+    ``kcenter``, greedy k-center over them in the kernel's similarity space to P centres; with
+    ``class``, P is split over the true classes in proportion to their counts in M' (largest
+    remainders, :func:`alfk_cli.quotas.class_quotas`) and each class's share is a greedy
+    k-center over that class's rows (seeded with ``seed`` + class), the classes' centres
+    concatenated in class order; with ``sample``, the same split, each share drawn uniformly
+    without replacement from that class's rows (``numpy.random.default_rng(seed + class)``,
+    in row order). M' = 0: the whole validation set is the candidate set instead (same rules)
+    and ``fallback`` is True.
     """
     kern = get_kernel(kernel)
     P = _positive_int(P, "P")
+    if rule not in CENTER_RULES:
+        raise AlfkError(f"unknown centre rule {rule!r}; use one of {', '.join(CENTER_RULES)}")
     if val_logits is None or val_labels is None:
         raise AlfkError("the validation descriptors need logits and labels")
     labels = np.asarray(val_labels).reshape(-1)
@@ -139,10 +156,40 @@ def choose_centers(
         return cand, fallback
     z_all = np.asarray(val_z)
     dims = check_dims(scale_dims, z_all.shape[1])
+    g_all = np.asarray(val_g) if kern.uses_g else None
+    if rule == "kcenter":
+        return _kcenter(kern, z_all, g_all, dims, cand, P, seed), fallback
+    cls = labels[cand]
+    classes = np.unique(cls)
+    quotas = class_quotas(P, np.array([np.count_nonzero(cls == c) for c in classes]))
+    if rule == "sample":
+        parts = [
+            np.sort(np.random.default_rng(seed + int(c)).choice(cand[cls == c], int(q), False))
+            for c, q in zip(classes, quotas)
+        ]
+    else:
+        parts = [
+            _kcenter(kern, z_all, g_all, dims, cand[cls == c], int(q), seed + int(c))
+            for c, q in zip(classes, quotas)
+        ]
+    return np.concatenate(parts).astype(np.int64), fallback
+
+
+def _kcenter(
+    kern: Kernel,
+    z_all: np.ndarray,
+    g_all: np.ndarray | None,
+    dims: Sequence[int],
+    cand: np.ndarray,
+    n: int,
+    seed: int,
+) -> np.ndarray:
+    """``n`` of the validation rows ``cand`` by greedy k-center in the kernel's space."""
+    if n >= cand.size:
+        return cand
     z = standardize(z_all[cand], dims)
-    g = standardize(np.asarray(val_g)[cand], dims) if kern.uses_g else None
-    chosen = kcenter_greedy(_similarity(kern, z, g), cand.size, P, seed)
-    return cand[chosen], fallback
+    g = standardize(g_all[cand], dims) if g_all is not None else None
+    return cand[kcenter_greedy(_similarity(kern, z, g), cand.size, n, seed)]
 
 
 # ----------------------------------------------------------------------------- selection walk
@@ -283,13 +330,15 @@ def select(
     seed: int = 0,
     device: str = "cpu",
     chunk_rows: int = 65536,
+    center_rule: str = "kcenter",
 ) -> Selection:
     """Select P pool rows for labelling (docs/algorithm.md §4-6).
 
     ``val`` and ``pool`` are :class:`Descriptors`, dicts or objects with ``z``, ``g``,
     ``scale_dims`` (and ``logits``, ``labels`` for ``val``); ``z``/``g`` may be h5py datasets, read
     in chunks of ``chunk_rows`` rows. ``exclude`` (boolean mask or row indices over the pool) is
-    removed before the search. Raises :class:`AlfkError` when P exceeds the available pool rows.
+    removed before the search. ``center_rule`` is the centre rule (:data:`CENTER_RULES`). Raises
+    :class:`AlfkError` when P exceeds the available pool rows.
     """
     kern = get_kernel(kernel)
     P = _positive_int(P, "P")
@@ -321,7 +370,7 @@ def select(
     vz = np.asarray(vz)
     vg = np.asarray(vg)
     centers, fallback = choose_centers(
-        vz, vg, _field(val, "logits"), _field(val, "labels"), dims, P, kern, seed
+        vz, vg, _field(val, "logits"), _field(val, "labels"), dims, P, kern, seed, center_rule
     )
     cz = standardize(vz[centers], dims)
     cg = standardize(vg[centers], dims) if kern.uses_g else None

@@ -216,20 +216,6 @@ def coreset_rows(
     return rows[np.asarray(picked, dtype=np.int64)].astype(np.int64)
 
 
-def class_quotas(P: int, weights: np.ndarray) -> np.ndarray:
-    """P split over classes in proportion to ``weights`` [D] by largest remainders (Hamilton):
-    ⌊P·w_d/Σw⌋ each, then one more to the largest fractional parts, ties to the smaller class."""
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if (w < 0).any() or not w.sum() > 0:
-        raise AlfkError("class weights must be non-negative with a positive sum")
-    exact = int(P) * w / w.sum()
-    quota = np.floor(exact).astype(np.int64)
-    left = int(P) - int(quota.sum())
-    order = np.lexsort((np.arange(len(w)), -(exact - quota)))  # remainder desc, class asc
-    quota[order[:left]] += 1
-    return quota
-
-
 def balanced_top(
     scores: np.ndarray, predicted: np.ndarray, quotas: np.ndarray, available: np.ndarray
 ) -> np.ndarray:

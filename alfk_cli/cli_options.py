@@ -211,7 +211,7 @@ PseudoLabel = Annotated[
     typer.Option(
         "--pseudo-label",
         callback=check_pseudo_label,
-        help="Labels for a pool's g: p_yz (default), yhat, true, mc_trace or mc_mi.",
+        help="Labels for a pool's g: p_yz (default), p_yz_knn, yhat, true, mc_trace or mc_mi.",
     ),
 ]
 Taps = Annotated[
@@ -227,7 +227,8 @@ StrategyName = Annotated[
     typer.Option(
         "--strategy",
         callback=check_strategy,
-        help="fk[:ESTIMATOR[:KERNEL]] (default fk: the paper's method, with --pseudo-label and "
+        help="fk[:ESTIMATOR[:KERNEL[:CENTRES]]] (default fk: the paper's method, with "
+        "--pseudo-label and "
         "--kernel), pcc, random, entropy, margin, varR, bald, coreset, balanced-entropy, badge, "
         "similar[:flqmi|gcmi], or a plug-in's "
         "(alfk list strategies).",

@@ -39,8 +39,8 @@ Strategies = Annotated[
         "-s",
         help="Comma-separated: random, entropy, margin, varR, bald, coreset, balanced-entropy, "
         "badge, similar[:flqmi|gcmi], pcc, "
-        "fk[:ESTIMATOR[:KERNEL]] (estimators p_yz, yhat, true, mc_trace, mc_mi; "
-        "kernels sum, product, pcc), or plug-ins' (alfk list).",
+        "fk[:ESTIMATOR[:KERNEL[:CENTRES]]] (estimators p_yz, p_yz_knn, yhat, true, mc_trace, "
+        "mc_mi; kernels sum, product, pcc; centres kcenter, class, sample), or plug-ins' (alfk list).",
     ),
 ]
 Rounds = Annotated[int, typer.Option("--rounds", "-B", min=1, help="Rounds B.")]
@@ -67,6 +67,12 @@ Epochs = Annotated[int, typer.Option("--epochs", min=1, help="Fine-tuning epochs
 PretrainEpochs = Annotated[int, typer.Option("--pretrain-epochs", min=1)]
 EvalEvery = Annotated[
     int, typer.Option("--eval-every", min=1, help="Validate every N epochs (and the last).")
+]
+BatchSize = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size", min=1, help="Fine-tuning batch size (default: the architecture's)."
+    ),
 ]
 CacheMib = Annotated[
     float | None,
@@ -103,6 +109,7 @@ def simulate(
     epochs: Epochs = 50,
     pretrain_epochs: PretrainEpochs = 8,
     eval_every: EvalEvery = 1,
+    batch_size: BatchSize = None,
     balance: Balance = "none",
     mc_samples: McSamples = 32,
     device: Device = "auto",
@@ -130,7 +137,7 @@ def simulate(
         seeds=seed_list, arch=arch, taps=taps, init=cast("InitName", init), epochs=epochs,
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,
-        workers=workers, balance=balance,
+        workers=workers, balance=balance, batch_size=batch_size,
         **({} if cache_mib is None else {"cache_mib": cache_mib}),
     )  # fmt: skip
     tell = (lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False))

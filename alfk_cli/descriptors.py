@@ -63,8 +63,9 @@ def describe_batch(
 
     ``x`` is a normalised float batch on the model's device. Give either ``labels`` (true labels)
     or ``label_fn(z, logits) -> labels``, which is called between the forward and the backward
-    (how ``yhat`` and ``p_yz`` pseudo-labels are computed without a second forward). All outputs
-    are detached and stay on ``x``'s device.
+    (how ``yhat`` and ``p_yz`` pseudo-labels are computed without a second forward). Soft labels
+    ``[B, D]`` (rows summing to 1) give the expected Fisher score under them: the gradient of the
+    cross-entropy is linear in its target. All outputs are detached and stay on ``x``'s device.
     """
     if (labels is None) == (label_fn is None):
         raise ValueError("give exactly one of labels and label_fn")
@@ -76,18 +77,31 @@ def describe_batch(
         out_logits = logits.detach()
         if label_fn is not None:  # exactly one of labels and label_fn was given
             labels = label_fn(z, out_logits)
-        labels = torch.as_tensor(labels).to(device=logits.device, dtype=torch.long).reshape(-1)
-        if labels.shape[0] != logits.shape[0]:
-            raise ValueError(f"{labels.shape[0]} labels for a batch of {logits.shape[0]}")
-        d = logits.shape[1]
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= d):
-            raise ValueError(
-                f"labels must lie in [0, {d}); got {labels.min().item()}..{labels.max().item()}"
-            )
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        target, labels = _targets(torch.as_tensor(labels).to(logits.device), logits.shape)
+        loss = F.cross_entropy(logits.float(), target, reduction="sum")
         grads = torch.autograd.grad(loss, feats)
     g = concat_pooled(grads)
     return z, g, out_logits, labels
+
+
+def _targets(labels: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy target, int64 labels [B]) from class indices [B] or soft labels [B, D]
+    (the recorded label of a soft row is its most likely class, ties to the lower class)."""
+    labels = torch.as_tensor(labels)
+    n, d = shape
+    if labels.is_floating_point() and labels.ndim == 2:
+        if labels.shape != shape:
+            raise ValueError(f"soft labels of shape {tuple(labels.shape)} for logits {(n, d)}")
+        soft = labels.float()
+        return soft, soft.argmax(dim=1)
+    labels = labels.to(dtype=torch.long).reshape(-1)
+    if labels.shape[0] != n:
+        raise ValueError(f"{labels.shape[0]} labels for a batch of {n}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= d):
+        raise ValueError(
+            f"labels must lie in [0, {d}); got {labels.min().item()}..{labels.max().item()}"
+        )
+    return labels, labels
 
 
 __all__ = ["LabelFn", "concat_pooled", "describe_batch", "frozen_eval"]

@@ -35,7 +35,8 @@ __all__ = [
 DEFAULT_ESTIMATOR = "p_yz"
 
 #: Labels for a batch: a tensor [B], or a function of (z [B, L], logits [B, D]) -> labels [B]
-#: evaluated inside the batch's forward pass (no second forward).
+#: (or soft labels [B, D], rows summing to 1) evaluated inside the batch's forward pass (no
+#: second forward).
 Labels = torch.Tensor | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -110,6 +111,21 @@ class NearestValidation(Estimator):
         if batch.reference is None:
             raise AlfkError("p_yz pseudo-labels need the validation store as a reference")
         return batch.reference
+
+
+@register_estimator("p_yz_knn")
+class SoftNearestValidation(Estimator):
+    """Soft labels: each class's share of the ``k`` = 10 validation images nearest by
+    standardised z. g is the expected Fisher score under that distribution (the cross-entropy
+    gradient is linear in the target); the label recorded is the most common class."""
+
+    needs_reference = True
+    k = 10
+
+    def labels(self, batch: EstimatorBatch) -> Labels:
+        if batch.reference is None:
+            raise AlfkError("p_yz_knn pseudo-labels need the validation store as a reference")
+        return batch.reference.soft(self.k)
 
 
 class _MonteCarlo(Estimator):

@@ -7,6 +7,9 @@
 ``p_yz`` (default)
     the true label of the most similar validation image: 1-nearest neighbour over the whole
     validation set by the inner product of standardised z (exact: blocked matrix product).
+``p_yz_knn``
+    soft labels: each class's share of the 10 most similar validation images (a k-NN estimate
+    of p(y|z)); g is then the expected Fisher score under that distribution.
 ``mc_trace``, ``mc_mi``
     Monte-Carlo: K perturbed copies of the image (uniform rotations in ±5 **degrees** and
     Gaussian pixel noise σ = 0.01 on the [0, 1] scale, before normalisation). For every class d
@@ -49,7 +52,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -134,6 +137,39 @@ class NearestReference:
     def __call__(self, z: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         _, idx = self._nearest(self._standardized(z))
         return self._on(z.device)[1][idx]
+
+    def neighbours(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarities [B, k], reference rows [B, k]) of the k nearest reference images of each
+        row of z, by similarity descending, ties to the lower reference row."""
+        q = self._standardized(z)
+        ref, _ = self._on(q.device)
+        k = min(int(k), ref.shape[0])
+        step = max(k, self.block_elems // max(1, q.shape[0]))
+        best_s = torch.empty((q.shape[0], 0), device=q.device)
+        best_i = torch.empty((q.shape[0], 0), dtype=torch.int64, device=q.device)
+        for s in range(0, ref.shape[0], step):
+            sim = q @ ref[s : s + step].T
+            # k + 1 per block, so that a tie at the k-th place keeps its lower row in the merge
+            top_s, top_i = sim.topk(min(k + 1, sim.shape[1]), dim=1)
+            cat_s, cat_i = torch.cat([best_s, top_s], 1), torch.cat([best_i, top_i + s], 1)
+            by_row = torch.argsort(cat_i, dim=1, stable=True)
+            cat_s, cat_i = cat_s.gather(1, by_row), cat_i.gather(1, by_row)
+            order = torch.argsort(-cat_s, dim=1, stable=True)[:, :k]
+            best_s, best_i = cat_s.gather(1, order), cat_i.gather(1, order)
+        return best_s, best_i
+
+    def soft(self, k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``label_fn`` of soft labels [B, D]: each class's share of the k nearest reference
+        images (a k-NN estimate of p(y|z)); D is read off the logits."""
+
+        def label_fn(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            _, rows = self.neighbours(z, k)
+            labels = self._on(z.device)[1][rows]
+            out = torch.zeros((z.shape[0], logits.shape[1]), device=z.device)
+            out.scatter_add_(1, labels, torch.ones_like(labels, dtype=out.dtype))
+            return out / rows.shape[1]
+
+        return label_fn
 
 
 # --- Monte-Carlo estimators ---------------------------------------------------------------------

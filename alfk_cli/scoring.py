@@ -196,25 +196,25 @@ def _cache_key(
     options: ScoreOptions,
 ) -> str:
     """Everything the selection depends on (the rows left out, not how the lists spelled them)."""
-    return json.dumps(
-        {
-            "val": val.get_attr("fingerprint"),
-            "pool": pool.get_attr("fingerprint"),
-            "P": options.P,
-            "strategy": strategy.name,
-            "estimator": getattr(strategy, "estimator", None),
-            "kernel": getattr(strategy, "kernel", None),
-            "mc_samples": options.mc_samples if strategy.uses_mc else None,
-            "seed": options.seed,
-            "image_root": root,
-            "val_root": val.image_root,
-            "left_out": hashlib.sha256(
-                np.array(sorted(drop), dtype=np.int64).tobytes()
-            ).hexdigest(),
-            "exact_count": options.exact_count,
-        },
-        sort_keys=True,
-    )
+    key = {
+        "val": val.get_attr("fingerprint"),
+        "pool": pool.get_attr("fingerprint"),
+        "P": options.P,
+        "strategy": strategy.name,
+        "estimator": getattr(strategy, "estimator", None),
+        "kernel": getattr(strategy, "kernel", None),
+        "mc_samples": options.mc_samples if strategy.uses_mc else None,
+        "seed": options.seed,
+        "image_root": root,
+        "val_root": val.image_root,
+        "left_out": hashlib.sha256(np.array(sorted(drop), dtype=np.int64).tobytes()).hexdigest(),
+        "exact_count": options.exact_count,
+    }
+    # A non-default centre rule only: scores files made before the rule existed stay valid.
+    rule = getattr(strategy, "centers", None)
+    if rule not in (None, "kcenter"):
+        key["centers"] = rule
+    return json.dumps(key, sort_keys=True)
 
 
 def _cached(out: str | os.PathLike, key: str) -> tuple[Scores, list[str]] | None:

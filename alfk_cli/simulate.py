@@ -19,10 +19,9 @@ Outputs under ``out_dir``::
     runs/<strategy>/<seed>/round_<b>.json     {"row": result row, "labelled_rows": [...], ...}
     results.jsonl, results.csv                every finished row, sorted (rewritten each round)
 
-A round's ``.json`` is written after its ``.pt`` and marks it finished; a re-run with the same
-arguments continues after the last finished round of each (strategy, seed). Each round reseeds
-every random number generator from (seed, round), so a resumed run gives the same results.
-``model_passes``: see :mod:`alfk_cli.strategies`.
+A round's ``.json`` (written after its ``.pt``) marks it finished; a re-run with the same arguments
+continues after the last finished round of each (strategy, seed). Each round reseeds every RNG
+from (seed, round), so a resumed run gives the same results. ``model_passes``: see strategies.
 """
 
 from __future__ import annotations
@@ -251,6 +250,7 @@ def _one_round(
         workers=options.workers,
         eval_every=options.eval_every,
         balance=options.balance,
+        batch_size=options.batch_size,
     )
     t0 = time.perf_counter()
     train = rd.source(np.asarray(order, dtype=np.int64), data.hold(len(order)))

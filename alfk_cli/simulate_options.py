@@ -42,6 +42,7 @@ class SimulateOptions:
     epochs: int = 50
     pretrain_epochs: int = 8
     eval_every: int = 1
+    batch_size: int | None = None  # the arch's; in config.json only when set (runs resume)
     balance: str = "none"  # class balancing of each round's training (balance.py)
     imbalance: float | None = None
     rare: tuple[str | int, ...] = (5, 6, 7, 8, 9)
@@ -65,8 +66,8 @@ class SimulateOptions:
             raise AlfkError("give one or more distinct seeds")
         if not 0 <= self.cache_mib < math.inf:
             raise AlfkError(f"cache_mib must be a number of MiB, at least 0, not {self.cache_mib}")
-        for name in ("rounds", "P", "epochs", "eval_every"):
-            if int(getattr(self, name)) < 1:
+        for name in ("rounds", "P", "epochs", "eval_every", "batch_size"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise AlfkError(f"{name} must be at least 1, got {getattr(self, name)}")
         check_balance(self.balance)
         if self.init not in INITS:
@@ -94,6 +95,7 @@ class SimulateOptions:
             "epochs": int(self.epochs),
             "pretrain_epochs": int(self.pretrain_epochs) if self.init == "pretrain" else None,
             "eval_every": int(self.eval_every),
+            **({"batch_size": int(self.batch_size)} if self.batch_size is not None else {}),
             **({"balance": self.balance} if self.balance != "none" else {}),
             "imbalance": None
             if self.imbalance is None or self.imbalance == 1

@@ -193,7 +193,7 @@ class FolderRound:
         return z, g, lg, used
 
     def fisher(
-        self, estimator: Estimator, kernel: Kernel, P: int, seed: int
+        self, estimator: Estimator, kernel: Kernel, P: int, seed: int, center_rule: str = "kcenter"
     ) -> tuple[Selection, float | None]:
         """Validation described with true labels, the available pool with the estimator."""
         val_batches = self.val.batches(None, DESCRIBE_BATCH)
@@ -214,5 +214,6 @@ class FolderRound:
             kernel=kernel,
             seed=seed,
             device="auto" if self.device.type == "cuda" else "cpu",
+            center_rule=center_rule,
         )
         return dataclasses.replace(sel, selected=avail[sel.selected].astype(np.int64)), pseudo_acc

@@ -91,7 +91,7 @@ class StoreRound:
         return slice(start, start + self.pool.scale_dims[i])
 
     def fisher(
-        self, estimator: Estimator, kernel: Kernel, P: int, seed: int
+        self, estimator: Estimator, kernel: Kernel, P: int, seed: int, center_rule: str = "kcenter"
     ) -> tuple[acquisition.Selection, float | None]:
         if self.pool.pseudo_label != estimator.name:
             raise AlfkError(
@@ -107,6 +107,7 @@ class StoreRound:
             exclude=exclude if exclude.size else None,
             seed=seed,
             device=self.device,
+            center_rule=center_rule,
         )
         return sel, None
 

@@ -37,6 +37,7 @@ from alfk_cli import baselines, gradembed, submodular
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import DEFAULT_ESTIMATOR, Estimator, get_estimator
 from alfk_cli.kernels import Kernel, get_kernel
+from alfk_cli.quotas import class_quotas
 from alfk_cli.registry import Registry
 
 __all__ = [
@@ -116,8 +117,11 @@ class RoundData(Protocol):
         labels)``."""
         ...
 
-    def fisher(self, estimator: Estimator, kernel: Kernel, P: int, seed: int) -> tuple[Any, Any]:
-        """The Fisher-kernel selection over the available rows: ``(Selection with pool rows,
+    def fisher(
+        self, estimator: Estimator, kernel: Kernel, P: int, seed: int, center_rule: str = "kcenter"
+    ) -> tuple[Any, Any]:
+        """The Fisher-kernel selection over the available rows with the centre rule
+        ``center_rule`` (:data:`alfk_cli.acquisition.CENTER_RULES`): ``(Selection with pool rows,
         pseudo-label accuracy or None)``."""
         ...
 
@@ -287,7 +291,7 @@ class BalancedEntropy(Strategy):
         scores[avail] = baselines.entropy(probs)
         predicted = np.full(len(data.available), -1, dtype=np.int64)
         predicted[avail] = probs.argmax(axis=1)
-        quotas = baselines.class_quotas(P, weights)
+        quotas = class_quotas(P, weights)
         rows = baselines.balanced_top(scores, predicted, quotas, data.available)
         return Picked(rows, scores[rows].astype(np.float32), len(avail))
 
@@ -333,20 +337,27 @@ class Similar(Strategy):
 @register_strategy("fk")
 @dataclass
 class FisherKernel(Strategy):
-    """The paper's method: ``fk[:ESTIMATOR[:KERNEL]]`` (defaults p_yz and sum)."""
+    """The paper's method: ``fk[:ESTIMATOR[:KERNEL[:CENTRES]]]`` (defaults p_yz, sum and
+    kcenter; CENTRES is a rule of :data:`alfk_cli.acquisition.CENTER_RULES`)."""
 
     estimator: str | None = DEFAULT_ESTIMATOR
     kernel: str = "sum"
+    centers: str = "kcenter"
     name: str = field(default="fk", repr=False)
 
     @classmethod
     def from_args(cls, args: Sequence[str], defaults: dict[str, str | None]) -> Strategy:
-        if len(args) > 2:
-            raise AlfkError("use fk[:ESTIMATOR[:KERNEL]]")
+        from alfk_cli.acquisition import CENTER_RULES
+
+        if len(args) > 3:
+            raise AlfkError("use fk[:ESTIMATOR[:KERNEL[:CENTRES]]]")
         est = (args[0] if args and args[0] else None) or defaults.get("estimator")
         kernel = (args[1] if len(args) > 1 and args[1] else None) or defaults.get("kernel")
+        rule = (args[2] if len(args) > 2 and args[2] else None) or defaults.get("centers")
+        if (rule or "kcenter") not in CENTER_RULES:
+            raise AlfkError(f"unknown centre rule {rule!r}; use one of {', '.join(CENTER_RULES)}")
         est = get_estimator(est or DEFAULT_ESTIMATOR).name
-        return cls(est, get_kernel(kernel or "sum").name)
+        return cls(est, get_kernel(kernel or "sum").name, rule or "kcenter")
 
     @property
     def uses_mc(self) -> bool:  # type: ignore[override]
@@ -354,7 +365,7 @@ class FisherKernel(Strategy):
 
     def choose(self, data: RoundData, P: int, seed: int) -> Picked:
         est = get_estimator(self.estimator or DEFAULT_ESTIMATOR)
-        sel, pseudo_acc = data.fisher(est, get_kernel(self.kernel), P, seed)
+        sel, pseudo_acc = data.fisher(est, get_kernel(self.kernel), P, seed, self.centers)
         n_avail = int(np.count_nonzero(data.available))
         passes = 2 * (data.n_val + n_avail)
         if est.uses_mc:

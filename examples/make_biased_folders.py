@@ -349,8 +349,12 @@ def plan_splits(
     imbalance: float,
     seed: int,
     test_labels: np.ndarray | None = None,
+    pool_per_class: int | None = None,
 ) -> SplitPlan:
-    """Draw the splits. ``test_per_class`` None means the whole separate test set.
+    """Draw the splits. ``test_per_class`` None means the whole separate test set;
+    ``pool_per_class`` caps each class's images left for the pool (before the rare draw; None:
+    all of them), a random subset drawn from the same permutation, so the other splits do not
+    change with it.
 
     Randomness comes from three independent streams spawned from ``seed`` (val/test/labeled
     per class; the separate test set; the rare draw and pool order), so e.g. changing the
@@ -363,6 +367,8 @@ def plan_splits(
             raise BuildError(f"--{name}-per-class must be >= 0")
     if test_per_class is not None and test_per_class < 0:
         raise BuildError("--test-per-class must be >= 0")
+    if pool_per_class is not None and pool_per_class < 1:
+        raise BuildError("--pool-per-class must be >= 1")
     separate = test_labels is not None
     if test_per_class is None and not separate:
         raise BuildError("--test-per-class all needs a source with a separate t10k test set")
@@ -390,7 +396,8 @@ def plan_splits(
         val.append(idx[:val_per_class])
         test.append(idx[val_per_class : val_per_class + n_test_here])
         labeled.append(idx[val_per_class + n_test_here : need])
-        (left_rare if int(c) in rare_set else left_nonrare).append(idx[need:])
+        left = idx[need:] if pool_per_class is None else idx[need : need + pool_per_class]
+        (left_rare if int(c) in rare_set else left_nonrare).append(left)
 
     if separate:
         test = []
@@ -661,6 +668,13 @@ def make_parser() -> argparse.ArgumentParser:
         "sources, 0 = not written for train+t10k sources)",
     )
     p.add_argument(
+        "--pool-per-class",
+        type=int,
+        metavar="N",
+        help="at most N images of each class left for the pool, drawn at random, before the "
+        "rare draw (default: all; the other splits do not change with it)",
+    )
+    p.add_argument(
         "--rare",
         default="5,6,7,8,9",
         help="comma-separated rare classes, by index or folder name (default: 5,6,7,8,9)",
@@ -726,6 +740,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, int]]:
         imbalance=args.imbalance,
         seed=args.seed,
         test_labels=source.test_labels,
+        pool_per_class=args.pool_per_class,
     )
     counts = build(
         source, args.out, plan, pool_layout=args.pool_layout, force=args.force, workers=args.workers

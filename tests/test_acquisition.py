@@ -69,7 +69,39 @@ def ref_kcenter(sim, n_centers, seed):
     return chosen
 
 
-def ref_select(val, pool, P, kernel, exclude=None, seed=0):
+def ref_quotas(P, counts):
+    """Largest remainders with plain loops: floor shares, then +1 by remainder, smaller class."""
+    total = sum(counts)
+    exact = [P * c / total for c in counts]
+    quota = [int(np.floor(e)) for e in exact]
+    for d in sorted(range(len(counts)), key=lambda d: (-(exact[d] - quota[d]), d)):
+        if sum(quota) == P:
+            break
+        quota[d] += 1
+    return quota
+
+
+def ref_centers(kernel, zv, gv, labels, cand, P, seed, rule):
+    if P == 0:
+        return []
+    if len(cand) <= P:
+        return cand
+    if rule == "kcenter":
+        sim = ref_kernel(kernel, zv[cand], gv[cand], zv[cand], gv[cand])
+        return [cand[j] for j in ref_kcenter(sim, P, seed)]
+    classes = sorted({int(labels[i]) for i in cand})
+    quotas = ref_quotas(P, [sum(int(labels[i]) == c for i in cand) for c in classes])
+    out = []
+    for c, q in zip(classes, quotas):
+        mine = [i for i in cand if int(labels[i]) == c]
+        if rule == "sample":
+            out += sorted(np.random.default_rng(seed + c).choice(mine, q, replace=False).tolist())
+        else:
+            out += ref_centers(kernel, zv, gv, labels, mine, q, seed + c, "kcenter")
+    return out
+
+
+def ref_select(val, pool, P, kernel, exclude=None, seed=0, rule="kcenter"):
     dims = val["scale_dims"]
     zv, gv = ref_standardize(val["z"], dims), ref_standardize(val["g"], dims)
     zp, gp = ref_standardize(pool["z"], dims), ref_standardize(pool["g"], dims)
@@ -77,11 +109,7 @@ def ref_select(val, pool, P, kernel, exclude=None, seed=0):
     mis = [i for i in range(m) if int(np.argmax(val["logits"][i])) != int(val["labels"][i])]
     fallback = not mis
     cand = mis if mis else list(range(m))
-    if len(cand) <= P:
-        centers = cand
-    else:
-        sim = ref_kernel(kernel, zv[cand], gv[cand], zv[cand], gv[cand])
-        centers = [cand[j] for j in ref_kcenter(sim, P, seed)]
+    centers = ref_centers(kernel, zv, gv, val["labels"], cand, P, seed, rule)
     excluded = set() if exclude is None else {int(i) for i in np.flatnonzero(exclude)}
     avail = [j for j in range(n) if j not in excluded]
     assert len(avail) >= P
@@ -152,9 +180,13 @@ def make_store(
     return val, pool
 
 
-def assert_matches_reference(val, pool, P, kernel, exclude=None, seed=0, chunk_rows=64):
-    got = select(val, pool, P, kernel, exclude=exclude, seed=seed, chunk_rows=chunk_rows)
-    sel, scores, cent, centers, fallback = ref_select(val, pool, P, kernel, exclude, seed)
+def assert_matches_reference(
+    val, pool, P, kernel, exclude=None, seed=0, chunk_rows=64, rule="kcenter"
+):
+    got = select(
+        val, pool, P, kernel, exclude=exclude, seed=seed, chunk_rows=chunk_rows, center_rule=rule
+    )
+    sel, scores, cent, centers, fallback = ref_select(val, pool, P, kernel, exclude, seed, rule)
     np.testing.assert_array_equal(got.centers, centers)
     np.testing.assert_array_equal(got.selected, sel)
     np.testing.assert_array_equal(got.center, cent)
@@ -197,6 +229,29 @@ def test_select_kcenter_path(kernel):
     val, pool = make_store(4, m=60, n_mis=35)
     got = assert_matches_reference(val, pool, 10, kernel, seed=7)
     assert got.centers.size == 10
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("P", [1, 7, 10, 34])
+@pytest.mark.parametrize("rule", ["class", "sample"])
+def test_select_class_centres_path(kernel, P, rule):
+    """Centres split over the true classes by their error counts, then k-center (``class``)
+    or a seeded uniform sample (``sample``) within each."""
+    val, pool = make_store(4, m=60, n_mis=35)
+    got = assert_matches_reference(val, pool, P, kernel, seed=7, rule=rule)
+    mis = misclassified(val["logits"], val["labels"])
+    counts = np.bincount(val["labels"][mis], minlength=4)
+    want = ref_quotas(P, [c for c in counts if c])
+    assert np.bincount(val["labels"][got.centers], minlength=4)[counts > 0].tolist() == want
+
+
+def test_class_centres_differ_from_kcenter_and_need_a_known_rule():
+    val, pool = make_store(4, m=60, n_mis=35)
+    a = select(val, pool, 8, "sum", seed=7)
+    b = select(val, pool, 8, "sum", seed=7, center_rule="class")
+    assert a.centers.tolist() != b.centers.tolist()  # the test data makes them differ
+    with pytest.raises(AlfkError, match="centre rule"):
+        select(val, pool, 8, "sum", center_rule="nearest")
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

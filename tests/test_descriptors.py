@@ -193,6 +193,48 @@ def test_p_yz_equals_brute_force_nearest_neighbour():
     assert (twins.search(ref_z[:5])[1] == np.arange(5)).all()
 
 
+def test_knn_neighbours_and_soft_labels_equal_brute_force():
+    rng = np.random.default_rng(2)
+    dims = [10, 20, 50]
+    ref_z = rng.random((300, 80)).astype(np.float32)
+    ref_z[150:160] = ref_z[:10]  # exact duplicates: ties go to the lower reference row
+    ref_labels = rng.integers(0, 7, 300)
+    queries = np.concatenate([rng.random((40, 80)), ref_z[:10]]).astype(np.float32)
+    sims = _np_standardize(queries, dims) @ _np_standardize(ref_z, dims).T
+    for block in (1 << 24, 50 * 13):  # one block, and blocks much smaller than the reference
+        nn = NearestReference(ref_z, ref_labels, dims, block_elems=block)
+        sim, rows = nn.neighbours(torch.from_numpy(queries), 10)
+        for i in range(len(queries)):
+            want = sorted(range(300), key=lambda j, i=i: (-round(sims[i, j], 4), j))[:10]
+            assert sorted(rows[i].tolist()) == sorted(want)
+            np.testing.assert_allclose(sim[i].numpy(), sims[i, rows[i].numpy()], rtol=1e-4)
+            assert (np.diff(sim[i].numpy()) <= 1e-6).all()
+        twins = rows[40:].numpy()
+        assert all(t in r for t, r in zip(range(10), twins))  # duplicate pair: both in the list
+        assert all(list(r).index(t) < list(r).index(t + 150) for t, r in zip(range(10), twins))
+        soft = nn.soft(10)(torch.from_numpy(queries), torch.zeros(len(queries), 9))
+        want = np.stack([np.bincount(ref_labels[r], minlength=9) / 10 for r in rows.numpy()])
+        np.testing.assert_allclose(soft.numpy(), want)
+
+
+@pytest.mark.parametrize("arch,preset", [("lenet", "L80"), ("resnet10", "L768")])
+def test_soft_labels_give_the_expected_fisher_score(arch, preset):
+    """g with soft labels w equals sum_c w_c g(c): per-image autograd at every hard label."""
+    taps = resolve_taps(arch, preset)
+    model = _model(arch)
+    x = _inputs(arch, 3, seed=4)
+    w = torch.tensor([[0.5, 0.5, 0, 0, 0], [0.1, 0.2, 0.3, 0.4, 0.0], [0, 0, 0, 0, 1.0]])
+    _, g, _, used = describe_batch(model, x, taps, labels=w)
+    assert used.tolist() == [0, 3, 4]  # most likely class, ties to the lower one
+    expected = np.zeros_like(g.numpy())
+    for c in range(D):
+        _, g_c, _ = _reference(model, x, taps, torch.full((3,), c))
+        expected += w[:, c : c + 1].numpy() * g_c
+    assert _rel_err(g.numpy(), expected).max() <= 1e-4
+    with pytest.raises(ValueError, match="soft labels"):
+        describe_batch(model, x, taps, labels=torch.ones(3, D + 1) / (D + 1))
+
+
 def test_p_yz_refuses_unlabelled_reference():
     with pytest.raises(AlfkError, match="labelled"):
         NearestReference(np.ones((3, 4)), np.array([0, -1, 1]), [4])

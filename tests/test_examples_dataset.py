@@ -145,6 +145,19 @@ def test_seed_controls_the_pool(source):
     assert set(a.pool.tolist()) != set(c.pool.tolist())
 
 
+def test_pool_per_class_caps_the_pool_and_leaves_the_other_splits(source):
+    full = mbf.plan_splits(source.labels, imbalance=1, seed=0, **DEFAULT_KW)
+    capped = mbf.plan_splits(source.labels, imbalance=1, seed=0, pool_per_class=150, **DEFAULT_KW)
+    for split in ("val", "test", "labeled"):
+        assert np.array_equal(getattr(full, split), getattr(capped, split))
+    assert np.bincount(source.labels[capped.pool], minlength=10).tolist() == [150] * 10
+    assert set(capped.pool.tolist()) < set(full.pool.tolist())
+    biased = mbf.plan_splits(source.labels, imbalance=10, seed=0, pool_per_class=150, **DEFAULT_KW)
+    assert (biased.n_pool_nonrare, biased.n_pool_rare) == (750, 75)
+    with pytest.raises(mbf.BuildError, match="pool-per-class"):
+        mbf.plan_splits(source.labels, imbalance=1, seed=0, pool_per_class=0, **DEFAULT_KW)
+
+
 def test_plan_rejects_bad_requests(source):
     with pytest.raises(mbf.BuildError, match="fewer than"):
         mbf.plan_splits(

@@ -260,7 +260,7 @@ def test_registry_names_errors_and_entry_points(tmp_path, monkeypatch):
 def test_builtins_are_registered_like_plugins():
     assert ARCHITECTURES.names() == ("lenet", "resnet10", "resnet18")
     assert KERNELS.names() == ("sum", "pcc", "product")
-    assert ESTIMATORS.names() == ("true", "yhat", "p_yz", "mc_trace", "mc_mi")
+    assert ESTIMATORS.names() == ("true", "yhat", "p_yz", "p_yz_knn", "mc_trace", "mc_mi")
     assert STRATEGIES.names() == (
         "random", "entropy", "margin", "varR", "bald", "coreset", "balanced-entropy", "badge",
         "similar", "fk", "pcc",

@@ -119,9 +119,17 @@ def test_fisher_kernel_names_and_options_agree(cli, world):
     assert _select(cli, "--strategy", "fk", "--kernel", "product") == _select(
         cli, "--strategy", "fk:p_yz:product"
     )
+    assert _select(cli, "--strategy", "fk:p_yz:sum:kcenter") == default
     # a strategy with another estimator re-embeds the pool with it
     _select(cli, "--strategy", "fk:yhat")
     with open_store(".alfk/pool/pool.h5") as s:
         assert s.pseudo_label == "yhat"
+    soft = _select(cli, "--strategy", "fk:p_yz_knn::class")
+    assert len(set(soft)) == P and not {"pool/img0003.png", "pool/img0017.png"} & set(soft)
+    with open_store(".alfk/pool/pool.h5") as s:
+        assert s.pseudo_label == "p_yz_knn"
+    r = cli("select", "--val", "val", "--pool", "pool", "--P", "3", "--model", "model.pt",
+            "--strategy", "fk:p_yz:sum:nearest", "--no-ledger")  # fmt: skip
+    assert r.exit_code == 2 and "unknown centre rule 'nearest'" in r.stderr
     csv = _select(cli, "--strategy", "entropy", "--format", "csv")
     assert csv[0] == "path,rank,score,predicted,center" and csv[1].endswith(",")

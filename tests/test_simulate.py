@@ -82,13 +82,17 @@ def test_strategy_names_parse_with_defaults_and_fail_with_the_known_names():
     assert make_strategy("fk:yhat").dirname == "fk-yhat"
     assert make_strategy("fk", {"estimator": "yhat", "kernel": "product"}).kernel == "product"
     assert make_strategy("fk:true", {"estimator": "yhat"}).estimator == "true"  # the name wins
+    assert make_strategy("fk").centers == "kcenter"
+    assert make_strategy("fk:p_yz_knn::class").centers == "class"
+    assert make_strategy("fk:p_yz_knn::class").dirname == "fk-p_yz_knn--class"
     assert make_strategy("varR").uses_mc and not make_strategy("entropy").uses_mc
     for bad, says in (
         ("fk:nope", "unknown pseudo-label estimator 'nope'"),
         ("fk:p_yz:cosine", "unknown kernel 'cosine'; choose one of sum, pcc, product"),
         ("uncertainty", "unknown strategy 'uncertainty'; choose one of random, entropy"),
         ("random:x", "takes no ':' arguments"),
-        ("fk:p_yz:sum:x", "fk[:ESTIMATOR[:KERNEL]]"),
+        ("fk:p_yz:sum:x", "unknown centre rule 'x'; use one of kcenter, class, sample"),
+        ("fk:p_yz:sum:class:x", "fk[:ESTIMATOR[:KERNEL[:CENTRES]]]"),
     ):
         with pytest.raises(AlfkError, match=re.escape(says)):
             make_strategy(bad)
@@ -299,3 +303,22 @@ def test_streamed_folders_give_the_rows_and_models_of_held_ones(folders, tmp_pat
     assert without_timing(run(folders, outs["streamed"], strategies)) == expected
     with pytest.raises(AlfkError, match="cache_mib must be a number of MiB"):
         run(folders, tmp_path / "bad", ["random"], cache_mib=-1)
+
+
+def test_simulate_batch_size_reaches_training_and_the_config(folders, tmp_path, monkeypatch):
+    from alfk_cli import simulate_round
+
+    seen = []
+    real = simulate_round.train_fit
+    monkeypatch.setattr(
+        simulate_round,
+        "train_fit",
+        lambda m, tr, va, cfg, **kw: seen.append(cfg) or real(m, tr, va, cfg, **kw),
+    )
+    run(folders, tmp_path / "b3", ["random"], rounds=1, batch_size=3)
+    run(folders, tmp_path / "plain", ["random"], rounds=1)
+    assert [c.batch_size for c in seen] == [3, 25]  # lenet's default otherwise
+    assert json.loads((tmp_path / "b3" / "config.json").read_text())["batch_size"] == 3
+    assert "batch_size" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    with pytest.raises(AlfkError, match="batch_size must be at least 1"):
+        run(folders, tmp_path / "bad", ["random"], rounds=1, batch_size=0)
