@@ -83,6 +83,13 @@ CacheMib = Annotated[
         "once, the rest at each pass, batch by batch (0: all). Results do not depend on it.",
     ),
 ]
+LearningRate = Annotated[
+    float | None,
+    typer.Option(
+        "--lr",
+        help="Fine-tuning learning rate (default: the architecture's).",
+    ),
+]
 Plot = Annotated[
     bool, typer.Option("--plot/--no-plot", help="Write OUT/curves.png (needs matplotlib).")
 ]
@@ -110,6 +117,7 @@ def simulate(
     pretrain_epochs: PretrainEpochs = 8,
     eval_every: EvalEvery = 1,
     batch_size: BatchSize = None,
+    lr: LearningRate = None,
     balance: Balance = "none",
     mc_samples: McSamples = 32,
     device: Device = "auto",
@@ -137,7 +145,7 @@ def simulate(
         seeds=seed_list, arch=arch, taps=taps, init=cast("InitName", init), epochs=epochs,
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,
-        workers=workers, balance=balance, batch_size=batch_size,
+        workers=workers, balance=balance, batch_size=batch_size, lr=lr,
         **({} if cache_mib is None else {"cache_mib": cache_mib}),
     )  # fmt: skip
     tell = (lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False))

@@ -250,8 +250,8 @@ def _one_round(
         workers=options.workers,
         eval_every=options.eval_every,
         balance=options.balance,
-        batch_size=options.batch_size,
-    )
+        batch_size=options.batch_size, lr=options.lr,
+    )  # fmt: skip
     t0 = time.perf_counter()
     train = rd.source(np.asarray(order, dtype=np.int64), data.hold(len(order)))
     best_epoch, val_acc = fit(rd.model, train, data.val.source(), cfg, rd.device)

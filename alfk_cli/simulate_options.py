@@ -43,6 +43,7 @@ class SimulateOptions:
     pretrain_epochs: int = 8
     eval_every: int = 1
     batch_size: int | None = None  # the arch's; in config.json only when set (runs resume)
+    lr: float | None = None  # likewise
     balance: str = "none"  # class balancing of each round's training (balance.py)
     imbalance: float | None = None
     rare: tuple[str | int, ...] = (5, 6, 7, 8, 9)
@@ -69,6 +70,8 @@ class SimulateOptions:
         for name in ("rounds", "P", "epochs", "eval_every", "batch_size"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise AlfkError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None and not self.lr > 0:
+            raise AlfkError(f"lr must be positive, got {self.lr}")
         check_balance(self.balance)
         if self.init not in INITS:
             raise AlfkError(f"init must be pretrain or random, not {self.init!r}")
@@ -96,6 +99,7 @@ class SimulateOptions:
             "pretrain_epochs": int(self.pretrain_epochs) if self.init == "pretrain" else None,
             "eval_every": int(self.eval_every),
             **({"batch_size": int(self.batch_size)} if self.batch_size is not None else {}),
+            **({"lr": float(self.lr)} if self.lr is not None else {}),
             **({"balance": self.balance} if self.balance != "none" else {}),
             "imbalance": None
             if self.imbalance is None or self.imbalance == 1

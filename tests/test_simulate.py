@@ -305,7 +305,7 @@ def test_streamed_folders_give_the_rows_and_models_of_held_ones(folders, tmp_pat
         run(folders, tmp_path / "bad", ["random"], cache_mib=-1)
 
 
-def test_simulate_batch_size_reaches_training_and_the_config(folders, tmp_path, monkeypatch):
+def test_simulate_batch_size_and_lr_reach_training_and_the_config(folders, tmp_path, monkeypatch):
     from alfk_cli import simulate_round
 
     seen = []
@@ -315,10 +315,13 @@ def test_simulate_batch_size_reaches_training_and_the_config(folders, tmp_path, 
         "train_fit",
         lambda m, tr, va, cfg, **kw: seen.append(cfg) or real(m, tr, va, cfg, **kw),
     )
-    run(folders, tmp_path / "b3", ["random"], rounds=1, batch_size=3)
+    run(folders, tmp_path / "b3", ["random"], rounds=1, batch_size=3, lr=0.01)
     run(folders, tmp_path / "plain", ["random"], rounds=1)
-    assert [c.batch_size for c in seen] == [3, 25]  # lenet's default otherwise
-    assert json.loads((tmp_path / "b3" / "config.json").read_text())["batch_size"] == 3
+    assert [(c.batch_size, c.lr) for c in seen] == [(3, 0.01), (25, 0.05)]  # lenet's otherwise
+    config = json.loads((tmp_path / "b3" / "config.json").read_text())
+    assert (config["batch_size"], config["lr"]) == (3, 0.01)
     assert "batch_size" not in json.loads((tmp_path / "plain" / "config.json").read_text())
     with pytest.raises(AlfkError, match="batch_size must be at least 1"):
         run(folders, tmp_path / "bad", ["random"], rounds=1, batch_size=0)
+    with pytest.raises(AlfkError, match="lr must be positive"):
+        run(folders, tmp_path / "bad", ["random"], rounds=1, lr=0.0)
