@@ -8,6 +8,7 @@ it is exact and deterministic for fixed inputs and seeds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -114,6 +115,30 @@ def mc_dropout_probs(
     """
     import torch
 
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise AlfkError(
+            f"expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
+        )
+    if int(batch_size) < 1:
+        raise AlfkError("K and batch_size must be at least 1")
+    n, b = images.shape[0], int(batch_size)
+    batches = (images[s : s + b] for s in range(0, n, b))
+    return mc_dropout_batches(model, batches, n, spec, K, seed, device)
+
+
+def mc_dropout_batches(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    n: int,
+    spec: InputSpec,
+    K: int,
+    seed: int,
+    device: torch.device | str,
+) -> np.ndarray:
+    """:func:`mc_dropout_probs` over ``n`` images that come in uint8 batches (decoded on demand):
+    the same probabilities as for the images in one tensor cut into batches of the same sizes."""
+    import torch
+
     from alfk_cli.images import normalizer
     from alfk_cli.reproducible import cuda_devices
 
@@ -121,32 +146,29 @@ def mc_dropout_probs(
     drops = [m for m in model.modules() if isinstance(m, dropout)]
     if not drops:
         raise AlfkError("MC dropout needs a model with dropout; lenet has it, resnets do not")
-    if images.dtype != torch.uint8 or images.dim() != 4:
-        raise AlfkError(
-            f"expected uint8 images [N, C, H, W], got {images.dtype} {tuple(images.shape)}"
-        )
-    K, batch_size = int(K), int(batch_size)
-    if K < 1 or batch_size < 1:
+    K = int(K)
+    if K < 1:
         raise AlfkError("K and batch_size must be at least 1")
     device = torch.device(device)
     norm = normalizer(spec)
     flags = {m: m.training for m in model.modules()}
     model.to(device)
-    n = images.shape[0]
     out: np.ndarray | None = None
+    start = 0
     try:
         model.eval()
         for m in drops:
             m.train()
         with torch.random.fork_rng(devices=cuda_devices(device)), torch.no_grad():
             torch.manual_seed(int(seed))
-            for start in range(0, n, batch_size):
-                x = norm(images[start : start + batch_size].to(device))
+            for batch in batches:
+                x = norm(batch.to(device))
                 for k in range(K):
                     p = torch.softmax(model(x).float(), dim=1).cpu().numpy()
                     if out is None:
                         out = np.empty((K, n, p.shape[1]), dtype=np.float32)
                     out[k, start : start + x.shape[0]] = p
+                start += x.shape[0]
     finally:
         for module, flag in flags.items():
             module.train(flag)

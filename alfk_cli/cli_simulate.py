@@ -74,6 +74,15 @@ BatchSize = Annotated[
         "--batch-size", min=1, help="Fine-tuning batch size (default: the architecture's)."
     ),
 ]
+CacheMib = Annotated[
+    float | None,
+    typer.Option(
+        "--cache-mib",
+        min=0,
+        help="Decoded images kept in memory, MiB (default 1024): folders that fit are decoded "
+        "once, the rest at each pass, batch by batch (0: all). Results do not depend on it.",
+    ),
+]
 LearningRate = Annotated[
     float | None,
     typer.Option(
@@ -113,6 +122,7 @@ def simulate(
     mc_samples: McSamples = 32,
     device: Device = "auto",
     workers: Workers = None,
+    cache_mib: CacheMib = None,
     plot: Plot = True,
     quiet: Quiet = False,
 ) -> None:
@@ -136,6 +146,7 @@ def simulate(
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,
         workers=workers, balance=balance, batch_size=batch_size, lr=lr,
+        **({} if cache_mib is None else {"cache_mib": cache_mib}),
     )  # fmt: skip
     tell = (lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False))
     rows = run_simulation(options, progress=tell)

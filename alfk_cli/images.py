@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -122,29 +122,50 @@ def decode_failure(path: str | os.PathLike, spec: InputSpec) -> str:
     return "could not be decoded (it decodes now: changed during the run?)"
 
 
-def preload(
-    images: ImageSet, spec: InputSpec, workers: int | None = None
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Decode every image once: (uint8 [N, C, H, W], ok mask). Used when it fits in memory.
-    ``workers``: see ``loader_workers``."""
+def decoded_batches(
+    images: ImageSet, spec: InputSpec, workers: int | None = None, batch: int = 256
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every image of ``images`` decoded once, in row order: ``(uint8 [B, C, H, W], rows [B],
+    ok [B])`` batches, so memory is one batch per worker. ``workers``: see ``loader_workers``."""
     ds = ImageDataset(images, spec)
-    batch = 256
     loader = torch.utils.data.DataLoader(
         ds,
         batch_size=batch,
         num_workers=loader_workers(workers, -(-len(ds) // batch)),
         generator=loader_generator(),
     )
-    out = torch.empty(len(ds), spec.channels, spec.size, spec.size, dtype=torch.uint8)
-    ok = np.zeros(len(ds), dtype=bool)
     for img, _, rows, good in loader:
+        yield img, rows, good
+
+
+def preload(
+    images: ImageSet, spec: InputSpec, workers: int | None = None
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Decode every image once: (uint8 [N, C, H, W], ok mask). Used when it fits in memory.
+    ``workers``: see ``loader_workers``."""
+    out = torch.empty(len(images), spec.channels, spec.size, spec.size, dtype=torch.uint8)
+    ok = np.zeros(len(images), dtype=bool)
+    for img, rows, good in decoded_batches(images, spec, workers):
         out[rows] = img
         ok[rows.numpy()] = good.numpy()
     return out, ok
 
 
-def fits_in_memory(n: int, spec: InputSpec) -> bool:
-    return n * spec.channels * spec.size * spec.size <= PRELOAD_LIMIT_BYTES
+def decodable(images: ImageSet, spec: InputSpec, workers: int | None = None) -> np.ndarray:
+    """Which images decode (ok mask), decoding each once and keeping none."""
+    ok = np.zeros(len(images), dtype=bool)
+    for _, rows, good in decoded_batches(images, spec, workers):
+        ok[rows.numpy()] = good.numpy()
+    return ok
+
+
+def image_bytes(spec: InputSpec) -> int:
+    """Bytes of one decoded uint8 image."""
+    return spec.channels * spec.size * spec.size
+
+
+def fits_in_memory(n: int, spec: InputSpec, limit: int = PRELOAD_LIMIT_BYTES) -> bool:
+    return n * image_bytes(spec) <= limit
 
 
 __all__ = [
@@ -156,8 +177,11 @@ __all__ = [
     "ImageSet",
     "available_cores",
     "check_same_classes",
+    "decodable",
     "decode_failure",
+    "decoded_batches",
     "fits_in_memory",
+    "image_bytes",
     "load_image",
     "loader_workers",
     "normalizer",

@@ -1,9 +1,16 @@
-"""The simulation's data: labelled folders decoded once, and the paper's biased pool (§9)."""
+"""The simulation's data: labelled folders (held in memory or streamed), the biased pool (§9).
+
+A folder is decoded once when it is loaded, to find the images that fail to decode (they are
+left out and listed, as ``embed`` does). Its decoded pixels are then kept only when they fit in
+the run's memory budget; otherwise every model pass decodes the rows it reads again, batch by
+batch in a DataLoader, so memory grows with the batch, not with the folder. Both give the same
+uint8 batches in the same order, so every result is the same either way.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,37 +18,86 @@ import numpy as np
 import torch
 
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import ImageSet, decode_failure, fits_in_memory, preload, scan_images
+from alfk_cli.images import (
+    PRELOAD_LIMIT_BYTES,
+    ImageSet,
+    decodable,
+    decode_failure,
+    fits_in_memory,
+    preload,
+    scan_images,
+)
 from alfk_cli.models import InputSpec
+from alfk_cli.sources import ImageSource
 
 __all__ = ["Folder", "biased_rows", "load_folder", "resolve_rare"]
 
 
 @dataclass
 class Folder:
-    """A labelled folder decoded once: the readable images, uint8 [N, C, H, W] and labels [N]."""
+    """A labelled folder's readable images and labels [N]; ``x`` holds them decoded (uint8
+    [N, C, H, W]) when they fit in memory, else None and each read decodes them again."""
 
     images: ImageSet
-    x: torch.Tensor
     y: torch.Tensor
+    spec: InputSpec
+    workers: int | None = None
+    x: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def held_bytes(self) -> int:
+        return 0 if self.x is None else self.x.numel()
+
+    def source(self, rows: np.ndarray | None = None, hold: bool = False) -> ImageSource:
+        """The images of ``rows`` (every one when None) in that order, labels included: sliced
+        from ``x`` when the folder is held, else decoded batch by batch each time the source is
+        read; ``hold`` decodes them once now instead (a set read many times, e.g. each epoch)."""
+        if self.x is not None:
+            if rows is None:
+                return ImageSource.from_tensors(self.x, self.y, self.spec)
+            t = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+            return ImageSource.from_tensors(self.x, self.y[t], self.spec, rows=t)
+        if rows is None:
+            rows = np.arange(len(self), dtype=np.int64)
+        src = ImageSource.streamed(self.images, self.spec, rows, self.workers)
+        if not hold or len(src) == 0:
+            return src
+        x = torch.cat([img for img, _ in src.batches(DECODE_BATCH)])
+        return ImageSource.from_tensors(x, src.labels, self.spec)
+
+    def batches(self, rows: np.ndarray | None, batch_size: int) -> Iterator[torch.Tensor]:
+        """uint8 batches of ``rows`` in order (see :meth:`source`)."""
+        return (img for img, _ in self.source(rows).batches(batch_size))
+
+
+# Batch of the decoding passes that only fill memory (no model): the loaders' usual size.
+DECODE_BATCH = 256
+
 
 def load_folder(
-    root: str | Path, spec: InputSpec, classes: Sequence[str] | None, workers: int | None, what: str
+    root: str | Path,
+    spec: InputSpec,
+    classes: Sequence[str] | None,
+    workers: int | None,
+    what: str,
+    budget: int = PRELOAD_LIMIT_BYTES,
 ) -> Folder:
+    """Scan ``root`` and decode every image once: those that fail are left out and listed with
+    the scan's skips. The decoded images are kept when they fit in ``budget`` bytes."""
     found = scan_images(root, classes=classes, verify=False)
     if not found.labelled:
         raise AlfkError(f"the {what} folder {root} needs class sub-folders (one per class)")
-    if not fits_in_memory(len(found), spec):
-        raise AlfkError(f"the {what} folder {root} is too large to simulate in memory")
-    x, ok = preload(found, spec, workers)
+    hold = fits_in_memory(len(found), spec, budget)
+    if hold:
+        x, ok = preload(found, spec, workers)
+    else:
+        x, ok = None, decodable(found, spec, workers)
     keep = np.flatnonzero(ok)
     if keep.size == 0:
         raise AlfkError(f"no readable images in {root}")
-    # images that failed to decode are left out and listed with the scan's skips
     failed = [
         (found.paths[i], decode_failure(found.absolute(int(i)), spec)) for i in np.flatnonzero(~ok)
     ]
@@ -52,7 +108,9 @@ def load_folder(
         list(found.classes),
         list(found.skipped) + failed,
     )
-    return Folder(images, x[torch.from_numpy(keep)], torch.from_numpy(images.labels.copy()))
+    y = torch.from_numpy(images.labels.copy())
+    held = None if x is None else (x if keep.size == len(x) else x[torch.from_numpy(keep)])
+    return Folder(images, y, spec, workers, held)
 
 
 def resolve_rare(rare: Sequence[str | int], classes: Sequence[str]) -> list[int]:

@@ -1,8 +1,8 @@
 """Supervised training, evaluation and rotation self-supervised pretraining (docs/algorithm.md §7-8).
 
 Both trainers keep the epoch with the best held-out accuracy (never a test set) and return its
-weights. Images are decoded once into memory when they fit (``images.fits_in_memory``), else
-streamed from disk by a DataLoader.
+weights. Images come from a :class:`sources.ImageSource`: decoded once into memory when they fit
+(``images.fits_in_memory``), else streamed from disk by a DataLoader.
 
 The jobs behind ``alfk train`` and ``alfk pretrain`` (checkpoints in and out) are in
 :mod:`alfk_cli.training_jobs`.
@@ -13,9 +13,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,21 +22,11 @@ import torch
 from alfk_cli import balance, distributed
 from alfk_cli.devices import autocast
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import (
-    ImageDataset,
-    ImageSet,
-    decode_failure,
-    fits_in_memory,
-    loader_workers,
-    normalizer,
-    preload,
-)
+from alfk_cli.images import ImageSet, normalizer
 from alfk_cli.models import InputSpec, TapNet
 from alfk_cli.reporting import ProgressSink
-from alfk_cli.reproducible import loader_generator, seeded
-
-if TYPE_CHECKING:
-    pass
+from alfk_cli.reproducible import seeded
+from alfk_cli.sources import ImageSource
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,92 +58,6 @@ class TrainResult:
     # (absolute path, reason) of images that failed to decode
     skipped: list[tuple[str, str]] = field(default_factory=list)
     balance: str = "none"  # the class balancing trained with (what ``auto`` chose)
-
-
-class ImageSource:
-    """Batches of (uint8 images, labels, rows) from an ImageSet, preloaded when it fits."""
-
-    def __init__(
-        self,
-        images: ImageSet,
-        spec: InputSpec,
-        rows: Sequence[int] | np.ndarray | None = None,
-        workers: int | None = None,
-    ):
-        # None only from from_tensors, whose images are all in ``cache``
-        self.images: ImageSet | None = images
-        self.spec, self.workers = spec, workers
-        idx = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
-        self.cache: torch.Tensor | None = None
-        self.bad: list[tuple[str, str]] = []
-        if fits_in_memory(len(idx), spec):
-            sub = ImageSet(
-                images.root, [images.paths[r] for r in idx], images.labels[idx], images.classes
-            )
-            cache, ok = preload(sub, spec, workers)
-            self.bad = [self._failure(sub, int(i)) for i in np.flatnonzero(~ok)]
-            keep = np.flatnonzero(ok)
-            self.cache, idx = cache[torch.from_numpy(keep)], idx[keep]
-        self.rows = idx
-        self.labels = torch.from_numpy(images.labels[idx])
-
-    def _failure(self, images: ImageSet, i: int) -> tuple[str, str]:
-        path = images.absolute(int(i))
-        return str(path), decode_failure(path, self.spec)
-
-    @classmethod
-    def from_tensors(
-        cls, images: torch.Tensor, labels: torch.Tensor, spec: InputSpec
-    ) -> ImageSource:
-        """A source over images already decoded into memory (uint8 [N, C, H, W])."""
-        src = cls.__new__(cls)
-        src.images, src.spec, src.workers = None, spec, 0
-        src.cache, src.bad = images, []
-        src.rows = np.arange(len(images))
-        src.labels = torch.as_tensor(labels, dtype=torch.int64)
-        return src
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def batches(
-        self,
-        batch_size: int,
-        shuffle: bool = False,
-        generator: torch.Generator | None = None,
-        shard: bool = False,
-        weights: torch.Tensor | None = None,
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches in row order, shuffled, or (``weights``) drawn with replacement ∝ weights.
-        ``shard``: under torchrun, this rank's share of the samples only
-        (``distributed.shard_order``)."""
-        if weights is not None:
-            assert generator is not None, "a weighted draw needs the loop's generator"
-            order = balance.epoch_order(weights, generator)
-        elif shuffle:
-            order = torch.randperm(len(self.rows), generator=generator)
-        else:
-            order = torch.arange(len(self.rows))
-        if shard:
-            order = distributed.shard_order(order)
-        if self.cache is not None:
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                yield self.cache[idx], self.labels[idx]
-            return
-        images = self.images
-        assert images is not None, "a source without a cache reads from an ImageSet"
-        ds = ImageDataset(images, self.spec, self.rows[order.numpy()])
-        loader = torch.utils.data.DataLoader(
-            ds,
-            batch_size=batch_size,
-            num_workers=loader_workers(self.workers, -(-len(ds) // batch_size)),
-            generator=loader_generator(),
-        )
-        for img, label, rows, ok in loader:
-            if not ok.all():
-                self.bad.extend(self._failure(images, r) for r in rows[~ok].tolist())
-            yield img[ok], label[ok]
 
 
 def milestones(epochs: int, fractions: Sequence[float]) -> list[int]:

@@ -49,22 +49,26 @@ from alfk_cli.reproducible import loader_generator
 ARCHIVE = Path("/work/shared/data/cifar10/cifar10-jpg.tar.gz")
 
 
-def extract(archive: Path, out: Path, n: int, size: int | None) -> Path:
-    """The first ``n`` training JPEGs of the archive (round-robin over classes) into
-    ``out/<class>/``, upscaled to ``size``² when given. Reused when already there."""
+def extract(
+    archive: Path, out: Path, n: int, size: int | None, split: str = "train", skip: int = 0
+) -> Path:
+    """The first ``n`` JPEGs of the archive's ``split`` (round-robin over classes) after the
+    first ``skip`` into ``out/<class>/``, upscaled to ``size``² when given. Reused when already
+    there."""
     if out.is_dir() and sum(1 for _ in out.rglob("*.jpg")) >= n:
         return out
     per_class: dict[str, list[tarfile.TarInfo]] = {}
     with tarfile.open(archive) as tar:
         for m in tar:
             parts = m.name.split("/")
-            if m.isfile() and "train" in parts and m.name.endswith(".jpg"):
+            if m.isfile() and split in parts and m.name.endswith(".jpg"):
                 per_class.setdefault(parts[-2], []).append(m)
-            if sum(map(len, per_class.values())) >= 4 * n and len(per_class) == 10:
+            if sum(map(len, per_class.values())) >= 4 * (n + skip) and len(per_class) == 10:
                 break
         classes = sorted(per_class)
-        picked = [per_class[c][i] for i in range(n) for c in classes if i < len(per_class[c])]
-        for m in picked[:n]:
+        count = range(n + skip)
+        picked = [per_class[c][i] for i in count for c in classes if i < len(per_class[c])]
+        for m in picked[skip : skip + n]:
             cls, name = m.name.split("/")[-2:]
             (out / cls).mkdir(parents=True, exist_ok=True)
             data = tar.extractfile(m).read()  # type: ignore[union-attr]

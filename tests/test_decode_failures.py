@@ -13,10 +13,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import alfk_cli.embedding as embedding
 from alfk_cli.checkpoint import save_checkpoint
+from alfk_cli.errors import AlfkError
 from alfk_cli.images import scan_images
 from alfk_cli.models import ROTATION_CLASSES, InputSpec, build_model
 from alfk_cli.simulate import load_folder
@@ -153,9 +155,28 @@ def test_bomb_warning_never_reaches_stderr(env, tmp_path):
         assert len(st) == 12
 
 
-def test_simulate_loading_lists_images_that_fail_to_decode(env, tmp_path):
+@pytest.mark.parametrize("budget", [1 << 30, 0], ids=["held", "streamed"])
+def test_simulate_loading_lists_images_that_fail_to_decode(env, tmp_path, budget):
     data = make_labelled(tmp_path / "d", CLASSES, 3)
     truncated_jpeg(data / "b" / "broken.jpg")
-    folder = load_folder(data, InputSpec(28, 1, (0.5,), (0.5,)), None, 0, "pool")
+    spec = InputSpec(28, 1, (0.5,), (0.5,))
+    folder = load_folder(data, spec, None, 0, "pool", budget)
     assert len(folder) == 9 and "b/broken.jpg" not in folder.images.paths
     assert [p for p, _ in folder.images.skipped] == ["b/broken.jpg"]
+    assert (folder.x is None) == (budget == 0)
+    # held or streamed, the same rows give the same uint8 batches in the same order
+    held = load_folder(data, spec, None, 0, "pool")
+    rows = np.array([8, 0, 4, 4, 2])
+    for a, b in zip(folder.batches(rows, 2), held.batches(rows, 2), strict=True):
+        assert torch.equal(a, b) and len(a) <= 2
+    assert torch.equal(folder.source(rows, hold=True).labels, held.y[torch.from_numpy(rows)])
+
+
+def test_simulate_stops_on_an_image_that_no_longer_decodes(env, tmp_path):
+    """A streamed folder decodes its images again at each pass: one that decoded when the run
+    started and fails later (rewritten meanwhile) is an error, never a row quietly dropped."""
+    data = make_labelled(tmp_path / "d", CLASSES, 3)
+    folder = load_folder(data, InputSpec(28, 1, (0.5,), (0.5,)), None, 0, "pool", budget=0)
+    truncated_jpeg(data / folder.images.paths[4])
+    with pytest.raises(AlfkError, match=r"img0001\.png: unreadable image .*when the run started"):
+        list(folder.batches(None, 4))

@@ -53,7 +53,7 @@ def test_last_layer_features_are_the_classifier_input_and_a_pooled_tap(arch):
     size, ch = spec.input.size, spec.input.channels
     x = torch.randint(0, 256, (5, ch, size, size), generator=torch.Generator().manual_seed(2))
     x = x.to(torch.uint8)
-    probs, feats = last_layer_of(model, x, spec.input, torch.device("cpu"))
+    probs, feats = last_layer_of(model, [x[:3], x[3:]], spec.input, torch.device("cpu"))
     from alfk_cli.images import normalizer
     from alfk_cli.models import pool
 

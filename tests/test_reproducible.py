@@ -141,11 +141,11 @@ def test_checkpoint_bytes_do_not_depend_on_the_file_name(cli, inputs, tmp_path, 
     assert Path("one.pt").read_bytes() == Path("other-name.pt").read_bytes()
 
 
-def _simulate(cli, workers: str) -> None:
+def _simulate(cli, workers: str, *extra: str) -> None:
     ok(cli("simulate", "--pool", "lab", "--val", "val", "--test", "test", "--out", "res",
            "--strategies", "random,bald", "--rounds", "2", "--P", "3", "--epochs", "1",
            "--pretrain-epochs", "1", "--mc-samples", "2", "--rare", "c", "--workers", workers,
-           "--no-plot", *CPU))  # fmt: skip
+           "--no-plot", *extra, *CPU))  # fmt: skip
 
 
 def _results_without_timing(folder: Path) -> list[dict]:
@@ -159,7 +159,7 @@ def test_simulate_writes_the_same_models_and_results_twice(cli, inputs, tmp_path
     b = fresh(inputs, tmp_path / "b", monkeypatch)
     use_rng()
     before = torch.get_rng_state()
-    _simulate(cli, "2")
+    _simulate(cli, "2", "--cache-mib", "0")  # every folder decoded again at each pass
     assert torch.equal(torch.get_rng_state(), before)  # the rounds' seeding is scoped
     models = [
         "res/cache/pretrain_seed0.pt",
@@ -176,17 +176,18 @@ def test_simulate_writes_the_same_models_and_results_twice(cli, inputs, tmp_path
 def test_training_leaves_the_callers_rng_as_it_was():
     from alfk_cli.models import build_model, get_arch
     from alfk_cli.simulate import fit
-    from alfk_cli.training import default_config
+    from alfk_cli.training import ImageSource, default_config
 
     x = torch.randint(0, 255, (12, 1, 28, 28), dtype=torch.uint8)
     y = torch.arange(12) % 3
+    src = ImageSource.from_tensors(x, y, get_arch("lenet").input)
     cfg = default_config("lenet", epochs=1, seed=4, workers=0)
     weights = []
     for caller_seed in (123, 321):  # two callers in different RNG states
         torch.manual_seed(caller_seed)
         before = torch.get_rng_state()
         model = build_model("lenet", 3, seed=0)
-        fit(model, x, y, x, y, get_arch("lenet").input, cfg, torch.device("cpu"))
+        fit(model, src, src, cfg, torch.device("cpu"))
         assert torch.equal(torch.get_rng_state(), before)  # dropout drew from a forked RNG
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
@@ -226,7 +227,7 @@ def test_streamed_training_gives_the_preloaded_weights(inputs, monkeypatch, work
     cfg = default_config("lenet", epochs=2, batch_size=5, seed=3, workers=workers)
     weights = []
     for streamed in (False, True):
-        monkeypatch.setattr("alfk_cli.training.fits_in_memory", lambda *_a, s=streamed: not s)
+        monkeypatch.setattr("alfk_cli.sources.fits_in_memory", lambda *_a, s=streamed: not s)
         model = build_model("lenet", 3, seed=0)
         train_classifier(model, data, val, spec, cfg, torch.device("cpu"))
         weights.append(model.state_dict())

@@ -275,6 +275,36 @@ def test_simulate_trains_class_balanced_and_records_it(folders, tmp_path, monkey
         run(folders, tmp_path / "bad", ["random"], rounds=1, balance="equal")
 
 
+def test_streamed_folders_give_the_rows_and_models_of_held_ones(folders, tmp_path):
+    """Held in memory, every folder streamed from disk, or only the pool streamed (validation
+    and test held; a round's training set decoded once into what is left of the budget): the
+    same rows, selections and round models, bit for bit. The strategies cover every RoundData
+    read: probs, mc_probs, features, last_layer, validation and fisher (per-image MC keys)."""
+    strategies = ["entropy", "bald", "coreset", "similar", "fk:mc_trace"]
+    outs = {}
+    for name, cache_mib in (("held", sim.SimulateOptions.cache_mib), ("streamed", 0),
+                            ("mixed", 0.05)):  # fmt: skip
+        outs[name] = tmp_path / name
+        rows = run(folders, outs[name], strategies, cache_mib=cache_mib)
+        assert len(rows) == 2 * len(strategies)
+        if name == "held":
+            expected = without_timing(rows)
+        else:
+            assert without_timing(rows) == expected, name
+    for st in strategies:
+        for b in (1, 2):
+            f = Path("runs", make_strategy(st).dirname, "0", f"round_{b}")
+            pt = [(outs[n] / f"{f}.pt").read_bytes() for n in outs]
+            assert pt[0] == pt[1] == pt[2], f
+            rec = [json.loads((outs[n] / f"{f}.json").read_text()) for n in outs]
+            assert rec[0]["selected_paths"] == rec[1]["selected_paths"] == rec[2]["selected_paths"]
+    # how, not what: a run may resume with another budget, and a default run records none
+    assert "cache_mib" not in json.loads((outs["held"] / "config.json").read_text())
+    assert without_timing(run(folders, outs["streamed"], strategies)) == expected
+    with pytest.raises(AlfkError, match="cache_mib must be a number of MiB"):
+        run(folders, tmp_path / "bad", ["random"], cache_mib=-1)
+
+
 def test_simulate_batch_size_and_lr_reach_training_and_the_config(folders, tmp_path, monkeypatch):
     from alfk_cli import simulate_round
 
