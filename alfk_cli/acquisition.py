@@ -355,6 +355,27 @@ def _matrix(x: Any, name: str, who: str) -> Any:
     return x
 
 
+def _checked_descriptors(val: Any, pool: Any) -> tuple[Any, Any, Any, Any, Sequence[int]]:
+    """The validation and pool z and g, and the scale widths, checked to agree."""
+    vz = _matrix(_field(val, "z"), "z", "validation")
+    vg = _matrix(_field(val, "g"), "g", "validation")
+    pz = _matrix(_field(pool, "z"), "z", "pool")
+    pg = _matrix(_field(pool, "g"), "g", "pool")
+    width = vz.shape[1]
+    dims = check_dims(_field(val, "scale_dims"), width)
+    pool_dims = _field(pool, "scale_dims")
+    if pool_dims is not None and check_dims(pool_dims, pz.shape[1]) != dims:
+        raise AlfkError(
+            f"validation scale_dims {list(dims)} and pool scale_dims {list(pool_dims)} differ"
+        )
+    if vg.shape != vz.shape or pg.shape != pz.shape or pz.shape[1] != width:
+        raise AlfkError(
+            f"shape mismatch: validation z {vz.shape}, g {vg.shape}; pool z {pz.shape}, "
+            f"g {pg.shape}"
+        )
+    return vz, vg, pz, pg, dims
+
+
 def select(
     val: Any,
     pool: Any,
@@ -383,22 +404,7 @@ def select(
     chunk_rows = _positive_int(chunk_rows, "chunk_rows")
     backend = backend or search_backend(device)  # the one choice of where the search runs
 
-    vz = _matrix(_field(val, "z"), "z", "validation")
-    vg = _matrix(_field(val, "g"), "g", "validation")
-    pz = _matrix(_field(pool, "z"), "z", "pool")
-    pg = _matrix(_field(pool, "g"), "g", "pool")
-    width = vz.shape[1]
-    dims = check_dims(_field(val, "scale_dims"), width)
-    pool_dims = _field(pool, "scale_dims")
-    if pool_dims is not None and check_dims(pool_dims, pz.shape[1]) != dims:
-        raise AlfkError(
-            f"validation scale_dims {list(dims)} and pool scale_dims {list(pool_dims)} differ"
-        )
-    if vg.shape != vz.shape or pg.shape != pz.shape or pz.shape[1] != width:
-        raise AlfkError(
-            f"shape mismatch: validation z {vz.shape}, g {vg.shape}; pool z {pz.shape}, "
-            f"g {pg.shape}"
-        )
+    vz, vg, pz, pg, dims = _checked_descriptors(val, pool)
     n_pool = pz.shape[0]
     keep = _keep_mask(exclude, n_pool)
     n_avail = n_pool if keep is None else int(keep.sum())
@@ -407,18 +413,9 @@ def select(
 
     vz = np.asarray(vz)
     vg = np.asarray(vg)
-    centers, fallback = choose_centers(
-        vz,
-        vg,
-        _field(val, "logits"),
-        _field(val, "labels"),
-        dims,
-        P,
-        kern,
-        seed,
-        center_rule,
-        backend=backend,
-    )
+    logits, labels = _field(val, "logits"), _field(val, "labels")
+    args = (vz, vg, logits, labels, dims, P, kern, seed, center_rule)
+    centers, fallback = choose_centers(*args, backend=backend)
     cz = standardize(vz[centers], dims)
     cg = standardize(vg[centers], dims) if kern.uses_g else None
     scorer = kern.scorer(cz, cg, backend=backend, norm_sq=norm_bound(dims))

@@ -215,7 +215,8 @@ PseudoLabel = Annotated[
     typer.Option(
         "--pseudo-label",
         callback=check_pseudo_label,
-        help="Labels for a pool's g: p_yz (default), p_yz_knn, yhat, true, mc_trace or mc_mi.",
+        help="Labels for a pool's g: p_yz_knn (default), p_yz (the paper's), yhat, true, mc_trace "
+        "or mc_mi.",
     ),
 ]
 Taps = Annotated[
@@ -231,9 +232,9 @@ StrategyName = Annotated[
     typer.Option(
         "--strategy",
         callback=check_strategy,
-        help="fk[:ESTIMATOR[:KERNEL[:CENTRES]]] (default fk: the paper's method, with "
-        "--pseudo-label and "
-        "--kernel), pcc, random, entropy, margin, varR, bald, coreset, balanced-entropy, badge, "
+        help="fk[:ESTIMATOR[:KERNEL[:CENTRES]]] (default fk: p_yz_knn pseudo-labels, or "
+        "--pseudo-label, the --kernel, and sample centres; the paper's method is "
+        "fk:p_yz:sum:kcenter), pcc, random, entropy, margin, varR, bald, coreset, balanced-entropy, badge, "
         "similar[:flqmi|gcmi], or a plug-in's "
         "(alfk list strategies).",
     ),

@@ -39,8 +39,9 @@ Strategies = Annotated[
         "-s",
         help="Comma-separated: random, entropy, margin, varR, bald, coreset, balanced-entropy, "
         "badge, similar[:flqmi|gcmi], pcc, "
-        "fk[:ESTIMATOR[:KERNEL[:CENTRES]]] (estimators p_yz, p_yz_knn, yhat, true, mc_trace, "
-        "mc_mi; kernels sum, product, pcc; centres kcenter, class, sample), or plug-ins' (alfk list).",
+        "fk[:ESTIMATOR[:KERNEL[:CENTRES]]] (estimators p_yz_knn, p_yz, yhat, true, mc_trace, "
+        "mc_mi; kernels sum, product, pcc; centres sample, kcenter, class; fk alone is "
+        "fk:p_yz_knn:sum:sample, the paper's fk:p_yz:sum:kcenter), or plug-ins' (alfk list).",
     ),
 ]
 Rounds = Annotated[int, typer.Option("--rounds", "-B", min=1, help="Rounds B.")]
@@ -97,14 +98,14 @@ Plot = Annotated[
 
 @app.command(
     epilog="Example: alfk simulate --pool unlabeled/ --val val/ --test test/ --imbalance 10 "
-    "--strategies random,fk:p_yz --rounds 10 --P 125 --seeds 0,1,2 --out results/"
+    "--strategies random,fk --rounds 10 --P 125 --seeds 0,1,2 --out results/"
 )
 def simulate(
     pool: SimPool,
     val: SimVal,
     test: SimTest,
     out: SimOut,
-    strategies: Strategies = "random,fk:p_yz",
+    strategies: Strategies = "random,fk",
     rounds: Rounds = 10,
     P: RoundP = 125,
     seeds: Seeds = "0",

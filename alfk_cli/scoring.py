@@ -220,7 +220,7 @@ def _cache_key(
         "left_out": hashlib.sha256(np.array(sorted(drop), dtype=np.int64).tobytes()).hexdigest(),
         "exact_count": options.exact_count,
     }
-    # A non-default centre rule only: scores files made before the rule existed stay valid.
+    # kcenter (the only rule once) is left out, so scores files made before the rules stay valid.
     rule = getattr(strategy, "centers", None)
     if rule not in (None, "kcenter"):
         key["centers"] = rule

@@ -9,9 +9,10 @@ from typing import Any, Literal
 
 from alfk_cli.balance import check_balance
 from alfk_cli.errors import AlfkError
+from alfk_cli.estimators import DEFAULT_ESTIMATOR
 from alfk_cli.images import PRELOAD_LIMIT_BYTES
 from alfk_cli.models import resolve_taps
-from alfk_cli.strategies import Strategy, make_strategy
+from alfk_cli.strategies import DEFAULT_CENTER_RULE, FisherKernel, Strategy, make_strategy
 
 __all__ = ["DEFAULT_CACHE_MIB", "INITS", "NOT_COMPARED", "InitName", "SimulateOptions"]
 
@@ -32,7 +33,7 @@ class SimulateOptions:
     val: str | Path
     test: str | Path
     out: str | Path
-    strategies: tuple[str, ...] = ("random", "fk:p_yz")
+    strategies: tuple[str, ...] = ("random", "fk")
     rounds: int = 10
     P: int = 125
     seeds: tuple[int, ...] = (0,)
@@ -108,6 +109,13 @@ class SimulateOptions:
             "mc_samples": int(self.mc_samples),
             "device": self.device,
             "workers": self.workers,
+            # what an fk name leaves out meant p_yz and kcenter before they changed: such runs
+            # record what it means now, so an older folder is not resumed with other defaults
+            **(
+                {"fk_defaults": f"{DEFAULT_ESTIMATOR}:{DEFAULT_CENTER_RULE}"}
+                if any(FisherKernel.relies_on_defaults(s.name) for s in self.parsed)
+                else {}
+            ),
             # how, not what: recorded only when set, so default runs keep their config.json
             **({"cache_mib": float(self.cache_mib)} if self.cache_mib != DEFAULT_CACHE_MIB else {}),
         }

@@ -334,15 +334,21 @@ class Similar(Strategy):
         return Picked(avail[picks], gains.astype(np.float32), len(avail) + data.n_val)
 
 
+# alfk's default centre rule (docs/benchmarks.md §4); the paper's is "kcenter"
+DEFAULT_CENTER_RULE = "sample"
+
+
 @register_strategy("fk")
 @dataclass
 class FisherKernel(Strategy):
-    """The paper's method: ``fk[:ESTIMATOR[:KERNEL[:CENTRES]]]`` (defaults p_yz, sum and
-    kcenter; CENTRES is a rule of :data:`alfk_cli.acquisition.CENTER_RULES`)."""
+    """The paper's method: ``fk[:ESTIMATOR[:KERNEL[:CENTRES]]]``; CENTRES is a rule of
+    :data:`alfk_cli.acquisition.CENTER_RULES`. alfk's defaults are p_yz_knn, sum and sample
+    (chosen on validation data, docs/benchmarks.md §4); the paper's method is
+    ``fk:p_yz:sum:kcenter``."""
 
     estimator: str | None = DEFAULT_ESTIMATOR
     kernel: str = "sum"
-    centers: str = "kcenter"
+    centers: str = DEFAULT_CENTER_RULE
     name: str = field(default="fk", repr=False)
 
     @classmethod
@@ -354,10 +360,17 @@ class FisherKernel(Strategy):
         est = (args[0] if args and args[0] else None) or defaults.get("estimator")
         kernel = (args[1] if len(args) > 1 and args[1] else None) or defaults.get("kernel")
         rule = (args[2] if len(args) > 2 and args[2] else None) or defaults.get("centers")
-        if (rule or "kcenter") not in CENTER_RULES:
+        if (rule or DEFAULT_CENTER_RULE) not in CENTER_RULES:
             raise AlfkError(f"unknown centre rule {rule!r}; use one of {', '.join(CENTER_RULES)}")
         est = get_estimator(est or DEFAULT_ESTIMATOR).name
-        return cls(est, get_kernel(kernel or "sum").name, rule or "kcenter")
+        return cls(est, get_kernel(kernel or "sum").name, rule or DEFAULT_CENTER_RULE)
+
+    @staticmethod
+    def relies_on_defaults(name: str) -> bool:
+        """Whether the strategy name ``name`` (``fk...``) leaves its estimator or centre rule to
+        the defaults, which changed once (p_yz and kcenter before): a run must record them."""
+        head, *args = name.strip().split(":")
+        return head == "fk" and (len(args) < 3 or not args[0] or not args[2])
 
     @property
     def uses_mc(self) -> bool:  # type: ignore[override]
@@ -380,5 +393,5 @@ class PCC(FisherKernel):
     @classmethod
     def from_args(cls, args: Sequence[str], defaults: dict[str, str | None]) -> Strategy:
         if any(args):
-            raise AlfkError("pcc takes no ':' arguments (it is fk:p_yz:pcc)")
-        return cls(DEFAULT_ESTIMATOR, "pcc")
+            raise AlfkError("pcc takes no ':' arguments (it is fk:p_yz:pcc:kcenter)")
+        return cls("p_yz", "pcc", "kcenter")

@@ -114,12 +114,15 @@ def test_mc_dropout_strategies_run_the_model_and_are_deterministic(cli, world):
 
 
 def test_fisher_kernel_names_and_options_agree(cli, world):
-    default = _select(cli)
-    assert _select(cli, "--strategy", "fk:p_yz:sum") == default
+    default = _select(cli)  # fk: p_yz_knn pseudo-labels, the sum kernel, sample centres
+    assert _select(cli, "--strategy", "fk:p_yz_knn:sum:sample") == default
+    assert _select(cli, "--strategy", "fk::sum") == default
     assert _select(cli, "--strategy", "fk", "--kernel", "product") == _select(
-        cli, "--strategy", "fk:p_yz:product"
+        cli, "--strategy", "fk:p_yz_knn:product:sample"
     )
-    assert _select(cli, "--strategy", "fk:p_yz:sum:kcenter") == default
+    paper = _select(cli, "--strategy", "fk:p_yz:sum:kcenter")
+    assert _select(cli, "--strategy", "fk:p_yz::kcenter") == paper
+    assert _select(cli, "--strategy", "fk::sum:kcenter", "--pseudo-label", "p_yz") == paper
     # a strategy with another estimator re-embeds the pool with it
     _select(cli, "--strategy", "fk:yhat")
     with open_store(".alfk/pool/pool.h5") as s:

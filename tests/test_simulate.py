@@ -11,7 +11,7 @@ import pytest
 
 from alfk_cli import simulate as sim
 from alfk_cli.errors import AlfkError
-from alfk_cli.strategies import make_strategy
+from alfk_cli.strategies import FisherKernel, make_strategy
 from conftest import make_labelled
 
 CLASSES = ["0", "1", "2", "3"]
@@ -73,16 +73,21 @@ def test_biased_rows_keeps_floor_nonrare_over_r():
 
 def test_strategy_names_parse_with_defaults_and_fail_with_the_known_names():
     fk = make_strategy("fk")
-    assert (fk.name, fk.estimator, fk.kernel, fk.dirname) == ("fk", "p_yz", "sum", "fk")
-    pcc = make_strategy("pcc")
-    assert (pcc.name, pcc.estimator, pcc.kernel) == ("pcc", "p_yz", "pcc")
+    assert (fk.name, fk.estimator, fk.kernel, fk.dirname) == ("fk", "p_yz_knn", "sum", "fk")
+    pcc = make_strategy("pcc")  # the paper's baseline, whatever fk's defaults
+    assert (pcc.name, pcc.estimator, pcc.kernel, pcc.centers) == ("pcc", "p_yz", "pcc", "kcenter")
     assert make_strategy("fk:mc_mi:product").kernel == "product"
     assert make_strategy("fk:mc_mi:product").uses_mc and not make_strategy("fk").uses_mc
-    assert make_strategy("fk::pcc").estimator == "p_yz"
+    assert make_strategy("fk::pcc").estimator == "p_yz_knn"
     assert make_strategy("fk:yhat").dirname == "fk-yhat"
     assert make_strategy("fk", {"estimator": "yhat", "kernel": "product"}).kernel == "product"
     assert make_strategy("fk:true", {"estimator": "yhat"}).estimator == "true"  # the name wins
-    assert make_strategy("fk").centers == "kcenter"
+    assert make_strategy("fk").centers == "sample"
+    assert make_strategy("fk:p_yz::kcenter").centers == "kcenter"
+    # names that leave the estimator or centres out are the ones whose meaning changed
+    relies = [FisherKernel.relies_on_defaults(n) for n in ("fk", "fk:p_yz", "fk::sum:kcenter",
+              "fk:p_yz:sum:kcenter", "fk:p_yz::sample", "random")]  # fmt: skip
+    assert relies == [True, True, True, False, False, False]
     assert make_strategy("fk:p_yz_knn::class").centers == "class"
     assert make_strategy("fk:p_yz_knn::class").dirname == "fk-p_yz_knn--class"
     assert make_strategy("varR").uses_mc and not make_strategy("entropy").uses_mc
@@ -325,3 +330,19 @@ def test_simulate_batch_size_and_lr_reach_training_and_the_config(folders, tmp_p
         run(folders, tmp_path / "bad", ["random"], rounds=1, batch_size=0)
     with pytest.raises(AlfkError, match="lr must be positive"):
         run(folders, tmp_path / "bad", ["random"], rounds=1, lr=0.0)
+
+
+def test_a_folder_made_under_the_old_fk_defaults_is_not_resumed_with_the_new(tmp_path):
+    from alfk_cli.simulate_results import claim_folder
+
+    def config(*strategies):
+        return sim.SimulateOptions(pool="p", val="v", test="t", out=tmp_path,
+                                   strategies=strategies).config()  # fmt: skip
+
+    assert config("random", "fk:p_yz")["fk_defaults"] == "p_yz_knn:sample"
+    spelled = config("random", "fk:p_yz:sum:kcenter", "pcc")
+    assert "fk_defaults" not in spelled  # every spelled-out run keeps its config.json
+    old = tmp_path / "old"
+    claim_folder(old, {k: v for k, v in config("fk:p_yz").items() if k != "fk_defaults"})
+    with pytest.raises(AlfkError, match=r"fk_defaults differ"):
+        claim_folder(old, config("fk:p_yz"))
