@@ -16,7 +16,7 @@
 # strategies' folders (same pool, seed and epochs: the same weights).
 #
 #   bash benchmarks/run_cifar10.sh                          # every default strategy
-#   BALANCE=reweight bash benchmarks/run_cifar10.sh fk:p_yz badge
+#   BALANCE=reweight bash benchmarks/run_cifar10.sh fk badge
 #   IMBALANCE=1 OUT=docs/results/cifar10-balanced bash benchmarks/run_cifar10.sh random fk
 #   SMOKE=1 bash benchmarks/run_cifar10.sh random badge     # minutes on a CPU: 40 train / 10 test
 #                                                           # images per class, 1 round, 1 epoch
@@ -69,7 +69,7 @@ common=(--pool "$data/unlabeled" --val "$data/val" --test "$data/test"
         --pretrain-epochs "${PRETRAIN_EPOCHS:-8}" --eval-every 5 --device "${DEVICE:-auto}"
         --imbalance "${IMBALANCE:-100}" --rare "${RARE:-5,6,7,8,9}" --balance "$balance" --no-plot)
 strategies=("$@")
-[ ${#strategies[@]} -gt 0 ] || strategies=(random entropy balanced-entropy badge similar coreset fk:p_yz fk:true)
+[ ${#strategies[@]} -gt 0 ] || strategies=(random entropy balanced-entropy badge similar coreset fk:p_yz_knn::sample fk:p_yz::kcenter fk:true::kcenter)
 for s in "${strategies[@]}"; do
   dest="$out$suffix/${s//:/-}"
   mkdir -p "$dest/cache"
