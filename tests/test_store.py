@@ -72,7 +72,7 @@ def test_every_node_and_attribute_of_the_schema(env, tmp_path, which):
     if which == "val":
         path, n, pseudo = env / "val.h5", 18, "true"
     else:
-        path, n, pseudo = tmp_path / "pool.h5", 40, "p_yz"
+        path, n, pseudo = tmp_path / "pool.h5", 40, "p_yz_knn"
         embed(env, "pool", path, reference=env / "val.h5")
     with h5py.File(path, "r") as f:
         a = f.attrs
@@ -182,7 +182,7 @@ def test_failures_leave_no_file(env, tmp_path):
             "pool",
             "taps conv2, not conv1,conv2,fc1",
         ),
-        (dict(), "pool", "p_yz pseudo-labels need a reference"),
+        (dict(), "pool", "p_yz_knn pseudo-labels need a reference"),
         (dict(pseudo_label="true", reference=env / "val.h5"), "pool", "needs class sub-folders"),
         (dict(pseudo_label="yhat", model=env / "rot.pt"), "pool", "rotation-pretrained"),
         (dict(pseudo_label="bogus"), "pool", "unknown pseudo-label estimator"),
@@ -248,7 +248,7 @@ def test_undecodable_image_is_skipped_and_listed(env, tmp_path, monkeypatch):
 
 
 def test_simulation_pool_keeps_true_labels_and_estimators(env, tmp_path):
-    s = embed(env, "simpool", tmp_path / "sim.h5", reference=env / "val.h5")
+    s = embed(env, "simpool", tmp_path / "sim.h5", reference=env / "val.h5", pseudo_label="p_yz")
     assert s.pseudo_label == "p_yz" and s.pseudo_accuracy is not None
     d = read_all(tmp_path / "sim.h5")
     assert sorted(set(d["labels"].tolist())) == [0, 1, 2]
