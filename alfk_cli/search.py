@@ -369,11 +369,11 @@ def kcenter_greedy(
     best[first] = np.inf
     exact = None if canon is None else _CanonicalBest(canon, n)
     for _ in range(1, n_centers):
-        near = None if exact is None else np.flatnonzero(best <= best.min() + 2 * err)
-        if exact is not None and near is not None and near.size > 1:
-            nxt = exact.argmin(near, centers)
-        else:
-            nxt = int(np.argmin(best))  # first occurrence: ties go to the smallest index
+        nxt = int(np.argmin(best))  # first occurrence: ties go to the smallest index
+        if exact is not None:
+            near = np.flatnonzero(best <= best[nxt] + 2 * err)
+            if near.size > 1:  # a near-tie within the filter's error: canonical values decide
+                nxt = exact.argmin(near, centers)
         centers.append(nxt)
         np.maximum(best, np.asarray(sim_to(nxt), dtype=np.float64).reshape(-1), out=best)
         best[nxt] = np.inf
