@@ -32,9 +32,7 @@ import hashlib
 import os
 import resource
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +41,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from childproc import run_child  # noqa: E402
 
 from alfk_cli import __version__  # noqa: E402
 from alfk_cli.storeformat import COMPRESSION, SCHEMA_VERSION, STR, str_array  # noqa: E402
@@ -150,14 +150,7 @@ def run_score(args: list[str], label: str) -> dict[str, float]:
     """Run ``alfk ARGS`` as a child; its wall and CPU seconds and peak RSS (os.wait4)."""
     cmd = [sys.executable, "-m", "alfk_cli", *args]
     load0 = os.getloadavg()[0]
-    with tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            sys.exit(f"{label} failed:\n{err.read()[-3000:]}")
+    wall, usage, _ = run_child(cmd, label, tail=3000)
     out = {
         "wall": wall,
         "cpu": usage.ru_utime + usage.ru_stime,

@@ -26,9 +26,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+from childproc import run_child
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,23 +41,10 @@ def timed(cmd: list[str], label: str, cwd: Path | None = None) -> tuple[float, f
 
 
 def run(cmd: list[str], label: str, cwd: Path | None = None) -> tuple[float, float, float, str]:
-    """Run ``cmd``: (wall s, CPU s (user + system), peak RSS MiB, sha256 of its stdout).
-
-    ``os.wait4`` gives the child's own rusage, so no GNU time is needed (GPU images lack it).
-    """
-    with tempfile.TemporaryFile("w+") as err, tempfile.TemporaryFile("w+b") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall_s = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            sys.exit(f"{label} failed:\n{err.read()[-2000:]}")
-        out.seek(0)
-        printed = hashlib.sha256(out.read()).hexdigest()
+    """Run ``cmd``: (wall s, CPU s (user + system), peak RSS MiB, sha256 of its stdout)."""
+    wall_s, usage, printed = run_child(cmd, label, cwd)
     rss = usage.ru_maxrss / 1024  # KiB on Linux
-    return wall_s, usage.ru_utime + usage.ru_stime, rss, printed
+    return wall_s, usage.ru_utime + usage.ru_stime, rss, hashlib.sha256(printed).hexdigest()
 
 
 def warm_rounds(args: argparse.Namespace, sel: list[str]) -> None:

@@ -26,13 +26,13 @@ import argparse
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from bench_pipeline import ARCHIVE, extract
+from childproc import run_child
 
 SIZE = 224
 
@@ -57,15 +57,7 @@ def simulate(
     cmd += ["--val", str(data["val"]), "--test", str(data["test"]), "--out", str(out)]
     cmd += ["--arch", "resnet18", "--strategies", strategy, "--rounds", "1", "--P", "20"]
     cmd += ["--init", "random", "--epochs", "1", "--device", "cpu", "--no-plot", "--quiet"]
-    t0 = time.perf_counter()
-    p = subprocess.Popen([*cmd, *extra], stderr=subprocess.PIPE, text=True)
-    assert p.stderr is not None
-    err = p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)  # reaped here, not by Popen: wait4 gives the usage
-    wall = time.perf_counter() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        sys.exit(f"{' '.join(cmd + extra)} failed:\n{err[-2000:]}")
+    wall, usage, _ = run_child([*cmd, *extra], " ".join(cmd + extra))
     return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
