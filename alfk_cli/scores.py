@@ -34,6 +34,9 @@ _STR = h5py.string_dtype("utf-8")
 #: How ``alfk select`` prints a selection (``--format``).
 ScoreFormat = Literal["txt", "csv", "jsonl", "label-studio"]
 FORMATS: tuple[ScoreFormat, ...] = ("txt", "csv", "jsonl", "label-studio")
+#: The formats ``Scores.lines`` writes (one line per image); label-studio is ``label_studio``'s.
+LineFormat = Literal["txt", "csv", "jsonl"]
+LINE_FORMATS: tuple[LineFormat, ...] = ("txt", "csv", "jsonl")
 _NODES = ("selected", "score", "center", "centers", "paths", "predicted", "center_paths")
 
 
@@ -80,18 +83,12 @@ class Scores:
         )
         return sub, warning
 
-    def lines(self, fmt: ScoreFormat = "txt") -> Iterator[str]:
+    def lines(self, fmt: LineFormat = "txt") -> Iterator[str]:
         """The selection as text lines: ``txt`` paths only; ``csv`` and ``jsonl`` add the rank,
-        the kernel score, the predicted class and the matched validation image;
-        ``label-studio`` is one JSON document of tasks with the default names
-        (``label_studio.tasks`` takes the options)."""
-        if fmt not in FORMATS:
-            raise AlfkError(f"unknown format {fmt!r}; use {', '.join(FORMATS)}")
-        if fmt == "label-studio":
-            from alfk_cli.label_studio import tasks
-
-            yield from json.dumps(tasks(self), indent=1).splitlines()
-            return
+        the kernel score, the predicted class and the matched validation image. (``label-studio``
+        is one JSON document, not lines: ``label_studio.tasks``.)"""
+        if fmt not in LINE_FORMATS:
+            raise AlfkError(f"unknown line format {fmt!r}; use {', '.join(LINE_FORMATS)}")
         paths = self.printed_paths()
         if fmt == "txt":
             yield from paths

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from alfk_cli.checkpoint import save_checkpoint
+from alfk_cli.errors import AlfkError
 from alfk_cli.label_studio import tasks
 from alfk_cli.models import ROTATION_CLASSES, build_model
 from alfk_cli.scores import Scores
@@ -175,5 +176,6 @@ def test_library_tasks():
         ],
     }
     assert tasks(_scores([]).head(0)[0]) == []
-    # Scores.lines renders the same document with the default names
-    assert json.loads("\n".join(_scores([0.5]).lines("label-studio"))) == tasks(_scores([0.5]))
+    # one JSON document, not lines: Scores.lines leaves it to label_studio.tasks
+    with pytest.raises(AlfkError, match="unknown line format 'label-studio'"):
+        list(_scores([0.5]).lines("label-studio"))
