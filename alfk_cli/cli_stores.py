@@ -90,7 +90,8 @@ def embed(
     true labels. A pool uses a pseudo-label estimator. An interrupted run resumes when re-run
     with the same arguments; an existing --out is updated, recomputing only new or changed images.
     """
-    from alfk_cli.embedding import EmbedOptions, embed_folder
+    from alfk_cli.embedding import embed_folder
+    from alfk_cli.embedoptions import EmbedOptions
     from alfk_cli.montecarlo import MCConfig
     from alfk_cli.progress import make_progress
 

@@ -17,7 +17,6 @@ The output folder must be one file system that every rank sees (on several nodes
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,9 @@ import h5py
 import numpy as np
 
 from alfk_cli import distributed
-from alfk_cli.embedding import WriteResult
 from alfk_cli.embedplan import EmbedPlan
 from alfk_cli.embedreuse import resume_rows, set_aside_partial
+from alfk_cli.embedwrite import RowReport, WriteResult, compute_rows, copy_reusable, pseudo_accuracy
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.storewriter import StoreWriter
 
@@ -92,7 +91,7 @@ def _take_shards(plan: EmbedPlan, writer: StoreWriter) -> int:
 
 
 def _begin(
-    plan: EmbedPlan, reuse: str | os.PathLike | None, copy_reusable: Callable[..., int]
+    plan: EmbedPlan, reuse: str | os.PathLike | None
 ) -> tuple[StoreWriter, np.ndarray, int, int, list[str]]:
     """Rank 0: open the store's partial file as one process would, and take in the shards."""
     earlier = set_aside_partial(plan.out, plan.fingerprint, plan.config_fingerprint)
@@ -115,20 +114,16 @@ def write_sharded(
     *,
     reuse: str | os.PathLike | None,
     progress: ProgressSink | None,
-    compute: Callable[..., tuple[int, list[tuple[int, str]]]],
-    make_report: Callable[..., Any],
-    copy_reusable: Callable[..., int],
-    accuracy: Callable[[np.ndarray, np.ndarray, str], float | None],
 ) -> WriteResult:
     """``embedding.write_embed`` for every rank of a torchrun run (see the module docstring).
 
-    ``compute``, ``make_report``, ``copy_reusable`` and ``accuracy`` are embedding's own steps,
-    so that a shard is computed exactly as a single process computes its rows."""
+    It runs ``embedwrite``'s steps, so that a shard is computed exactly as a single process
+    computes its rows."""
     rank, world = distributed.rank(), distributed.world()
     writer: StoreWriter | None = None
     try:
         if rank == 0:
-            writer, work, resumed, reused, notes = _begin(plan, reuse, copy_reusable)
+            writer, work, resumed, reused, notes = _begin(plan, reuse)
             distributed.broadcast((work, resumed, reused, notes))
         else:
             work, resumed, reused, notes = distributed.broadcast()
@@ -139,18 +134,18 @@ def write_sharded(
         mine = rank_rows(work, plan.batch_size, rank, world)
         name = Path(plan.folder).name or str(plan.folder)
         n = len(plan.images)
-        report = make_report(
+        report = RowReport(
             _Checked(progress), f"embed {name} [rank 0 of {world}]", n - len(work) + len(mine),
             n - len(work),
         )  # fmt: skip
-        computed, failed = compute(plan, writer, mine, report)
+        computed, failed = compute_rows(plan, writer, mine, report)
         report.finish()
         if rank != 0:
             writer.close()  # the shard stays for rank 0 to copy (or for the next run to resume)
         done = distributed.all_gather((computed, failed))
         result = None
         if rank == 0:
-            result = _finish(plan, writer, done, resumed, reused, notes, accuracy)
+            result = _finish(plan, writer, done, resumed, reused, notes)
         return distributed.broadcast(result)
     except BaseException:
         if writer is not None:
@@ -165,7 +160,6 @@ def _finish(
     resumed: int,
     reused: int,
     notes: list[str],
-    accuracy: Callable[[np.ndarray, np.ndarray, str], float | None],
 ) -> WriteResult:
     """Rank 0: copy every shard in, then finish the store as a single process does."""
     _take_shards(plan, writer)
@@ -173,7 +167,7 @@ def _finish(
     kept = np.ones(len(plan.labels), dtype=bool)
     kept[[r for r, _ in failed]] = False
     pseudo = writer.file["pseudo"][:][kept]
-    acc = accuracy(pseudo, plan.labels[kept], plan.method)
+    acc = pseudo_accuracy(pseudo, plan.labels[kept], plan.method)
     writer.finish(skipped=failed)
     computed = sum(c for c, _ in done)
     return WriteResult(int(kept.sum()), failed, computed, reused, resumed, acc, notes)

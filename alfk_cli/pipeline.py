@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from alfk_cli import distributed, ledger
-from alfk_cli.embedding import EmbedOptions, EmbedSummary, embed_folder, trusted_files
+from alfk_cli.embedding import EmbedSummary, embed_folder
+from alfk_cli.embedoptions import EmbedOptions
+from alfk_cli.embedreuse import trusted_files
 from alfk_cli.errors import AlfkError
 from alfk_cli.imagescan import ImageSet, scan_images
 from alfk_cli.montecarlo import MCConfig

@@ -75,7 +75,7 @@ def test_rerun_with_nothing_changed_does_no_model_pass(cli, world, monkeypatch):
         raise AssertionError("a model pass on an unchanged re-run")
 
     monkeypatch.setattr("alfk_cli.descriptors.describe_batch", no_passes)
-    monkeypatch.setattr("alfk_cli.embedding.describe_images", no_passes, raising=False)
+    monkeypatch.setattr("alfk_cli.embedwrite.describe_images", no_passes)
     again = cli(*args)
     assert again.exit_code == 0, again.stderr
     assert again.stdout == first.stdout

@@ -15,6 +15,7 @@ import h5py
 import pytest
 
 import alfk_cli.embedding as embedding
+import alfk_cli.embedwrite as embedwrite
 from alfk_cli.atomic import partial_path
 from alfk_cli.checkpoint import save_checkpoint
 from alfk_cli.models import ROTATION_CLASSES, build_model
@@ -141,7 +142,7 @@ def test_resume_copies_finished_rows_when_the_pool_changed(eco, tmp_path, monkey
     task = tmp_path / "task.pt"
     save_checkpoint(task, build_model("lenet", 3, seed=1), "lenet", ["a", "b", "c"])
     calls = {"n": 0}
-    real = embedding.describe_images
+    real = embedwrite.describe_images
 
     def dies_after_three_batches(*a, **k):
         calls["n"] += 1
@@ -149,11 +150,11 @@ def test_resume_copies_finished_rows_when_the_pool_changed(eco, tmp_path, monkey
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(embedding, "describe_images", dies_after_three_batches)
+    monkeypatch.setattr(embedwrite, "describe_images", dies_after_three_batches)
     with pytest.raises(KeyboardInterrupt):
         embedding.embed_folder(task, eco / "unlabeled", out, **args)
     assert partial_path(out).exists() and not out.exists()
-    monkeypatch.setattr(embedding, "describe_images", real)
+    monkeypatch.setattr(embedwrite, "describe_images", real)
     write_images(eco / "unlabeled" / "d3", 2, seed=9)  # the pool gained two images
     s = embedding.embed_folder(task, eco / "unlabeled", out, **args)
     assert s.resumed == 12 and s.computed == 26 - 12

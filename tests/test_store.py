@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import alfk_cli.embedding as embedding
+import alfk_cli.embedwrite as embedwrite
 import alfk_cli.images as images_mod
 from alfk_cli.atomic import partial_path
 from alfk_cli.checkpoint import save_checkpoint
@@ -292,7 +293,7 @@ class Boom(RuntimeError):
 
 
 def _fail_after(monkeypatch, calls: int):
-    real = embedding.describe_images  # one call per batch
+    real = embedwrite.describe_images  # one call per batch
     count = {"n": 0}
 
     def wrapper(*a, **kw):
@@ -301,7 +302,7 @@ def _fail_after(monkeypatch, calls: int):
             raise Boom("injected failure")
         return real(*a, **kw)
 
-    monkeypatch.setattr(embedding, "describe_images", wrapper)
+    monkeypatch.setattr(embedwrite, "describe_images", wrapper)
 
 
 def test_interrupt_and_resume_matches_an_uninterrupted_run(env, tmp_path, monkeypatch):
