@@ -2,9 +2,10 @@
 
 What an architecture is called, what it eats and which taps it offers is decided from the command
 line and from the files before any model pass (a warm ``select`` never builds a network), so it
-lives here; the networks themselves are built by ``models`` (torch), imported only when one is
-built or a tap width is needed (``ArchSpec.tap_dims`` runs one blank image through a throw-away
-copy, so no width is ever typed by hand).
+lives here. The networks are ``models``' (torch, and nothing of the registry), imported only
+when one is built (``build_model``) or a fact is read off a built one (``ArchSpec.tap_dims``
+runs one blank image through a throw-away copy, so no width is ever typed by hand;
+``penultimate_tap``): this module imports ``models``, never the other way round.
 """
 
 from __future__ import annotations
@@ -16,22 +17,13 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from alfk_cli.errors import AlfkError
+from alfk_cli.inputspec import InputSpec
 from alfk_cli.registry import Registry
 
 if TYPE_CHECKING:
     from alfk_cli.models import TapNet
 
 ROTATION_CLASSES = ("0", "90", "180", "270")
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the network eats: images are resized to ``size`` and normalised per channel."""
-
-    size: int
-    channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -65,7 +57,6 @@ class ArchSpec:
 
 
 ARCHITECTURES: Registry[ArchSpec] = Registry("architecture", "alfk.architectures")
-ARCHS = ARCHITECTURES  # the short name the rest of the code and the tests use
 
 
 def register_arch(
@@ -124,6 +115,31 @@ def scale_dims(arch: str, taps: Sequence[str]) -> list[int]:
     return [spec.tap_dims[t] for t in taps]
 
 
+def build_model(arch: str, num_classes: int, seed: int | None = None) -> TapNet:
+    """A freshly initialised network; ``seed`` makes the initial weights reproducible."""
+    import torch
+
+    spec = get_arch(arch)
+    if seed is None:
+        return spec.build(num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.build(num_classes)
+
+
+def penultimate_tap(arch: str) -> str | None:
+    """The tap whose pooled output z-slice is exactly the classifier's input in eval mode: the
+    last stage, when the head between it and the classifier only pools, flattens or drops out;
+    None for an architecture whose head computes something else."""
+    import torch
+
+    from alfk_cli.models import only_pools
+
+    with torch.random.fork_rng(devices=[]):
+        net = get_arch(arch).build(2)
+    return net.stage_names[-1] if only_pools(net.head) else None
+
+
 # --- the built-in architectures (networks in ``models``) -----------------------------------------
 
 
@@ -167,11 +183,11 @@ register_arch(
 
 __all__ = [
     "ARCHITECTURES",
-    "ARCHS",
     "ROTATION_CLASSES",
     "ArchSpec",
-    "InputSpec",
+    "build_model",
     "get_arch",
+    "penultimate_tap",
     "register_arch",
     "resolve_taps",
     "scale_dims",

@@ -24,14 +24,9 @@ from typing import Any
 
 import torch
 
-from alfk_cli.checkpoint import (
-    Checkpoint,
-    checkpoint_from_dict,
-    file_sha256,
-    is_checkpoint_dict,
-)
+from alfk_cli.archs import build_model, get_arch
+from alfk_cli.checkpoint import Checkpoint, checkpoint_from_dict, file_sha256, is_checkpoint_dict
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import build_model, get_arch
 
 PREFIX = "torchvision:"
 HEAD = "imagenet"  # the Checkpoint.head of torchvision weights: init_from keeps only the trunk

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from alfk_cli.models import InputSpec
+    from alfk_cli.inputspec import InputSpec
 
 # torch only for MC dropout (imported there): the strategies that hold these scores are looked
 # up before any model pass, by runs that may need none.

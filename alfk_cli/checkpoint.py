@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alfk_cli import __version__
-from alfk_cli.archs import ROTATION_CLASSES, InputSpec, get_arch
+from alfk_cli.archs import ROTATION_CLASSES, build_model, get_arch
 from alfk_cli.atomic import atomic_output
 from alfk_cli.errors import AlfkError
+from alfk_cli.inputspec import InputSpec
 from alfk_cli.reproducible import created_stamp, save_torch
 from alfk_cli.torchzip import NotReadable, read_pickled
 
@@ -48,8 +49,6 @@ class Checkpoint:
     sha256: str = ""
 
     def build(self) -> TapNet:
-        from alfk_cli.models import build_model
-
         # seeded only so that the throw-away initialisation leaves the global RNG alone
         model = build_model(self.arch, len(self.classes), seed=0)
         model.load_state_dict(self.state_dict)
@@ -234,8 +233,6 @@ def task_model(ckpt: Checkpoint, classes: list[str], seed: int = 0) -> TapNet:
     A task checkpoint with the same classes is used as is; a rotation-pretrained one (or one
     with other classes) keeps its trunk and gets a fresh, seeded classifier for ``classes``.
     """
-    from alfk_cli.models import build_model
-
     check_classes(ckpt, classes)
     if ckpt.head == "classifier":
         return ckpt.build()

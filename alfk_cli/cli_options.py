@@ -62,9 +62,9 @@ def check_strategy(value: str) -> str:
 
 
 def check_arch(value: str | None) -> str | None:
-    from alfk_cli.archs import ARCHS
+    from alfk_cli.archs import ARCHITECTURES
 
-    return one_of(value, ARCHS, "--arch")
+    return one_of(value, ARCHITECTURES, "--arch")
 
 
 def check_format(value: str) -> str:

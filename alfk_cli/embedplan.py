@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from alfk_cli import __version__
-from alfk_cli.archs import InputSpec, resolve_taps, scale_dims
+from alfk_cli.archs import resolve_taps, scale_dims
 from alfk_cli.atomic import check_writable_dir
 from alfk_cli.checkpoint import CheckpointFile, check_classes, read_checkpoint, task_model
 from alfk_cli.devices import parse_device
@@ -43,6 +43,7 @@ from alfk_cli.embedreuse import trusted_files
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import DEFAULT_ESTIMATOR, get_estimator
 from alfk_cli.imagescan import ImageSet, scan_images
+from alfk_cli.inputspec import InputSpec
 from alfk_cli.poollist import scan_pool
 from alfk_cli.storeformat import SCHEMA_VERSION, config_fingerprint, content_fingerprint
 from alfk_cli.storereader import FeatureStore, open_store

@@ -23,7 +23,8 @@ from alfk_cli.registry import Registry
 if TYPE_CHECKING:
     import torch
 
-    from alfk_cli.models import InputSpec, TapNet
+    from alfk_cli.inputspec import InputSpec
+    from alfk_cli.models import TapNet
     from alfk_cli.pseudolabels import NearestReference
 
     #: Labels for a batch: a tensor [B], or a function of (z [B, L], logits [B, D]) -> labels

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alfk_cli.archs import InputSpec
 from alfk_cli.imagescan import (
     IMAGE_EXTENSIONS,
     ImageSet,
@@ -24,6 +23,7 @@ from alfk_cli.imagescan import (
     unreadable,
     walk_order,
 )
+from alfk_cli.inputspec import InputSpec
 from alfk_cli.names import printable
 from alfk_cli.reproducible import loader_generator
 

@@ -7,7 +7,8 @@ requested tap is cut from the graph and made a leaf that requires grad: a backwa
 loss then stops there and computes activation gradients only (docs/algorithm.md §2).
 
 The built-in networks (``build_lenet``, ``build_resnet10``, ``build_resnet18``) are registered by
-``archs``, with their inputs and presets, so that naming an architecture needs no torch.
+``archs``, with their inputs and presets, so that naming an architecture needs no torch; this
+module knows nothing of the registry (``archs.build_model`` builds a registered architecture).
 """
 
 from __future__ import annotations
@@ -18,19 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The registry and the architectures' names, inputs and presets need no torch (``archs``); they
-# are re-exported here, where the networks are.
-from alfk_cli.archs import (
-    ARCHITECTURES,
-    ARCHS,
-    ROTATION_CLASSES,
-    ArchSpec,
-    InputSpec,
-    get_arch,
-    register_arch,
-    resolve_taps,
-    scale_dims,
-)
 from alfk_cli.errors import AlfkError
 
 
@@ -179,49 +167,26 @@ def build_resnet18(num_classes: int) -> TapNet:
     return build_resnet((2, 2, 2, 2), 3, num_classes)
 
 
-def build_model(arch: str, num_classes: int, seed: int | None = None) -> TapNet:
-    """A freshly initialised network; ``seed`` makes the initial weights reproducible."""
-    spec = get_arch(arch)
-    if seed is None:
-        return spec.build(num_classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return spec.build(num_classes)
-
-
 _POOLING_HEAD = (nn.Sequential, nn.Flatten, nn.Identity, nn.modules.dropout._DropoutNd)
 
 
-def penultimate_tap(arch: str) -> str | None:
-    """The tap whose pooled output z-slice is exactly the classifier's input in eval mode: the
-    last stage, when the head between it and the classifier only pools, flattens or drops out;
-    None for an architecture whose head computes something else."""
-    with torch.random.fork_rng(devices=[]):
-        net = get_arch(arch).build(2)
-    for m in net.head.modules():
+def only_pools(head: nn.Module) -> bool:
+    """Whether ``head`` (between the last stage and the classifier) only pools globally,
+    flattens or drops out: then the last stage's pooled tap is the classifier's input."""
+    for m in head.modules():
         pools = isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
         if not (pools or isinstance(m, _POOLING_HEAD)):
-            return None
-    return net.stage_names[-1]
+            return False
+    return True
 
 
 __all__ = [
-    "ARCHITECTURES",
-    "ARCHS",
-    "ROTATION_CLASSES",
-    "ArchSpec",
     "BasicBlock",
-    "InputSpec",
     "TapNet",
     "build_lenet",
-    "build_model",
     "build_resnet",
     "build_resnet10",
     "build_resnet18",
-    "get_arch",
-    "penultimate_tap",
+    "only_pools",
     "pool",
-    "register_arch",
-    "resolve_taps",
-    "scale_dims",
 ]

@@ -61,7 +61,8 @@ import torch.nn.functional as F
 from alfk_cli.descriptors import concat_pooled, frozen_eval
 from alfk_cli.devices import full_precision
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import InputSpec, TapNet
+from alfk_cli.inputspec import InputSpec
+from alfk_cli.models import TapNet
 from alfk_cli.montecarlo import MCConfig  # re-exported: the settings of the MC estimators
 from alfk_cli.standardize import standardize  # per vector, per scale slice (docs/algorithm.md §4)
 

@@ -38,11 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from alfk_cli.archs import build_model, get_arch, resolve_taps, scale_dims
 from alfk_cli.atomic import atomic_output
 from alfk_cli.devices import resolve_device
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import fits_in_memory, image_bytes
-from alfk_cli.models import InputSpec, TapNet, build_model, get_arch, resolve_taps, scale_dims
+from alfk_cli.inputspec import InputSpec
+from alfk_cli.models import TapNet
 from alfk_cli.names import printable
 from alfk_cli.reproducible import save_torch, seeded
 from alfk_cli.simulate_data import Folder, biased_rows, load_folder, resolve_rare

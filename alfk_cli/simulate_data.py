@@ -18,16 +18,9 @@ import numpy as np
 import torch
 
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import (
-    PRELOAD_LIMIT_BYTES,
-    ImageSet,
-    decodable,
-    decode_failure,
-    fits_in_memory,
-    preload,
-    scan_images,
-)
-from alfk_cli.models import InputSpec
+from alfk_cli.images import PRELOAD_LIMIT_BYTES, decodable, decode_failure, fits_in_memory, preload
+from alfk_cli.imagescan import ImageSet, scan_images
+from alfk_cli.inputspec import InputSpec
 from alfk_cli.sources import ImageSource
 
 __all__ = ["Folder", "biased_rows", "load_folder", "resolve_rare"]

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alfk_cli.archs import build_model
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import TapNet, build_model
+from alfk_cli.models import TapNet
 from alfk_cli.simulate_data import Folder
 from alfk_cli.simulate_options import SimulateOptions
 from alfk_cli.simulate_round import fit
@@ -35,7 +36,8 @@ def initial_model(
     """A fresh model (``init="random"``), or the rotation-pretrained one of the seed's pool
     (rows ``keep`` of ``pool``; ``hold``: decode them once instead of at every epoch), cached
     per seed in the results folder."""
-    from alfk_cli.checkpoint import ROTATION_CLASSES, load_checkpoint, save_checkpoint, task_model
+    from alfk_cli.archs import ROTATION_CLASSES
+    from alfk_cli.checkpoint import load_checkpoint, save_checkpoint, task_model
 
     init, arch, out = options.init, options.arch, Path(options.out)
     if init == "random":

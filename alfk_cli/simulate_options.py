@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from alfk_cli.archs import resolve_taps
 from alfk_cli.balance import check_balance
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import DEFAULT_ESTIMATOR
 from alfk_cli.images import PRELOAD_LIMIT_BYTES
-from alfk_cli.models import resolve_taps
 from alfk_cli.strategies import DEFAULT_CENTER_RULE, FisherKernel, Strategy, make_strategy
 
 __all__ = ["DEFAULT_CACHE_MIB", "INITS", "NOT_COMPARED", "InitName", "SimulateOptions"]

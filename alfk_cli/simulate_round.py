@@ -21,9 +21,11 @@ from alfk_cli.acquisition import select as fk_select
 from alfk_cli.descriptors import concat_pooled
 from alfk_cli.estimators import Estimator, describe_images
 from alfk_cli.images import normalizer
+from alfk_cli.inputspec import InputSpec
 from alfk_cli.kernels import Kernel
-from alfk_cli.models import InputSpec, TapNet
-from alfk_cli.pseudolabels import MCConfig, NearestReference
+from alfk_cli.models import TapNet
+from alfk_cli.montecarlo import MCConfig
+from alfk_cli.pseudolabels import NearestReference
 from alfk_cli.simulate_data import Folder
 from alfk_cli.sources import ImageSource
 from alfk_cli.training import TrainConfig, predict

@@ -14,15 +14,9 @@ import torch
 
 from alfk_cli import balance, distributed
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import (
-    ImageDataset,
-    ImageSet,
-    decode_failure,
-    fits_in_memory,
-    loader_workers,
-    preload,
-)
-from alfk_cli.models import InputSpec
+from alfk_cli.images import ImageDataset, decode_failure, fits_in_memory, loader_workers, preload
+from alfk_cli.imagescan import ImageSet
+from alfk_cli.inputspec import InputSpec
 from alfk_cli.names import printable
 from alfk_cli.reproducible import loader_generator
 

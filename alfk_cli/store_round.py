@@ -16,12 +16,11 @@ import numpy as np
 import torch
 
 from alfk_cli import acquisition, baselines
+from alfk_cli.archs import penultimate_tap
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import Estimator
 from alfk_cli.kernels import Kernel
-from alfk_cli.models import penultimate_tap
-from alfk_cli.store import FeatureStore
-from alfk_cli.storereader import read_rows
+from alfk_cli.storereader import FeatureStore, read_rows
 
 __all__ = ["MC_CHUNK", "StoreRound"]
 
@@ -141,7 +140,8 @@ class StoreRound:
         return model, ckpt.input, resolve_device(self.device)
 
     def _decode(self, rows: np.ndarray, spec: Any) -> torch.Tensor:
-        from alfk_cli.images import ImageSet, preload
+        from alfk_cli.images import preload
+        from alfk_cli.imagescan import ImageSet
 
         paths = self.pool.paths
         chosen = [paths[r] for r in rows]

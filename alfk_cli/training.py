@@ -22,8 +22,10 @@ import torch
 from alfk_cli import balance, distributed
 from alfk_cli.devices import autocast
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import ImageSet, normalizer
-from alfk_cli.models import InputSpec, TapNet
+from alfk_cli.images import normalizer
+from alfk_cli.imagescan import ImageSet
+from alfk_cli.inputspec import InputSpec
+from alfk_cli.models import TapNet
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.reproducible import seeded
 from alfk_cli.sources import ImageSource
@@ -311,7 +313,7 @@ def default_config(
     balance: str = "none",
 ) -> TrainConfig:
     """A TrainConfig with the architecture's defaults for every value left as None."""
-    from alfk_cli.models import get_arch
+    from alfk_cli.archs import get_arch
 
     d = get_arch(arch).train_defaults
     return TrainConfig(

@@ -17,7 +17,7 @@ import torch
 
 from alfk_cli import distributed
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import ImageSet
+from alfk_cli.imagescan import ImageSet
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.training import (
     ROTNET_MILESTONES,
@@ -105,9 +105,9 @@ def train_checkpoint(
     The checkpoint's ``info`` records the folders, ``init`` and its SHA-256, the configuration
     and the best epoch.
     """
+    from alfk_cli.archs import build_model, get_arch
     from alfk_cli.checkpoint import init_from, save_checkpoint
-    from alfk_cli.images import check_same_classes
-    from alfk_cli.models import build_model, get_arch
+    from alfk_cli.imagescan import check_same_classes
 
     check_same_classes(data, val)
     arch = options.arch or (init.arch if init else "lenet")
@@ -156,8 +156,8 @@ def pretrain_checkpoint(
 ) -> TrainReport:
     """Rotation-pretrain a fresh ``options.arch`` network (lenet when None) on ``images`` and
     save it to ``out``; the learning rate drops at :data:`ROTNET_MILESTONES`."""
+    from alfk_cli.archs import ROTATION_CLASSES, build_model, get_arch
     from alfk_cli.checkpoint import save_checkpoint
-    from alfk_cli.models import ROTATION_CLASSES, build_model, get_arch
 
     arch = options.arch or "lenet"
     cfg = dataclasses.replace(options.config(arch, milestones=ROTNET_MILESTONES), balance="none")

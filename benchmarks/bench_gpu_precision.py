@@ -20,8 +20,8 @@ from unittest import mock
 import torch
 
 import alfk_cli.descriptors as descriptors
+from alfk_cli.archs import build_model, get_arch, resolve_taps
 from alfk_cli.descriptors import describe_batch
-from alfk_cli.models import build_model, get_arch, resolve_taps
 
 CASES = [
     ("lenet", "L80", (256, 1024)),

@@ -39,11 +39,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from alfk_cli.archs import build_model, get_arch, resolve_taps
 from alfk_cli.checkpoint import save_checkpoint
 from alfk_cli.embedoptions import DEFAULT_BATCH
 from alfk_cli.estimators import describe_images
-from alfk_cli.images import ImageDataset, loader_workers, preload, scan_images
-from alfk_cli.models import build_model, get_arch, resolve_taps
+from alfk_cli.images import ImageDataset, loader_workers, preload
+from alfk_cli.imagescan import scan_images
 from alfk_cli.reproducible import loader_generator
 
 ARCHIVE = Path("/work/shared/data/cifar10/cifar10-jpg.tar.gz")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from alfk_cli.archs import ROTATION_CLASSES, build_model
 from alfk_cli.checkpoint import save_checkpoint
-from alfk_cli.models import ROTATION_CLASSES, build_model
 from conftest import make_labelled, write_images
 
 # file name -> what it is; each must be listed as skipped and never selected

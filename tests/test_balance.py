@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from alfk_cli import balance
+from alfk_cli.archs import build_model, get_arch
 from alfk_cli.checkpoint import load_checkpoint
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import build_model, get_arch
-from alfk_cli.training import ImageSource, TrainConfig, fit
+from alfk_cli.sources import ImageSource
+from alfk_cli.training import TrainConfig, fit
 from conftest import blob_images, make_labelled
 
 SKEW = np.repeat([0, 1, 2], [90, 9, 1])

@@ -5,6 +5,7 @@ import zipfile
 import pytest
 import torch
 
+from alfk_cli.archs import ROTATION_CLASSES, build_model
 from alfk_cli.atomic import partial_path
 from alfk_cli.checkpoint import (
     file_sha256,
@@ -15,7 +16,6 @@ from alfk_cli.checkpoint import (
     task_model,
 )
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import ROTATION_CLASSES, build_model
 
 
 def test_round_trip_keeps_weights_and_metadata(tmp_path):

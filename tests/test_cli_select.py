@@ -7,8 +7,8 @@ from pathlib import Path
 import h5py
 import pytest
 
+from alfk_cli.archs import ROTATION_CLASSES, build_model
 from alfk_cli.checkpoint import save_checkpoint
-from alfk_cli.models import ROTATION_CLASSES, build_model
 from conftest import make_labelled, write_images
 
 
@@ -75,7 +75,7 @@ def test_rerun_with_nothing_changed_does_no_model_pass(cli, world, monkeypatch):
         raise AssertionError("a model pass on an unchanged re-run")
 
     monkeypatch.setattr("alfk_cli.descriptors.describe_batch", no_passes)
-    monkeypatch.setattr("alfk_cli.embedwrite.describe_images", no_passes)
+    monkeypatch.setattr("alfk_cli.estimators.describe_images", no_passes)
     again = cli(*args)
     assert again.exit_code == 0, again.stderr
     assert again.stdout == first.stdout

@@ -20,19 +20,21 @@ from test_search_backend import clustered_topk
 
 from alfk_cli import simulate as sim
 from alfk_cli.acquisition import select
+from alfk_cli.archs import ARCHITECTURES, ROTATION_CLASSES, build_model, resolve_taps
 from alfk_cli.checkpoint import load_checkpoint, save_checkpoint
 from alfk_cli.descriptors import describe_batch
 from alfk_cli.embedding import embed_folder
-from alfk_cli.models import ARCHS, ROTATION_CLASSES, build_model, resolve_taps
-from alfk_cli.pseudolabels import MCConfig, image_keys, mc_scores
+from alfk_cli.montecarlo import MCConfig
+from alfk_cli.pseudolabels import image_keys, mc_scores
 from alfk_cli.search import CPU_BACKEND, SearchBackend, search_backend, topk_ip
-from alfk_cli.training import ImageSource, TrainConfig, evaluate, fit
+from alfk_cli.sources import ImageSource
+from alfk_cli.training import TrainConfig, evaluate, fit
 from conftest import blob_images, make_labelled, write_images
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
 CPU = torch.device("cpu")
-PRESETS = [(arch, preset) for arch in ARCHS for preset in ARCHS[arch].presets]
+PRESETS = [(arch, preset) for arch in ARCHITECTURES for preset in ARCHITECTURES[arch].presets]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,7 +45,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("arch,preset", PRESETS)
 def test_describe_batch_on_the_gpu_matches_the_cpu(arch, preset):
-    spec = ARCHS[arch].input
+    spec = ARCHITECTURES[arch].input
     model = build_model(arch, 5, seed=0).eval()
     x = torch.randn(
         6, spec.channels, spec.size, spec.size, generator=torch.Generator().manual_seed(0)
@@ -62,7 +64,7 @@ def test_describe_batch_on_the_gpu_matches_the_cpu(arch, preset):
 def test_mc_scores_do_not_depend_on_the_device():
     """The perturbations are drawn on the CPU, so a Monte-Carlo pseudo-label is the same wherever
     the image is embedded."""
-    spec = ARCHS["lenet"].input
+    spec = ARCHITECTURES["lenet"].input
     model = build_model("lenet", 3, seed=0).eval()
     x, _ = blob_images(8, 1)
     taps = resolve_taps("lenet", "L80")
@@ -74,7 +76,7 @@ def test_mc_scores_do_not_depend_on_the_device():
 
 
 def test_bf16_autocast_training_learns_and_keeps_float32_weights():
-    spec = ARCHS["lenet"].input
+    spec = ARCHITECTURES["lenet"].input
     x, y = blob_images(600, 0)
     xv, yv = blob_images(150, 1)
     train, held = ImageSource.from_tensors(x, y, spec), ImageSource.from_tensors(xv, yv, spec)

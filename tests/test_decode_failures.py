@@ -17,12 +17,13 @@ import torch
 from PIL import Image
 
 import alfk_cli.embedding as embedding
+from alfk_cli.archs import ROTATION_CLASSES, build_model
 from alfk_cli.checkpoint import save_checkpoint
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import scan_images
-from alfk_cli.models import ROTATION_CLASSES, InputSpec, build_model
-from alfk_cli.simulate import load_folder
-from alfk_cli.store import open_store
+from alfk_cli.imagescan import scan_images
+from alfk_cli.inputspec import InputSpec
+from alfk_cli.simulate_data import load_folder
+from alfk_cli.storereader import open_store
 from conftest import make_labelled, write_images
 
 CLASSES = ["a", "b", "c"]

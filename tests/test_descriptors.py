@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alfk_cli.acquisition import standardize
+from alfk_cli.archs import ARCHITECTURES, build_model, resolve_taps, scale_dims
 from alfk_cli.descriptors import describe_batch
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import ARCHS, build_model, pool, resolve_taps, scale_dims
+from alfk_cli.models import pool
+from alfk_cli.montecarlo import MCConfig
 from alfk_cli.pseudolabels import (
-    MCConfig,
     NearestReference,
     cross_cov_trace,
     draw_perturbations,
@@ -24,9 +24,10 @@ from alfk_cli.pseudolabels import (
     rotate,
     yhat,
 )
+from alfk_cli.standardize import standardize
 from conftest import blob_images
 
-PRESETS = [(arch, preset) for arch in ARCHS for preset in ARCHS[arch].presets]
+PRESETS = [(arch, preset) for arch in ARCHITECTURES for preset in ARCHITECTURES[arch].presets]
 D = 5
 
 
@@ -41,7 +42,7 @@ def _model(arch: str) -> torch.nn.Module:
 
 
 def _inputs(arch: str, n: int, seed: int = 0) -> torch.Tensor:
-    spec = ARCHS[arch].input
+    spec = ARCHITECTURES[arch].input
     return torch.randn(
         n, spec.channels, spec.size, spec.size, generator=torch.Generator().manual_seed(seed)
     )
@@ -314,7 +315,7 @@ def test_covariance_maths_against_numpy(k, L):
 
 @pytest.fixture(scope="module")
 def trained_lenet():
-    spec = ARCHS["lenet"].input
+    spec = ARCHITECTURES["lenet"].input
     x, y = blob_images(600, 0)
     model = build_model("lenet", 3, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)

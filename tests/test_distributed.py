@@ -71,8 +71,8 @@ def error_lines(stderr: str) -> list[str]:
 def world(tmp_path_factory) -> Path:
     """val/ (3 classes × 4), pool/ (30 images and one that fails to decode, in rank 1's share),
     init.pt; the runs happen in one/ (a single process) and two/ (torchrun), beside them."""
+    from alfk_cli.archs import ROTATION_CLASSES, build_model
     from alfk_cli.checkpoint import save_checkpoint
-    from alfk_cli.models import ROTATION_CLASSES, build_model
 
     root = tmp_path_factory.mktemp("dist")
     make_labelled(root / "val", ["a", "b", "c"], 4)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from alfk_cli.archs import ROTATION_CLASSES, build_model
 from alfk_cli.checkpoint import save_checkpoint
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import ROTATION_CLASSES, build_model
 from alfk_cli.names import name_problem
 from alfk_cli.workdir import match_exclusions
 from conftest import make_labelled, write_images

@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from alfk_cli.archs import ARCHITECTURES
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import ImageDataset, check_same_classes, load_image, scan_images
-from alfk_cli.models import ARCHS
+from alfk_cli.images import ImageDataset, load_image
+from alfk_cli.imagescan import check_same_classes, scan_images
 from conftest import make_labelled, write_images
 
 
@@ -87,7 +88,7 @@ def test_class_mapping_and_mismatch(tmp_path):
 
 @pytest.mark.parametrize("arch", ["lenet", "resnet10"])
 def test_load_image_converts_channels_and_size(tmp_path, arch):
-    spec = ARCHS[arch].input
+    spec = ARCHITECTURES[arch].input
     write_images(tmp_path, 1, size=40, mode="RGB")
     t = load_image(tmp_path / "img0000.png", spec)
     assert t.dtype == torch.uint8 and t.shape == (spec.channels, spec.size, spec.size)
@@ -96,14 +97,16 @@ def test_load_image_converts_channels_and_size(tmp_path, arch):
 def test_load_image_keeps_pixels_at_native_size(tmp_path):
     arr = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "d.png")
-    assert np.array_equal(load_image(tmp_path / "d.png", ARCHS["lenet"].input)[0].numpy(), arr)
+    assert np.array_equal(
+        load_image(tmp_path / "d.png", ARCHITECTURES["lenet"].input)[0].numpy(), arr
+    )
 
 
 def test_dataset_flags_images_that_fail_to_decode(tmp_path):
     write_images(tmp_path, 2)
     s = scan_images(tmp_path)
     (tmp_path / s.paths[1]).write_bytes(b"gone bad after the scan")
-    ds = ImageDataset(s, ARCHS["lenet"].input)
+    ds = ImageDataset(s, ARCHITECTURES["lenet"].input)
     assert ds[0][3] is True and ds[1][3] is False and ds[1][0].shape == (1, 28, 28)
 
 

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 import alfk_cli.images as images_mod
+from alfk_cli.archs import build_model
 from alfk_cli.checkpoint import save_checkpoint
 from alfk_cli.embedding import embed_folder
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import MAX_AUTO_WORKERS, available_cores, loader_workers
-from alfk_cli.models import build_model
 from conftest import make_labelled, write_images
 
 CLASSES = ["a", "b", "c"]

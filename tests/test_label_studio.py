@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from alfk_cli.archs import ROTATION_CLASSES, build_model
 from alfk_cli.checkpoint import save_checkpoint
 from alfk_cli.errors import AlfkError
 from alfk_cli.label_studio import tasks
-from alfk_cli.models import ROTATION_CLASSES, build_model
 from alfk_cli.scores import Scores
 from conftest import make_labelled, write_images
 

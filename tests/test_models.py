@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from alfk_cli.archs import ARCHITECTURES, build_model, resolve_taps, scale_dims
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import ARCHS, build_model, pool, resolve_taps, scale_dims
+from alfk_cli.models import pool
 
 EXPECTED = {
     ("lenet", "L20"): [20],
@@ -16,7 +17,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("arch,preset", sorted(EXPECTED))
 def test_tap_shapes_for_every_preset(arch, preset):
-    spec = ARCHS[arch].input
+    spec = ARCHITECTURES[arch].input
     model = build_model(arch, 7, seed=0).eval()
     taps = resolve_taps(arch, preset)
     x = torch.randn(2, spec.channels, spec.size, spec.size)
@@ -31,9 +32,9 @@ def test_tap_shapes_for_every_preset(arch, preset):
 
 
 def test_preset_names_are_the_papers():
-    assert set(ARCHS["lenet"].presets) == {"L20", "L80"}
-    assert set(ARCHS["resnet10"].presets) == {"L256", "L768"}
-    assert set(ARCHS["resnet18"].presets) == {"L512", "L768"}
+    assert set(ARCHITECTURES["lenet"].presets) == {"L20", "L80"}
+    assert set(ARCHITECTURES["resnet10"].presets) == {"L256", "L768"}
+    assert set(ARCHITECTURES["resnet18"].presets) == {"L512", "L768"}
 
 
 def test_free_tap_lists_and_errors():
@@ -93,7 +94,7 @@ def test_commands_do_not_import_torchvision():
 
     code = (
         "import sys, alfk_cli.cli, alfk_cli.models, alfk_cli.pipeline, alfk_cli.training_jobs\n"
-        "alfk_cli.models.build_model('resnet18', 3, seed=0)\n"
+        "alfk_cli.archs.build_model('resnet18', 3, seed=0)\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from alfk_cli import baselines, gradembed, submodular
+from alfk_cli.archs import build_model, get_arch, penultimate_tap
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import build_model, get_arch, penultimate_tap
 from alfk_cli.quotas import class_quotas
 from alfk_cli.simulate_round import last_layer_of
 
@@ -300,7 +300,7 @@ def _softmax(logits):
 
 def _read(name):
     """probs, classifier inputs (fc1: the last scale of z) and labels of a store."""
-    from alfk_cli.store import open_store
+    from alfk_cli.storereader import open_store
 
     with open_store(f".alfk/pool/{name}.h5") as s:
         assert s.taps[-1] == "fc1"

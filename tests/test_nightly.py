@@ -16,9 +16,9 @@ import pytest
 
 import alfk_cli.embedding as embedding
 import alfk_cli.embedwrite as embedwrite
+from alfk_cli.archs import ROTATION_CLASSES, build_model
 from alfk_cli.atomic import partial_path
 from alfk_cli.checkpoint import save_checkpoint
-from alfk_cli.models import ROTATION_CLASSES, build_model
 from conftest import make_labelled, write_images
 
 ALFK = [sys.executable, "-c", "from alfk_cli.cli import main; main()"]
@@ -107,7 +107,7 @@ def test_odd_file_names_are_skipped_and_listed_escaped(cli, eco):
 
 
 def test_a_file_deleted_during_the_run_is_skipped_and_listed(eco, tmp_path, monkeypatch):
-    from alfk_cli.images import scan_images
+    from alfk_cli.imagescan import scan_images
 
     found = scan_images(eco / "val")
     victim = eco / "val" / found.paths[5]

@@ -14,20 +14,16 @@ import torch
 from test_descriptors import _reference as autograd_reference
 from torch import nn
 
+from alfk_cli.archs import ARCHITECTURES, register_arch, resolve_taps
 from alfk_cli.checkpoint import load_checkpoint, task_model
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import ESTIMATORS, Estimator, register_estimator
 from alfk_cli.images import load_image, normalizer
+from alfk_cli.inputspec import InputSpec
 from alfk_cli.kernels import KERNELS, Kernel, register_kernel
-from alfk_cli.models import (
-    ARCHITECTURES,
-    InputSpec,
-    TapNet,
-    register_arch,
-    resolve_taps,
-)
+from alfk_cli.models import TapNet
 from alfk_cli.registry import Registry, UnknownName
-from alfk_cli.store import open_store
+from alfk_cli.storereader import open_store
 from alfk_cli.strategies import STRATEGIES, Picked, Strategy, register_strategy
 from conftest import make_labelled
 

@@ -15,7 +15,7 @@ import pytest
 import alfk_cli.images as images_mod
 from alfk_cli.embedding import embed_folder
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import scan_images, walk_order
+from alfk_cli.imagescan import scan_images, walk_order
 from alfk_cli.poollist import read_pool_list, scan_pool
 from conftest import make_labelled, write_images
 
@@ -130,8 +130,8 @@ def test_missing_bad_names_and_non_images_are_skipped_and_listed(tmp_path):
 def test_embed_from_a_list_equals_the_walk(tmp_path, labelled):
     """Same files, listed in another order with mixed spellings: the same store, byte for byte
     in every row node, and the same fingerprint (so either can reuse the other's rows)."""
+    from alfk_cli.archs import build_model
     from alfk_cli.checkpoint import save_checkpoint
-    from alfk_cli.models import build_model
 
     root = tmp_path / "pool"
     if labelled:
@@ -156,8 +156,8 @@ def test_embed_from_a_list_equals_the_walk(tmp_path, labelled):
 
 
 def test_listed_paths_in_the_store_are_not_stated_again(tmp_path, monkeypatch):
+    from alfk_cli.archs import ROTATION_CLASSES, build_model
     from alfk_cli.checkpoint import save_checkpoint
-    from alfk_cli.models import ROTATION_CLASSES, build_model
 
     root = tmp_path / "pool"
     write_images(root, 6)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from alfk_cli.archs import build_model
 from alfk_cli.checkpoint import save_checkpoint
-from alfk_cli.models import build_model
 from conftest import make_labelled, write_images
 
 ODD = 'it\'s "odd" <b>&amp;.png'

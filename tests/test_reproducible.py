@@ -174,9 +174,10 @@ def test_simulate_writes_the_same_models_and_results_twice(cli, inputs, tmp_path
 
 
 def test_training_leaves_the_callers_rng_as_it_was():
-    from alfk_cli.models import build_model, get_arch
-    from alfk_cli.simulate import fit
-    from alfk_cli.training import ImageSource, default_config
+    from alfk_cli.archs import build_model, get_arch
+    from alfk_cli.simulate_round import fit
+    from alfk_cli.sources import ImageSource
+    from alfk_cli.training import default_config
 
     x = torch.randint(0, 255, (12, 1, 28, 28), dtype=torch.uint8)
     y = torch.arange(12) % 3
@@ -218,8 +219,8 @@ def test_created_stamp_is_empty_unless_source_date_epoch(monkeypatch):
 def test_streamed_training_gives_the_preloaded_weights(inputs, monkeypatch, workers):
     """Images streamed by a DataLoader (folders too big to preload) train to the same weights
     as preloaded ones: the loader keeps row order and draws nothing from the dropout RNG."""
-    from alfk_cli.images import scan_images
-    from alfk_cli.models import build_model, get_arch
+    from alfk_cli.archs import build_model, get_arch
+    from alfk_cli.imagescan import scan_images
     from alfk_cli.training import default_config, train_classifier
 
     data, val = scan_images(inputs / "lab"), scan_images(inputs / "val")
@@ -227,7 +228,7 @@ def test_streamed_training_gives_the_preloaded_weights(inputs, monkeypatch, work
     cfg = default_config("lenet", epochs=2, batch_size=5, seed=3, workers=workers)
     weights = []
     for streamed in (False, True):
-        monkeypatch.setattr("alfk_cli.sources.fits_in_memory", lambda *_a, s=streamed: not s)
+        monkeypatch.setattr("alfk_cli.images.fits_in_memory", lambda *_a, s=streamed: not s)
         model = build_model("lenet", 3, seed=0)
         train_classifier(model, data, val, spec, cfg, torch.device("cpu"))
         weights.append(model.state_dict())

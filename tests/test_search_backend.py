@@ -19,12 +19,12 @@ from test_acquisition import (
     ref_kernel,
 )
 
-from alfk_cli.acquisition import select, standardize
+from alfk_cli.acquisition import select
+from alfk_cli.archs import build_model
 from alfk_cli.checkpoint import save_checkpoint
 from alfk_cli.devices import ieee_matmul
 from alfk_cli.errors import AlfkError
 from alfk_cli.kernels import Buffers, get_kernel
-from alfk_cli.models import build_model
 from alfk_cli.search import (
     BACKEND_ENV,
     CPU_BACKEND,
@@ -34,7 +34,7 @@ from alfk_cli.search import (
     search_backend,
     topk_ip,
 )
-from alfk_cli.standardize import norm_bound
+from alfk_cli.standardize import norm_bound, standardize
 from conftest import make_labelled
 
 TORCH_CPU = SearchBackend("torch", "cpu")

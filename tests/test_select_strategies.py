@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from alfk_cli.archs import build_model
 from alfk_cli.checkpoint import save_checkpoint
-from alfk_cli.models import build_model
-from alfk_cli.store import open_store
+from alfk_cli.storereader import open_store
 from conftest import make_labelled, write_images
 
 P = 6

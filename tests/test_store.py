@@ -13,13 +13,14 @@ import pytest
 import alfk_cli.embedding as embedding
 import alfk_cli.embedwrite as embedwrite
 import alfk_cli.images as images_mod
+from alfk_cli.archs import ROTATION_CLASSES, build_model
 from alfk_cli.atomic import partial_path
 from alfk_cli.checkpoint import save_checkpoint
 from alfk_cli.errors import AlfkError
-from alfk_cli.models import ROTATION_CLASSES, build_model
+from alfk_cli.montecarlo import MCConfig
 from alfk_cli.progress import make_progress
-from alfk_cli.pseudolabels import MCConfig
-from alfk_cli.store import SCHEMA_VERSION, check_compatible, open_store
+from alfk_cli.storeformat import SCHEMA_VERSION
+from alfk_cli.storereader import check_compatible, open_store
 from conftest import make_labelled, write_images
 
 CLASSES = ["cat", "dog", "eel"]

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
+from alfk_cli.archs import ROTATION_CLASSES, build_model
 from alfk_cli.checkpoint import save_checkpoint
-from alfk_cli.models import ROTATION_CLASSES, build_model
 from alfk_cli.storeformat import STR, str_array
 from alfk_cli.storereader import FeatureStore, StorePaths
 from alfk_cli.workdir import PathIndex, match_exclusions

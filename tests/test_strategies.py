@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from alfk_cli import baselines as st
+from alfk_cli.archs import build_model, get_arch
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import normalizer
-from alfk_cli.models import InputSpec, TapNet, build_model, get_arch
+from alfk_cli.inputspec import InputSpec
+from alfk_cli.models import TapNet
 
 
 def _probs(rng, shape, zeros=True):

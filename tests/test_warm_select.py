@@ -15,8 +15,8 @@ from pathlib import Path
 import h5py
 import pytest
 
+from alfk_cli.archs import ROTATION_CLASSES, build_model
 from alfk_cli.checkpoint import file_sha256, save_checkpoint
-from alfk_cli.models import ROTATION_CLASSES, build_model
 from alfk_cli.storeformat import content_fingerprint
 from conftest import write_images
 
