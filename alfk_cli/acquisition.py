@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from alfk_cli.errors import AlfkError
-from alfk_cli.kernels import KERNELS, Buffers, Kernel, canonical, error_bounds, get_kernel
+from alfk_cli.kernels import Buffers, Kernel, canonical, error_bounds, get_kernel
 from alfk_cli.quotas import class_quotas
 from alfk_cli.search import CPU_BACKEND, U64, SearchBackend, kcenter_greedy, search_backend
 from alfk_cli.shardsearch import sharded_topk
@@ -33,14 +33,12 @@ from alfk_cli.standardize import check_dims, norm_bound, standardize
 
 __all__ = [
     "CENTER_RULES",
-    "KERNELS",
     "Descriptors",
     "Selection",
     "choose_centers",
     "misclassified",
     "rank_major_select",
     "select",
-    "standardize",
 ]
 
 #: Largest candidate set whose k-center similarity matrix is precomputed (float32, 512 MiB).

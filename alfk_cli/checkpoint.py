@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alfk_cli import __version__
-from alfk_cli.archs import ROTATION_CLASSES, build_model, get_arch
+from alfk_cli.archs import build_model, get_arch
 from alfk_cli.atomic import atomic_output
 from alfk_cli.errors import AlfkError
 from alfk_cli.inputspec import InputSpec
@@ -242,7 +242,6 @@ def task_model(ckpt: Checkpoint, classes: list[str], seed: int = 0) -> TapNet:
 
 
 __all__ = [
-    "ROTATION_CLASSES",
     "Checkpoint",
     "CheckpointFile",
     "check_classes",

@@ -24,7 +24,7 @@ from alfk_cli.errors import AlfkError
 from alfk_cli.progress import stderr
 
 if TYPE_CHECKING:
-    from alfk_cli.simulate import InitName
+    from alfk_cli.simulate_options import InitName
 
 SimPool = Annotated[
     Path, typer.Option("--pool", "-p", help="Labelled pool (class sub-folders, labels hidden).")
@@ -132,8 +132,8 @@ def simulate(
     One result row per (strategy, seed, round) goes to OUT/results.csv and OUT/results.jsonl.
     Re-running with the same arguments resumes after the last finished round.
     """
-    from alfk_cli.simulate import SimulateOptions
     from alfk_cli.simulate import simulate as run_simulation
+    from alfk_cli.simulate_options import SimulateOptions
 
     try:
         seed_list = tuple(int(s) for s in csv_list(seeds, "seeds"))
@@ -189,7 +189,7 @@ def plot(
     import json
 
     from alfk_cli.plot import plot_results, summary_table
-    from alfk_cli.simulate import read_results
+    from alfk_cli.simulate_results import read_results
 
     rows = [row for r in results for row in read_results(r)]
     first = results[0]

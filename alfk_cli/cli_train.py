@@ -76,7 +76,7 @@ def train(
     """Train the task model on labelled images; keep the epoch with the best validation accuracy."""
     from alfk_cli.backbones import load_start
     from alfk_cli.devices import resolve_device
-    from alfk_cli.images import scan_images
+    from alfk_cli.imagescan import scan_images
     from alfk_cli.progress import make_progress
     from alfk_cli.training_jobs import TrainOptions, train_checkpoint
 
@@ -154,7 +154,7 @@ def pretrain(
 ) -> None:
     """Rotation self-supervised pretraining (RotNet) of the task network on unlabelled images."""
     from alfk_cli.devices import resolve_device
-    from alfk_cli.images import scan_images
+    from alfk_cli.imagescan import scan_images
     from alfk_cli.progress import make_progress
     from alfk_cli.training_jobs import TrainOptions, pretrain_checkpoint
 

@@ -15,16 +15,11 @@ import torch
 from PIL import Image
 
 from alfk_cli.imagescan import (
-    IMAGE_EXTENSIONS,
     ImageSet,
-    check_same_classes,
     decode_errors,
-    scan_images,
     unreadable,
-    walk_order,
 )
 from alfk_cli.inputspec import InputSpec
-from alfk_cli.names import printable
 from alfk_cli.reproducible import loader_generator
 
 DECODE_ERRORS = decode_errors()  # what PIL raises for a file it cannot decode
@@ -170,13 +165,10 @@ def fits_in_memory(n: int, spec: InputSpec, limit: int = PRELOAD_LIMIT_BYTES) ->
 
 __all__ = [
     "DECODE_ERRORS",
-    "IMAGE_EXTENSIONS",
     "MAX_AUTO_WORKERS",
     "PRELOAD_LIMIT_BYTES",
     "ImageDataset",
-    "ImageSet",
     "available_cores",
-    "check_same_classes",
     "decodable",
     "decode_failure",
     "decoded_batches",
@@ -186,8 +178,4 @@ __all__ = [
     "loader_workers",
     "normalizer",
     "preload",
-    "printable",
-    "scan_images",
-    "unreadable",
-    "walk_order",
 ]

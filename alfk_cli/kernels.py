@@ -27,15 +27,7 @@ from typing import Any
 import numpy as np
 
 from alfk_cli.registry import Registry
-from alfk_cli.search import (
-    U32,
-    U64,
-    IPScorer,
-    SearchBackend,
-    canon_dot,
-    gamma_bound,
-    row_norms,
-)
+from alfk_cli.search import U32, U64, IPScorer, SearchBackend, canon_dot, gamma_bound, row_norms
 from alfk_cli.standardize import standardize_into
 
 __all__ = [

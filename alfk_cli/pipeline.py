@@ -29,7 +29,7 @@ from alfk_cli.search import backend_choice
 from alfk_cli.strategies import make_strategy
 from alfk_cli.workdir import default_workdir, locked, newest_checkpoint
 
-__all__ = ["ScoreOptions", "SelectOptions", "SelectReport", "run_select", "score_stores"]
+__all__ = ["SelectOptions", "SelectReport", "run_select"]
 
 
 @dataclass

@@ -16,7 +16,7 @@ from alfk_cli.errors import AlfkError
 
 def _rows(results: str | Path | Sequence[dict]) -> list[dict]:
     if isinstance(results, (str, Path)):
-        from alfk_cli.simulate import read_results
+        from alfk_cli.simulate_results import read_results
 
         return read_results(results)
     return list(results)

@@ -118,7 +118,7 @@ def scan_pool(
     strict: bool = False,
     trusted: dict[str, tuple[int, int]] | None = None,
 ) -> ImageSet:
-    """``images.scan_images`` over the images a pool list names (see the module docstring):
+    """``imagescan.scan_images`` over the images a pool list names (see the module docstring):
     paths in ``trusted`` keep its size and mtime unstat'ed, the rest are stat'ed. ``strict``:
     any skipped line or file is an error."""
     from alfk_cli.imagescan import scan_images

@@ -342,7 +342,6 @@ def mc_labels(
 
 
 __all__ = [
-    "MCConfig",
     "NearestReference",
     "cross_cov_trace",
     "draw_perturbations",

@@ -65,7 +65,7 @@ class _Group:
 def val_stats(path: str | os.PathLike) -> ValStats:
     """Class counts and misclassified validation images per class of a validation store."""
     from alfk_cli.acquisition import misclassified
-    from alfk_cli.store import open_store
+    from alfk_cli.storereader import open_store
 
     with open_store(path) as store:
         classes = store.classes
@@ -79,7 +79,7 @@ def val_stats(path: str | os.PathLike) -> ValStats:
 def recorded_val_store(scores: Scores) -> Path | None:
     """The validation store a scores file was computed from, when it is still there unchanged."""
     from alfk_cli.errors import AlfkError
-    from alfk_cli.store import open_store
+    from alfk_cli.storereader import open_store
 
     path = scores.attrs.get("val_store")
     if not path or not Path(str(path)).is_file():

@@ -24,7 +24,7 @@ from alfk_cli.errors import AlfkError
 from alfk_cli.reproducible import seeded
 from alfk_cli.scores import Scores, read_scores, write_scores
 from alfk_cli.search import backend_choice
-from alfk_cli.store import FeatureStore, check_compatible, open_store
+from alfk_cli.storereader import FeatureStore, check_compatible, open_store
 from alfk_cli.strategies import (
     FisherKernel,
     Picked,

@@ -49,16 +49,13 @@ from alfk_cli.names import printable
 from alfk_cli.reproducible import save_torch, seeded
 from alfk_cli.simulate_data import Folder, biased_rows, load_folder, resolve_rare
 from alfk_cli.simulate_init import FirstModel, initial_model
-from alfk_cli.simulate_options import INITS, NOT_COMPARED, InitName, SimulateOptions
+from alfk_cli.simulate_options import NOT_COMPARED, SimulateOptions
 from alfk_cli.simulate_results import (
-    RESULT_COLUMNS,
     RESULT_FIELDS,
     claim_folder,
     clean,
     collect,
     finished_rounds,
-    read_results,
-    rows_to_csv,
     write_json,
     write_results,
 )
@@ -66,21 +63,7 @@ from alfk_cli.simulate_round import FolderRound, fit, logits_of
 from alfk_cli.strategies import Strategy, checked_rows
 from alfk_cli.training import default_config
 
-__all__ = [
-    "INITS",
-    "RESULT_COLUMNS",
-    "RESULT_FIELDS",
-    "Folder",
-    "InitName",
-    "SimulateOptions",
-    "biased_rows",
-    "fit",
-    "load_folder",
-    "read_results",
-    "resolve_rare",
-    "rows_to_csv",
-    "simulate",
-]
+__all__ = ["simulate"]
 
 Progress = Callable[[str], None]
 

@@ -33,6 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alfk_cli import acquisition
+from alfk_cli.kernels import KERNELS
+from alfk_cli.standardize import standardize
 
 
 def rss_bytes() -> int:
@@ -51,7 +53,7 @@ def main() -> None:
     ap.add_argument("--P", type=int, default=1250, help="images to select")
     ap.add_argument("--chunk-rows", type=int, default=65536)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kernel", choices=acquisition.KERNELS, default="sum", help="for (c) only")
+    ap.add_argument("--kernel", choices=KERNELS, default="sum", help="for (c) only")
     ap.add_argument("--repeat", type=int, default=3, help="timed rounds of each (best is reported)")
     ap.add_argument("--profile", action="store_true", help="cProfile the first select call")
     args = ap.parse_args()
@@ -112,8 +114,8 @@ def main() -> None:
     # Queries for (a) and (b): the standardised centres, concatenated like select's sum kernel.
     q = np.concatenate(
         [
-            acquisition.standardize(vz[res.centers], dims),
-            acquisition.standardize(vg[res.centers], dims),
+            standardize(vz[res.centers], dims),
+            standardize(vg[res.centers], dims),
         ],
         axis=1,
     )

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from alfk_cli import baselines, gradembed, submodular
+from alfk_cli.quotas import class_quotas
 
 
 def _rss_gib() -> float:
@@ -55,7 +56,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     rows = baselines.balanced_top(
-        baselines.entropy(probs), probs.argmax(1), baselines.class_quotas(args.P, np.ones(d)),
+        baselines.entropy(probs), probs.argmax(1), class_quotas(args.P, np.ones(d)),
         np.ones(n, dtype=bool),
     )  # fmt: skip
     print(f"balanced-entropy: {time.perf_counter() - t0:7.2f} s ({len(rows)} rows)")

@@ -22,10 +22,10 @@ from alfk_cli.acquisition import (
     misclassified,
     rank_major_select,
     select,
-    standardize,
 )
 from alfk_cli.errors import AlfkError
 from alfk_cli.search import BACKEND_ENV, kcenter_greedy, topk_ip
+from alfk_cli.standardize import standardize
 
 KERNELS = ("sum", "pcc", "product")
 

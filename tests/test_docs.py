@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer.main
 
-from alfk_cli.cli import app
+from alfk_cli.cli_app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 

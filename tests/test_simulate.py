@@ -11,6 +11,7 @@ import pytest
 
 from alfk_cli import simulate as sim
 from alfk_cli.errors import AlfkError
+from alfk_cli.simulate_results import read_results
 from alfk_cli.strategies import FisherKernel, make_strategy
 from conftest import make_labelled
 
@@ -115,7 +116,7 @@ def test_simulate_end_to_end_and_resume(folders, tmp_path, monkeypatch):
     for name in ("results.csv", "results.jsonl", "config.json"):
         assert (out / name).is_file()
     assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == rows
-    assert without_timing(sim.read_results(out / "results.csv")) == without_timing(rows)
+    assert without_timing(read_results(out / "results.csv")) == without_timing(rows)
     for r in rows:
         assert r["labels"] == 5 * r["round"]
         assert sum(r["batch_histogram"]) == 5 and len(r["batch_histogram"]) == 4
@@ -231,7 +232,7 @@ def test_cli_simulate_and_plot(folders, tmp_path, cli):
     )  # fmt: skip
     assert res.exit_code == 0, res.stderr
     assert "random seed 1 round 1" in res.stderr and res.stdout == ""
-    rows = sim.read_results(out)
+    rows = read_results(out)
     assert len(rows) == 4 and (out / "results.csv").is_file()
     assert (out / "curves.png").is_file()
     res = cli("plot", "--results", out, "--out", tmp_path / "p.png")

@@ -7,7 +7,7 @@ import torch
 
 from alfk_cli.checkpoint import load_checkpoint
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import scan_images
+from alfk_cli.imagescan import scan_images
 from alfk_cli.training import ROTNET_MILESTONES, TrainConfig, default_config
 from alfk_cli.training_jobs import TrainOptions, pretrain_checkpoint, train_checkpoint
 from conftest import make_labelled, write_images
