@@ -187,7 +187,7 @@ def plan_embed(
         taps = explicit_taps or (ref.taps if ref is not None else resolve_taps(arch, None))
         taps = resolve_taps(arch, list(taps))
         if images is None:
-            images = _scan(folder, out, reuse, options)
+            images = scan_for_store(folder, out, reuse, options)
         method, classes, class_source = _label_source(
             method, images, folder, ref, ckpt, Path(checkpoint)
         )
@@ -224,20 +224,27 @@ def plan_embed(
     )  # fmt: skip
 
 
-def _scan(
-    folder: str | os.PathLike, out: Path, reuse: str | os.PathLike | None, options: EmbedOptions
+def scan_for_store(
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    reuse: str | os.PathLike | None,
+    options: EmbedOptions,
 ) -> ImageSet:
-    """The folder's images (or its pool list's); files that decoded into ``out`` or ``reuse``
-    before are trusted."""
+    """The images of ``folder`` a store ``out`` will hold: walked (stat only; ``strict`` also
+    opens each file with PIL), or named by ``options.pool_list``. Files that decoded into ``out``
+    or ``reuse`` before are trusted: a pool list's known paths are not stat'ed, and ``strict``
+    does not open them again. The one place the scan is decided (the orchestrator scans with it
+    before planning, to fail before any model pass)."""
+    stores = [Path(out)] + ([Path(reuse)] if reuse is not None and Path(reuse) != Path(out) else [])
     if options.pool_list is not None:
         return scan_pool(
-            folder, options.pool_list, strict=options.strict, trusted=trusted_files(out, reuse)
+            folder, options.pool_list, strict=options.strict, trusted=trusted_files(*stores)
         )
     return scan_images(
         folder,
         strict=options.strict,
         verify=options.strict,  # else decode failures are caught when embedding
-        trusted=trusted_files(out, reuse) if options.strict else {},
+        trusted=trusted_files(*stores) if options.strict else {},
     )
 
 
@@ -338,4 +345,4 @@ def _check_reference(
         )
 
 
-__all__ = ["EmbedPlan", "plan_embed"]
+__all__ = ["EmbedPlan", "plan_embed", "scan_for_store"]

@@ -17,11 +17,10 @@ from pathlib import Path
 from alfk_cli import distributed, ledger
 from alfk_cli.embedding import EmbedSummary, embed_folder
 from alfk_cli.embedoptions import EmbedOptions
-from alfk_cli.embedreuse import trusted_files
+from alfk_cli.embedplan import scan_for_store
 from alfk_cli.errors import AlfkError
-from alfk_cli.imagescan import ImageSet, scan_images
+from alfk_cli.imagescan import ImageSet
 from alfk_cli.montecarlo import MCConfig
-from alfk_cli.poollist import scan_pool
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.scores import Scores
 from alfk_cli.scoring import ScoreOptions, score_stores
@@ -94,7 +93,15 @@ def run_select(
     # and ``./unlabeled`` print alike); exclusions match by identity whatever the spelling.
     pool_arg = os.path.normpath(str(pool_dir))
     wd = Path(options.workdir) if options.workdir is not None else default_workdir(pool_dir)
-    val_scan, pool_scan = _scan(val_dir, pool_dir, wd, options)
+    embed = EmbedOptions(
+        taps=options.taps,
+        workers=options.workers,
+        device=options.device,
+        seed=options.seed,
+        strict=options.strict,
+        mc=MCConfig(samples=options.mc_samples),
+    )
+    val_scan, pool_scan = _scan(val_dir, pool_dir, wd, options, embed)
     # under torchrun rank 0 holds the lock for all ranks; every rank runs every stage
     with locked(wd) if distributed.is_main() else contextlib.nullcontext():
         report = SelectReport(wd, Path(), False)
@@ -104,14 +111,6 @@ def run_select(
             _pretrain(pool_scan, ckpt, options, progress)
             report.pretrained = True
         report.checkpoint = ckpt
-        embed = EmbedOptions(
-            taps=options.taps,
-            workers=options.workers,
-            device=options.device,
-            seed=options.seed,
-            strict=options.strict,
-            mc=MCConfig(samples=options.mc_samples),
-        )
         val_store, pool_store = wd / "val.h5", wd / "pool.h5"
         report.embeds.append(
             embed_folder(
@@ -188,24 +187,24 @@ def _score(
 
 
 def _scan(
-    val_dir: str | os.PathLike, pool_dir: str | os.PathLike, wd: Path, options: SelectOptions
+    val_dir: str | os.PathLike,
+    pool_dir: str | os.PathLike,
+    wd: Path,
+    options: SelectOptions,
+    embed: EmbedOptions,
 ) -> tuple[ImageSet, ImageSet]:
     """Fail fast, before any model pass, on what can be checked from the folders alone.
 
-    Each folder is walked once and its files stat'ed, not opened: an image that fails to decode is
-    skipped and listed when it is embedded (``--strict``: verified here first, except files
-    unchanged since the cached stores)."""
-    strict = options.strict
-    if options.pool_list is not None:
-        trusted = trusted_files(wd / "pool.h5")  # paths in the store: not stat'ed
-        pool_scan = scan_pool(pool_dir, options.pool_list, strict=strict, trusted=trusted)
-    else:  # the stored files only spare --strict's verification
-        trusted = trusted_files(wd / "pool.h5") if strict else {}
-        pool_scan = scan_images(pool_dir, strict=strict, verify=strict, trusted=trusted)
+    Each folder is scanned once, as its embed would (``embedplan.scan_for_store``, against the
+    work folder's store): files are stat'ed, not opened; an image that fails to decode is skipped
+    and listed when it is embedded (``--strict``: verified here first, except files unchanged
+    since the cached stores)."""
+    pool_store = wd / "pool.h5"
+    pool_embed = replace(embed, pool_list=options.pool_list)
+    pool_scan = scan_for_store(pool_dir, pool_store, pool_store, pool_embed)
     if options.P > len(pool_scan):
         raise AlfkError(f"P={options.P} is more than the {len(pool_scan)} images in {pool_dir}")
-    trusted = trusted_files(wd / "val.h5") if strict else {}
-    val_scan = scan_images(val_dir, strict=strict, verify=strict, trusted=trusted)
+    val_scan = scan_for_store(val_dir, wd / "val.h5", wd / "val.h5", embed)
     if not val_scan.labelled:
         raise AlfkError(f"{val_dir} has no class sub-folders; the validation set must be labelled")
     try:
