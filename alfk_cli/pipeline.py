@@ -23,9 +23,8 @@ from alfk_cli.imagescan import ImageSet
 from alfk_cli.montecarlo import MCConfig
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.scores import Scores
-from alfk_cli.scoring import ScoreOptions, score_stores
-from alfk_cli.search import backend_choice
-from alfk_cli.strategies import make_strategy
+from alfk_cli.scoring import ScoreOptions, decide_strategy, score_stores
+from alfk_cli.strategies import Strategy
 from alfk_cli.workdir import default_workdir, locked, newest_checkpoint
 
 __all__ = ["SelectOptions", "SelectReport", "run_select"]
@@ -85,10 +84,8 @@ def run_select(
     P = options.P
     if P < 1:
         raise AlfkError(f"P must be at least 1, not {P}")
-    strategy = make_strategy(
-        options.strategy, {"estimator": options.pseudo_label, "kernel": options.kernel}
-    )
-    backend_choice()  # a bad ALFK_SEARCH_BACKEND fails before any model pass
+    # decided once, before any model pass (a bad name or ALFK_SEARCH_BACKEND fails here)
+    strategy = decide_strategy(options.strategy, options.kernel, options.pseudo_label)
     # Printed paths start with the pool folder as typed, normalised (``unlabeled``, ``unlabeled/``
     # and ``./unlabeled`` print alike); exclusions match by identity whatever the spelling.
     pool_arg = os.path.normpath(str(pool_dir))
@@ -145,7 +142,7 @@ def run_select(
             mc_samples=options.mc_samples,
             workers=options.workers,
         )
-        scores, notes = _score(val_store, pool_store, wd, score, options, pool_arg)
+        scores, notes = _score(val_store, pool_store, wd, score, options, pool_arg, strategy)
     report.seconds = time.perf_counter() - t0
     return scores, notes, report
 
@@ -157,6 +154,7 @@ def _score(
     score: ScoreOptions,
     options: SelectOptions,
     pool_arg: str,
+    strategy: Strategy,
 ) -> tuple[Scores, list[str]]:
     """Score, leaving out what the ledger says was sent, and record the selection.
 
@@ -164,12 +162,14 @@ def _score(
     prints that run's selection again and records nothing: a retry never sends new images."""
     out = wd / "scores.h5"
     if not options.ledger:
-        return score_stores(val_store, pool_store, out, score)
+        return score_stores(val_store, pool_store, out, score, strategy=strategy)
     runs = ledger.history(wd) if (wd / ledger.FILE_NAME).is_file() else []
     last = runs[-1] if runs else None
     sent = replace(score, sent=frozenset(ledger.sent_paths(wd)))
     before_last = None if last is None else frozenset(ledger.sent_paths(wd, before=last.id))
-    scores, notes = score_stores(val_store, pool_store, out, sent, repeat_sent=before_last)
+    scores, notes = score_stores(
+        val_store, pool_store, out, sent, repeat_sent=before_last, strategy=strategy
+    )
     if last is not None and scores.attrs.get("cache_key") == last.scores_key:
         # the scores file the last run made, from the same inputs: its selection again
         return scores, [*notes, f"the inputs of run {last.id}: its selection again"]

@@ -35,7 +35,7 @@ from alfk_cli.strategies import (
 )
 from alfk_cli.workdir import match_exclusions
 
-__all__ = ["ScoreOptions", "score_stores"]
+__all__ = ["ScoreOptions", "decide_strategy", "score_stores"]
 
 
 def _same_files(pool_paths: Iterable[str], pool_root: str, val: FeatureStore) -> np.ndarray:
@@ -94,16 +94,25 @@ def score_stores(
     options: ScoreOptions,
     *,
     repeat_sent: frozenset[str] | None = None,
+    strategy: Strategy | None = None,
 ) -> tuple[Scores, list[str]]:
     """Select ``options.P`` pool images against the validation store; write the scores file
     ``out``. Returns the scores and notes for the user (e.g. the no-misclassified fallback).
 
     ``repeat_sent``: with ``reuse``, an existing ``out`` made with these images left out as sent
-    (instead of ``options.sent``) is returned as it is: the previous run, repeated unchanged."""
+    (instead of ``options.sent``) is returned as it is: the previous run, repeated unchanged.
+    ``strategy``: ``options.strategy`` as ``decide_strategy`` made it for the orchestrator, which
+    embedded the pool for it; None: decided here, a Fisher-kernel strategy taking the pool
+    store's pseudo-labels as its estimator unless its name gives one."""
     check_writable_dir(out)
-    backend_choice()  # a bad ALFK_SEARCH_BACKEND fails before the stores are read
+    if strategy is None:
+        backend_choice()  # a bad ALFK_SEARCH_BACKEND fails before the stores are read
     with open_store(val_path) as val, open_store(pool_path) as pool:
-        strategy, root, base, base_notes = _prepare(val, pool, options)
+        root, base, base_notes = _prepare(val, pool, options)
+        if strategy is None:
+            strategy = make_strategy(
+                options.strategy, {"estimator": pool.pseudo_label, "kernel": options.kernel}
+            )
         if options.reuse and repeat_sent is not None:
             drop, _ = _with_sent(pool, base, base_notes, repeat_sent)
             cached = _cached(out, _cache_key(val, pool, root, drop, strategy, options))
@@ -149,21 +158,27 @@ def score_stores(
     return read_scores(out), notes
 
 
+def decide_strategy(name: str, kernel: str, estimator: str | None) -> Strategy:
+    """The strategy ``name`` (``kernel``, ``estimator``: a Fisher-kernel one's defaults), after
+    checking the search backend the environment asks for: what the orchestrator decides once,
+    before any model pass, and hands to ``score_stores``."""
+    strategy = make_strategy(name, {"estimator": estimator, "kernel": kernel})
+    backend_choice()  # a bad ALFK_SEARCH_BACKEND fails before any model pass
+    return strategy
+
+
 def _prepare(
     val: FeatureStore, pool: FeatureStore, options: ScoreOptions
-) -> tuple[Strategy, str, set[int], list[str]]:
-    """Checks, the strategy, the printed root, the rows left out before the ledger, and notes."""
+) -> tuple[str, set[int], list[str]]:
+    """Checks, the printed root, the rows left out before the ledger, and notes."""
     check_compatible(val, pool)
     if (np.asarray(val.labels[:]) < 0).any():
         raise AlfkError(
             f"{val.path} has images without labels; the validation store needs class sub-folders"
         )
-    strategy = make_strategy(
-        options.strategy, {"estimator": pool.pseudo_label, "kernel": options.kernel}
-    )
     root = options.image_root if options.image_root is not None else pool.image_root
     drop, notes = _left_out(val, pool, root, options.exclude)
-    return strategy, root, drop, notes
+    return root, drop, notes
 
 
 def _with_sent(
