@@ -26,7 +26,6 @@ from alfk_cli.scores import Scores, read_scores, write_scores
 from alfk_cli.search import backend_choice
 from alfk_cli.storereader import FeatureStore, check_compatible, open_store
 from alfk_cli.strategies import (
-    FisherKernel,
     Picked,
     RoundData,
     Strategy,
@@ -226,8 +225,7 @@ def _cache_key(
         "pool": pool.get_attr("fingerprint"),
         "P": options.P,
         "strategy": strategy.name,
-        "estimator": getattr(strategy, "estimator", None),
-        "kernel": getattr(strategy, "kernel", None),
+        **strategy.key_fields(),  # estimator, kernel (and a centre rule other than kcenter)
         "mc_samples": options.mc_samples if strategy.uses_mc else None,
         "seed": options.seed,
         "image_root": root,
@@ -235,10 +233,6 @@ def _cache_key(
         "left_out": hashlib.sha256(np.array(sorted(drop), dtype=np.int64).tobytes()).hexdigest(),
         "exact_count": options.exact_count,
     }
-    # kcenter (the only rule once) is left out, so scores files made before the rules stay valid.
-    rule = getattr(strategy, "centers", None)
-    if rule not in (None, "kcenter"):
-        key["centers"] = rule
     return json.dumps(key, sort_keys=True)
 
 
@@ -264,7 +258,7 @@ def _choose(
 ) -> acquisition.Selection:
     """The strategy's pick as a Selection (no centres for strategies without them)."""
     if P == 0:
-        return _empty_selection(getattr(strategy, "kernel", ""))
+        return _empty_selection(strategy.key_fields()["kernel"] or "")
     from alfk_cli.store_round import StoreRound  # torch: only when the scores are computed
 
     left_out = np.zeros(len(pool), dtype=bool)
@@ -294,16 +288,15 @@ def _choose(
 
 
 def _pick(strategy: Strategy, data: RoundData, P: int, seed: int) -> Picked:
-    """The strategy's choice. Under torchrun the Fisher-kernel strategies search the pool on
-    every rank (``shardsearch``); the others run on rank 0 alone and share their result."""
+    """The strategy's choice. Under torchrun a strategy that splits its search by rank (the
+    Fisher-kernel ones, ``shardsearch``) runs on every rank; the others run on rank 0 alone and
+    share their result."""
 
     def choose() -> Picked:
         with seeded(seed):
             return strategy.choose(data, P, seed)
 
-    if isinstance(strategy, FisherKernel):
-        return choose()
-    return distributed.on_main(choose)
+    return choose() if strategy.every_rank else distributed.on_main(choose)
 
 
 def _write(

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from alfk_cli import baselines, gradembed, submodular
+from alfk_cli.acquisition import CENTER_RULES, Selection
 from alfk_cli.errors import AlfkError
 from alfk_cli.estimators import DEFAULT_ESTIMATOR, Estimator, get_estimator
 from alfk_cli.kernels import Kernel, get_kernel
@@ -43,6 +44,7 @@ from alfk_cli.registry import Registry
 __all__ = [
     "STRATEGIES",
     "FisherKernel",
+    "FisherRound",
     "Picked",
     "RoundData",
     "Strategy",
@@ -61,7 +63,7 @@ class Picked:
     score: np.ndarray
     passes: int = 0
     pseudo_accuracy: float | None = None
-    selection: Any = None  # acquisition.Selection of a Fisher-kernel strategy (centres, fallback)
+    selection: Selection | None = None  # a Fisher-kernel strategy's, with centres and fallback
 
 
 class RoundData(Protocol):
@@ -117,9 +119,16 @@ class RoundData(Protocol):
         labels)``."""
         ...
 
+
+@runtime_checkable
+class FisherRound(Protocol):
+    """A round that runs the Fisher-kernel selection itself, from descriptors only it can make
+    (``fk`` and ``pcc`` read it besides :class:`RoundData`): the stores' round and the
+    simulation's implement it; a round without it serves every other strategy."""
+
     def fisher(
         self, estimator: Estimator, kernel: Kernel, P: int, seed: int, center_rule: str = "kcenter"
-    ) -> tuple[Any, Any]:
+    ) -> tuple[Selection, float | None]:
         """The Fisher-kernel selection over the available rows with the centre rule
         ``center_rule`` (:data:`alfk_cli.acquisition.CENTER_RULES`): ``(Selection with pool rows,
         pseudo-label accuracy or None)``."""
@@ -132,6 +141,9 @@ class Strategy:
     name: str = ""
     uses_mc: bool = False  # needs at least two Monte-Carlo samples
     estimator: str | None = None  # the pseudo-labels the pool's g must be computed with
+    #: ``choose`` runs on every rank under torchrun (its search is split by rank); else on rank
+    #: 0 alone, its result shared
+    every_rank: bool = False
 
     @classmethod
     def from_args(cls, args: Sequence[str], defaults: dict[str, str | None]) -> Strategy:
@@ -141,6 +153,11 @@ class Strategy:
 
     def choose(self, data: RoundData, P: int, seed: int) -> Picked:
         raise NotImplementedError
+
+    def key_fields(self) -> dict[str, str | None]:
+        """What the selection depends on besides the name, the data and the seed, as the scores
+        file's cache key records it: the estimator and the kernel (None where there is none)."""
+        return {"estimator": self.estimator, "kernel": None}
 
     @property
     def dirname(self) -> str:
@@ -350,11 +367,10 @@ class FisherKernel(Strategy):
     kernel: str = "sum"
     centers: str = DEFAULT_CENTER_RULE
     name: str = field(default="fk", repr=False)
+    every_rank = True  # the pool search is split by rank (shardsearch)
 
     @classmethod
     def from_args(cls, args: Sequence[str], defaults: dict[str, str | None]) -> Strategy:
-        from alfk_cli.acquisition import CENTER_RULES
-
         if len(args) > 3:
             raise AlfkError("use fk[:ESTIMATOR[:KERNEL[:CENTRES]]]")
         est = (args[0] if args and args[0] else None) or defaults.get("estimator")
@@ -376,7 +392,19 @@ class FisherKernel(Strategy):
     def uses_mc(self) -> bool:  # type: ignore[override]
         return get_estimator(self.estimator or DEFAULT_ESTIMATOR).uses_mc
 
+    def key_fields(self) -> dict[str, str | None]:
+        fields: dict[str, str | None] = {"estimator": self.estimator, "kernel": self.kernel}
+        # kcenter (the only rule once) is left out, so scores files made before the rules stay
+        # valid
+        if self.centers != "kcenter":
+            fields["centers"] = self.centers
+        return fields
+
     def choose(self, data: RoundData, P: int, seed: int) -> Picked:
+        if not isinstance(data, FisherRound):
+            raise AlfkError(
+                f"strategy {self.name} needs a round that runs the Fisher-kernel search"
+            )
         est = get_estimator(self.estimator or DEFAULT_ESTIMATOR)
         sel, pseudo_acc = data.fisher(est, get_kernel(self.kernel), P, seed, self.centers)
         n_avail = int(np.count_nonzero(data.available))

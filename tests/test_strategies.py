@@ -261,3 +261,38 @@ def test_mc_dropout_needs_dropout():
     model = build_model("resnet10", 10, seed=0)
     with pytest.raises(AlfkError, match="dropout"):
         st.mc_dropout_probs(model, _images(2, spec), spec, K=2, seed=0, device="cpu")
+
+
+def test_what_a_strategy_tells_the_score_stage():
+    """The cache key's strategy fields and where a strategy runs under torchrun come from the
+    strategy (``key_fields``, ``every_rank``), not from reading its attributes."""
+    from alfk_cli.strategies import make_strategy
+
+    fk = make_strategy("fk:p_yz:product:kcenter")
+    assert fk.key_fields() == {"estimator": "p_yz", "kernel": "product"} and fk.every_rank
+    assert make_strategy("fk:yhat:sum:class").key_fields() == {
+        "estimator": "yhat",
+        "kernel": "sum",
+        "centers": "class",
+    }
+    assert make_strategy("pcc").key_fields() == {"estimator": "p_yz", "kernel": "pcc"}
+    entropy = make_strategy("entropy")
+    assert entropy.key_fields() == {"estimator": None, "kernel": None} and not entropy.every_rank
+
+
+def test_a_fisher_kernel_strategy_needs_a_round_that_runs_the_search():
+    """``fisher`` is not part of the generic RoundData: a round without it serves every other
+    strategy, and ``fk`` says what it misses in one line."""
+    from alfk_cli.strategies import make_strategy
+
+    class Plain:
+        available = np.ones(5, dtype=bool)
+        labelled = np.zeros(5, dtype=bool)
+        num_classes, n_val, mc_samples = 2, 3, 2
+
+        def probs(self, rows):
+            return np.tile([0.3, 0.7], (len(rows), 1))
+
+    assert len(make_strategy("entropy").choose(Plain(), 2, 0).rows) == 2
+    with pytest.raises(AlfkError, match="fk needs a round that runs the Fisher-kernel search"):
+        make_strategy("fk").choose(Plain(), 2, 0)
