@@ -25,6 +25,15 @@ from typing import Any
 import numpy as np
 
 from alfk_cli.errors import AlfkError
+from alfk_cli.fkinputs import (
+    DescriptorSource,
+    Exclude,
+    ValidationSource,
+    checked_descriptors,
+    field_of,
+    keep_mask,
+    positive_int,
+)
 from alfk_cli.kernels import Buffers, Kernel, canonical, error_bounds, get_kernel
 from alfk_cli.quotas import class_quotas
 from alfk_cli.search import CPU_BACKEND, U64, SearchBackend, kcenter_greedy, search_backend
@@ -159,7 +168,7 @@ def choose_centers(
     the centres are the same on every backend.
     """
     kern = get_kernel(kernel)
-    P = _positive_int(P, "P")
+    P = positive_int(P, "P")
     if rule not in CENTER_RULES:
         raise AlfkError(f"unknown centre rule {rule!r}; use one of {', '.join(CENTER_RULES)}")
     if val_logits is None or val_labels is None:
@@ -271,44 +280,6 @@ def rank_major_select(
 # ----------------------------------------------------------------------------- select
 
 
-def _field(obj: Any, name: str) -> Any:
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def _positive_int(value: Any, name: str) -> int:
-    try:
-        v = int(value)
-    except (TypeError, ValueError) as exc:
-        raise AlfkError(f"{name} must be a positive integer, got {value!r}") from exc
-    if v != value or v < 1:
-        raise AlfkError(f"{name} must be a positive integer, got {value!r}")
-    return v
-
-
-def _keep_mask(exclude: Any, n: int) -> np.ndarray | None:
-    """Boolean mask of pool rows to search, or None when nothing is excluded."""
-    if exclude is None:
-        return None
-    ex = np.asarray(exclude)
-    if ex.dtype == bool:
-        if ex.shape != (n,):
-            raise AlfkError(f"exclude mask has shape {ex.shape}, expected ({n},)")
-        keep = ~ex
-    else:
-        ex = ex.reshape(-1)
-        if ex.size == 0:
-            return None
-        if not np.issubdtype(ex.dtype, np.integer):
-            raise AlfkError("exclude must be a boolean mask or an array of pool row indices")
-        if ex.min() < 0 or ex.max() >= n:
-            raise AlfkError(f"exclude holds row indices outside the pool [0, {n})")
-        keep = np.ones(n, dtype=bool)
-        keep[ex] = False
-    return None if keep.all() else keep
-
-
 def _pool_chunks(
     pz: Any,
     pg: Any,
@@ -345,41 +316,12 @@ def _pool_chunks(
         yield ids, kernel.payload(read(pz, a, b, m), g, dims, buffers)
 
 
-def _matrix(x: Any, name: str, who: str) -> Any:
-    if x is None:
-        raise AlfkError(f"the {who} descriptors have no {name!r}")
-    if len(getattr(x, "shape", ())) != 2:
-        raise AlfkError(f"the {who} {name!r} must be 2-D, got shape {getattr(x, 'shape', None)}")
-    return x
-
-
-def _checked_descriptors(val: Any, pool: Any) -> tuple[Any, Any, Any, Any, Sequence[int]]:
-    """The validation and pool z and g, and the scale widths, checked to agree."""
-    vz = _matrix(_field(val, "z"), "z", "validation")
-    vg = _matrix(_field(val, "g"), "g", "validation")
-    pz = _matrix(_field(pool, "z"), "z", "pool")
-    pg = _matrix(_field(pool, "g"), "g", "pool")
-    width = vz.shape[1]
-    dims = check_dims(_field(val, "scale_dims"), width)
-    pool_dims = _field(pool, "scale_dims")
-    if pool_dims is not None and check_dims(pool_dims, pz.shape[1]) != dims:
-        raise AlfkError(
-            f"validation scale_dims {list(dims)} and pool scale_dims {list(pool_dims)} differ"
-        )
-    if vg.shape != vz.shape or pg.shape != pz.shape or pz.shape[1] != width:
-        raise AlfkError(
-            f"shape mismatch: validation z {vz.shape}, g {vg.shape}; pool z {pz.shape}, "
-            f"g {pg.shape}"
-        )
-    return vz, vg, pz, pg, dims
-
-
 def select(
-    val: Any,
-    pool: Any,
+    val: ValidationSource | Mapping[str, Any],
+    pool: DescriptorSource | Mapping[str, Any],
     P: int,
     kernel: str | Kernel = "sum",
-    exclude: Any = None,
+    exclude: Exclude = None,
     seed: int = 0,
     device: str = "cpu",
     chunk_rows: int = 65536,
@@ -398,20 +340,20 @@ def select(
     not depend on it.
     """
     kern = get_kernel(kernel)
-    P = _positive_int(P, "P")
-    chunk_rows = _positive_int(chunk_rows, "chunk_rows")
+    P = positive_int(P, "P")
+    chunk_rows = positive_int(chunk_rows, "chunk_rows")
     backend = backend or search_backend(device)  # the one choice of where the search runs
 
-    vz, vg, pz, pg, dims = _checked_descriptors(val, pool)
+    vz, vg, pz, pg, dims = checked_descriptors(val, pool)
     n_pool = pz.shape[0]
-    keep = _keep_mask(exclude, n_pool)
+    keep = keep_mask(exclude, n_pool)
     n_avail = n_pool if keep is None else int(keep.sum())
     if n_avail < P:
         raise AlfkError(f"P={P} exceeds the {n_avail} available pool images")
 
     vz = np.asarray(vz)
     vg = np.asarray(vg)
-    logits, labels = _field(val, "logits"), _field(val, "labels")
+    logits, labels = field_of(val, "logits"), field_of(val, "labels")
     args = (vz, vg, logits, labels, dims, P, kern, seed, center_rule)
     centers, fallback = choose_centers(*args, backend=backend)
     cz = standardize(vz[centers], dims)
