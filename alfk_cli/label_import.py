@@ -116,8 +116,9 @@ def _labelled(
     out = []
     for i, task in _latest_per_task(tasks):
         where = f"{path.name} task {task.get('id', f'#{i + 1}')}"
+        data: dict[str, Any]
         if "annotations" in task or isinstance(task.get("data"), dict):
-            data = task.get("data") if isinstance(task.get("data"), dict) else {}
+            data = task["data"] if isinstance(task.get("data"), dict) else {}
             label, skip = _task_label(task, where)
         else:  # JSON_MIN: the data fields and the controls side by side
             data = task
