@@ -187,7 +187,7 @@ def test_round_trip(site):
         "POST", "/api/projects", {"title": "alfk night 1", "label_config": _config()}
     )
     pid = project["id"]
-    storage = {"project": pid, "title": "pool", "path": str(root / "pool"), "use_blob_urls": True}
+    storage = {"project": pid, "title": "pool", "path": str(root / "pool"), "use_blob_urls": False}
     server.json("POST", "/api/storages/localfiles", storage)
     imported = server.json("POST", f"/api/projects/{pid}/import", tasks)
     assert imported["task_count"] == len(tasks) and imported["prediction_count"] == len(tasks)
