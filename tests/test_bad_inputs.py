@@ -385,6 +385,9 @@ def test_damaged_work_files_do_not_block_the_next_run(cli, corpus):
         assert_clean_failure(r)
 
 
+LS_CSV = "alfk_path,choice,annotator,annotation_id,id\n"  # Label Studio's CSV export header
+
+
 def test_labels_import_files_only_pool_images_and_only_under_into(cli, corpus):
     """Hostile exports (issue 19): each is one error before anything is written, and no file
     outside the pool is ever linked or copied, nor anything written outside --into."""
@@ -412,6 +415,10 @@ def test_labels_import_files_only_pool_images_and_only_under_into(cli, corpus):
         ("t.csv", "path,label\npool/.hidden.png,a\n", []),
         ("t.csv", "path,label\npool/fifo.png,a\n", ["--skip-missing"]),
         ("t.json", '{"tasks": [{"data": {"alfk_path": "pool/img0000.png"}}]}', []),
+        # Label Studio's JSON_MIN and CSV exports (issue 18): the same checks
+        ("t.json", json.dumps([{"id": 1, "alfk_path": f"{d}/init.pt", "choice": "a"}]), []),
+        ("t.csv", f"{LS_CSV}pool/../init.pt,a,1,1,1\n", []),
+        ("t.csv", f'{LS_CSV}pool/img0000.png,"{{""choices"": [""a"", ""b""]}}",1,1,1\n', []),
         ("t.csv", "path,label\npool/img0000.png,a\n", ["--into", f"{d}/pool/lab"]),
         ("t.csv", "path,label\npool/img0000.png,a\n", ["--into", d]),
     ]
