@@ -371,13 +371,13 @@ def _write_report(out: Path, result: Scores, val_store: Path | None, quiet: bool
 def _run_select(
     val: Path, pool: Path, options, quiet: bool, deliver: Callable[[Scores, Path], None]
 ) -> None:
-    """The orchestrator with progress on stderr, the selection delivered (then recorded), then
-    what it did."""
+    """The orchestrator with progress on stderr, the selection delivered, then what it did."""
     from alfk_cli.pipeline import run_select
     from alfk_cli.progress import make_progress
 
     with contextlib.ExitStack() as bars:
-        progress = bars.enter_context(make_progress(quiet))
+        progress = make_progress(quiet)
+        bars.enter_context(progress)
 
         def after_bars(result: Scores, val_store: Path) -> None:
             bars.close()  # rich's live bars redirect sys.stdout while they run
@@ -441,15 +441,10 @@ def _print_selection(result: Scores, fmt: ScoreFormat, export: dict, recorded: b
         for line in _selection_lines(result, fmt, export):
             out.write(line + "\n")
         out.flush()
-    except BrokenPipeError:  # e.g. `alfk select ... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-        if recorded:
-            raise AlfkError(
-                "standard output was closed before the whole selection was written; "
-                "nothing recorded"
-            ) from None
-    except OSError as exc:  # e.g. > /dev/full, or a full disk behind the redirection
-        lost = " (nothing recorded)" if recorded else ""
-        raise AlfkError(
-            f"cannot write the selection to standard output: {exc.strerror}{lost}"
-        ) from None
+    except OSError as exc:  # > /dev/full, a full disk behind the redirection, a reader gone
+        if isinstance(exc, BrokenPipeError):  # e.g. `| head`: fine for a look
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+            if not recorded:
+                return
+        why = f"{exc.strerror}{' (nothing recorded)' if recorded else ''}"
+        raise AlfkError(f"cannot write the selection to standard output: {why}") from None

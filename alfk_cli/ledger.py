@@ -115,7 +115,7 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     """A lock another connection holds (SQLITE_BUSY / SQLITE_LOCKED), not a damaged file."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (not in the type stubs)
     return "locked" in str(exc)
 
 

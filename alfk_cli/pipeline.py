@@ -136,20 +136,7 @@ def run_select(
                 progress=progress,
             )
         )
-        score = ScoreOptions(
-            P=P,
-            strategy=options.strategy,
-            kernel=options.kernel,
-            exclude=options.exclude,
-            seed=options.seed,
-            device=options.device,
-            image_root=pool_arg,
-            reuse=True,
-            exact_count=options.exact_count,
-            checkpoint=ckpt,
-            mc_samples=options.mc_samples,
-            workers=options.workers,
-        )
+        score = _score_options(options, pool_arg, ckpt)
         scores, notes = _score(val_store, pool_store, wd, score, options)
         if deliver is not None:  # an error here (stdout gone, a full disk) records nothing
             deliver(scores, val_store)
@@ -157,6 +144,23 @@ def run_select(
             notes.append(_record(wd, scores, options, pool_arg))
     report.seconds = time.perf_counter() - t0
     return scores, notes, report
+
+
+def _score_options(options: SelectOptions, pool_arg: str, ckpt: Path) -> ScoreOptions:
+    return ScoreOptions(
+        P=options.P,
+        strategy=options.strategy,
+        kernel=options.kernel,
+        exclude=options.exclude,
+        seed=options.seed,
+        device=options.device,
+        image_root=pool_arg,
+        reuse=True,
+        exact_count=options.exact_count,
+        checkpoint=ckpt,
+        mc_samples=options.mc_samples,
+        workers=options.workers,
+    )
 
 
 def _score(

@@ -261,6 +261,18 @@ def test_a_lost_stdout_records_nothing_and_the_next_night_sends_the_same(eco, tm
     assert rc == 1 and err.splitlines() == [
         "error: standard output is closed; redirect it to a file (or /dev/null)"
     ]
+    with open(tmp_path / "hangup.log", "w") as log:  # a reader that is gone before the output
+        reader = subprocess.Popen(
+            [*ALFK, "select", "--val", "eco/ex/val", "--pool", "eco/ex/unlabeled", "--P", "5",
+             "--model", "eco/ex/init.pt", "--device", "cpu", "--workers", "0", "-q"],
+            stdout=subprocess.PIPE, stderr=log, env=_env(), cwd=tmp_path,
+        )  # fmt: skip
+        assert reader.stdout is not None
+        reader.stdout.close()
+        assert reader.wait(timeout=300) == 1
+    assert (tmp_path / "hangup.log").read_text().splitlines() == [
+        "error: cannot write the selection to standard output: Broken pipe (nothing recorded)"
+    ]
     rc, night1, err = _night(tmp_path)
     assert rc == 0 and night1 == peek, err  # nothing was lost: the same five images
     assert "warning" not in err and "recorded as run 1" in err  # a failed night is no deletion
