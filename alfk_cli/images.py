@@ -14,11 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from alfk_cli.imagescan import (
-    ImageSet,
-    decode_errors,
-    unreadable,
-)
+from alfk_cli.imagescan import ImageSet, decode_errors, unreadable
 from alfk_cli.inputspec import InputSpec
 from alfk_cli.reproducible import loader_generator
 

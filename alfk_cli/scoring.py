@@ -25,13 +25,7 @@ from alfk_cli.reproducible import seeded
 from alfk_cli.scores import Scores, read_scores, write_scores
 from alfk_cli.search import backend_choice
 from alfk_cli.storereader import FeatureStore, check_compatible, open_store
-from alfk_cli.strategies import (
-    Picked,
-    RoundData,
-    Strategy,
-    checked_rows,
-    make_strategy,
-)
+from alfk_cli.strategies import Picked, RoundData, Strategy, checked_rows, make_strategy
 from alfk_cli.workdir import match_exclusions
 
 __all__ = ["ScoreOptions", "decide_strategy", "score_stores"]
@@ -92,14 +86,12 @@ def score_stores(
     out: str | os.PathLike,
     options: ScoreOptions,
     *,
-    repeat_sent: frozenset[str] | None = None,
     strategy: Strategy | None = None,
 ) -> tuple[Scores, list[str]]:
     """Select ``options.P`` pool images against the validation store; write the scores file
     ``out``. Returns the scores and notes for the user (e.g. the no-misclassified fallback).
+    With ``reuse``, an existing ``out`` made from the same inputs (``sent`` included) is returned.
 
-    ``repeat_sent``: with ``reuse``, an existing ``out`` made with these images left out as sent
-    (instead of ``options.sent``) is returned as it is: the previous run, repeated unchanged.
     ``strategy``: ``options.strategy`` as ``decide_strategy`` made it for the orchestrator, which
     embedded the pool for it; None: decided here, a Fisher-kernel strategy taking the pool
     store's pseudo-labels as its estimator unless its name gives one."""
@@ -112,11 +104,6 @@ def score_stores(
             strategy = make_strategy(
                 options.strategy, {"estimator": pool.pseudo_label, "kernel": options.kernel}
             )
-        if options.reuse and repeat_sent is not None:
-            drop, _ = _with_sent(pool, base, base_notes, repeat_sent)
-            cached = _cached(out, _cache_key(val, pool, root, drop, strategy, options))
-            if cached is not None:
-                return cached
         drop, notes = _with_sent(pool, base, base_notes, options.sent)
         key = _cache_key(val, pool, root, drop, strategy, options)
         if options.reuse:
