@@ -26,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alfk_cli import acquisition
-from alfk_cli.search import CPU_BACKEND, SearchBackend
+from alfk_cli.search.exact import CPU_BACKEND, SearchBackend
+from alfk_cli.strategies import acquisition
 
 
 def backends() -> list[SearchBackend]:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from childproc import run_child  # noqa: E402
 
 from alfk_cli import __version__  # noqa: E402
-from alfk_cli.storeformat import COMPRESSION, SCHEMA_VERSION, STR, str_array  # noqa: E402
+from alfk_cli.store.format import COMPRESSION, SCHEMA_VERSION, STR, str_array  # noqa: E402
 
 CLASSES = [f"c{i}" for i in range(10)]
 ROW_CHUNK = 256  # the embedding batch: what `embed` chunks stores by

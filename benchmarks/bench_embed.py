@@ -19,10 +19,10 @@ from functools import partial
 import numpy as np
 import torch
 
-from alfk_cli.archs import build_model, get_arch, resolve_taps, scale_dims
-from alfk_cli.descriptors import describe_batch
-from alfk_cli.devices import full_precision
-from alfk_cli.pseudolabels import NearestReference
+from alfk_cli.features.descriptors import describe_batch
+from alfk_cli.features.pseudolabels import NearestReference
+from alfk_cli.models.archs import build_model, get_arch, resolve_taps, scale_dims
+from alfk_cli.util.devices import full_precision
 
 CASES = [("lenet", 256, ("L20", "L80")), ("resnet18", 32, ("L512", "L768"))]
 

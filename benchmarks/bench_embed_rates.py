@@ -36,17 +36,13 @@ sys.path.insert(0, str(REPO))
 
 from childproc import run_child  # noqa: E402
 
-from alfk_cli.archs import (  # noqa: E402
-    build_model,
-    get_arch,
-    resolve_taps,
-)
-from alfk_cli.checkpoint import save_checkpoint  # noqa: E402
-from alfk_cli.embedding import embed_folder  # noqa: E402
-from alfk_cli.embedoptions import EmbedOptions  # noqa: E402
-from alfk_cli.estimators import describe_images  # noqa: E402
-from alfk_cli.images import decoded_batches, loader_workers  # noqa: E402
-from alfk_cli.imagescan import scan_images  # noqa: E402
+from alfk_cli.data.decode import decoded_batches, loader_workers  # noqa: E402
+from alfk_cli.data.scan import scan_images  # noqa: E402
+from alfk_cli.embed.job import embed_folder  # noqa: E402
+from alfk_cli.embed.options import EmbedOptions  # noqa: E402
+from alfk_cli.features.estimators import describe_images  # noqa: E402
+from alfk_cli.models.archs import build_model, get_arch, resolve_taps  # noqa: E402
+from alfk_cli.models.checkpoint import save_checkpoint  # noqa: E402
 
 
 def sync(dev: torch.device) -> None:

@@ -1,4 +1,4 @@
-"""Cost of matching a nightly exclusion list by identity (``workdir.match_exclusions``).
+"""Cost of matching a nightly exclusion list by identity (``selection.workdir.match_exclusions``).
 
 A pool of N image paths (``dayXXX/NNNNNN.png``, files created empty on disk so that paths resolve
 as in real use) and an exclusion list of M lines written the three ways a sent.txt meets it: as a
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from alfk_cli.workdir import match_exclusions
+from alfk_cli.selection.workdir import match_exclusions
 
 
 def main() -> None:

@@ -19,9 +19,9 @@ from unittest import mock
 
 import torch
 
-import alfk_cli.descriptors as descriptors
-from alfk_cli.archs import build_model, get_arch, resolve_taps
-from alfk_cli.descriptors import describe_batch
+import alfk_cli.features.descriptors as descriptors
+from alfk_cli.features.descriptors import describe_batch
+from alfk_cli.models.archs import build_model, get_arch, resolve_taps
 
 CASES = [
     ("lenet", "L80", (256, 1024)),

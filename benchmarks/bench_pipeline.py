@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from alfk_cli.archs import build_model, get_arch, resolve_taps
-from alfk_cli.checkpoint import save_checkpoint
-from alfk_cli.embedoptions import DEFAULT_BATCH
-from alfk_cli.estimators import describe_images
-from alfk_cli.images import ImageDataset, loader_workers, preload
-from alfk_cli.imagescan import scan_images
-from alfk_cli.reproducible import loader_generator
+from alfk_cli.data.decode import ImageDataset, loader_workers, preload
+from alfk_cli.data.scan import scan_images
+from alfk_cli.embed.options import DEFAULT_BATCH
+from alfk_cli.features.estimators import describe_images
+from alfk_cli.models.archs import build_model, get_arch, resolve_taps
+from alfk_cli.models.checkpoint import save_checkpoint
+from alfk_cli.util.reproducible import loader_generator
 
 ARCHIVE = Path("/work/shared/data/cifar10/cifar10-jpg.tar.gz")
 
@@ -119,7 +119,7 @@ def model_rate(folder: Path, arch: str, batch: int, device: torch.device, rounds
 def whole_rate(folder: Path, ckpt: Path, out: Path, device: str, workers: int | None):
     """(images/s over the process's wall time, images/s the command reports)."""
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "alfk_cli.cli", "embed", "-m", str(ckpt), "-i", str(folder)]
+    cmd = [sys.executable, "-m", "alfk_cli.cli.main", "embed", "-m", str(ckpt), "-i", str(folder)]
     cmd += ["-o", str(out), "--device", device]
     if workers is not None:
         cmd += ["--workers", str(workers)]

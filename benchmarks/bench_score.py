@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alfk_cli import acquisition
-from alfk_cli.kernels import KERNELS
-from alfk_cli.standardize import standardize
+from alfk_cli.features.standardize import standardize
+from alfk_cli.strategies import acquisition
+from alfk_cli.strategies.kernels import KERNELS
 
 
 def rss_bytes() -> int:

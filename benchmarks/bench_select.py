@@ -63,7 +63,7 @@ def warm_rounds(args: argparse.Namespace, sel: list[str]) -> None:
         for extra in settings:
             for checkout in checkouts:
                 # -m from the checkout: its alfk_cli comes first on sys.path
-                cmd = [sys.executable, "-m", "alfk_cli.cli", *sel[3:], *extra]
+                cmd = [sys.executable, "-m", "alfk_cli.cli.main", *sel[3:], *extra]
                 wall, cpu, rss, out = run(cmd, "warm select", cwd=Path(checkout))
                 printed.add(out)
                 load = os.getloadavg()[0]
@@ -108,7 +108,7 @@ def main() -> None:
             ],
             check=True,
         )
-    alfk = [sys.executable, "-m", "alfk_cli.cli"]
+    alfk = [sys.executable, "-m", "alfk_cli.cli.main"]
     dev = ["--device", args.device, "--workers", str(args.workers)]
     work = root / "bench"
     init = work / "init.pt"

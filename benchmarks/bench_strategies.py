@@ -1,7 +1,7 @@
 """Time and memory of the modern baselines' selection maths on a synthetic pool (issue 11).
 
-BADGE's k-means++ (``gradembed.kmeanspp_rows``), SIMILAR's FLQMI lazy greedy and GCMI
-(``submodular``) and class-balanced entropy (``baselines.balanced_top``) over N pool rows with D
+BADGE's k-means++ (``strategies.badge.kmeanspp_rows``), SIMILAR's FLQMI lazy greedy and GCMI
+(``strategies.similar``) and class-balanced entropy (``baselines.balanced_top``) over N pool rows with D
 classes and F classifier-input features, |Q| query rows, P picks. The inputs are random softmax
 outputs and |N(0,1)| features (ReLU-like), so the embeddings' geometry is not a trained
 network's, and lazy greedy's savings depend on that geometry. FLQMI runs twice: with the N×|Q|
@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 
-from alfk_cli import baselines, gradembed, submodular
-from alfk_cli.quotas import class_quotas
+from alfk_cli.strategies import badge, baselines, similar
+from alfk_cli.strategies.quotas import class_quotas
 
 
 def _rss_gib() -> float:
@@ -62,20 +62,20 @@ def main() -> None:
     print(f"balanced-entropy: {time.perf_counter() - t0:7.2f} s ({len(rows)} rows)")
 
     t0 = time.perf_counter()
-    emb = gradembed.grad_embedding(probs, feats)
-    rows = gradembed.kmeanspp_rows(emb, args.P, args.seed)
+    emb = badge.grad_embedding(probs, feats)
+    rows = badge.kmeanspp_rows(emb, args.P, args.seed)
     print(f"badge k-means++:  {time.perf_counter() - t0:7.2f} s, peak RSS {_rss_gib():.2f} GiB")
 
-    pool = gradembed.grad_embedding(probs, feats, bias=True)
-    query = gradembed.grad_embedding(qp, qf, qy, bias=True)
+    pool = badge.grad_embedding(probs, feats, bias=True)
+    query = badge.grad_embedding(qp, qf, qy, bias=True)
     t0 = time.perf_counter()
-    rows, _ = submodular.gcmi_top(pool, query, args.P)
+    rows, _ = similar.gcmi_top(pool, query, args.P)
     print(f"similar:gcmi:     {time.perf_counter() - t0:7.2f} s, peak RSS {_rss_gib():.2f} GiB")
 
     for cached in (True, False) if args.uncached else (True,):
-        submodular.CACHE_ENTRIES = 2**27 if cached else 0
+        similar.CACHE_ENTRIES = 2**27 if cached else 0
         t0 = time.perf_counter()
-        rows, _ = submodular.flqmi_greedy(pool, query, args.P)
+        rows, _ = similar.flqmi_greedy(pool, query, args.P)
         how = "N×|Q| kept" if cached and n * m <= 2**27 else "rows recomputed"
         print(
             f"similar (flqmi), {how}: {time.perf_counter() - t0:7.2f} s, "

@@ -57,8 +57,8 @@ with Pool(16) as pool:
 print(f"{len(src)} CIFAR-10 training JPEGs; {len(jobs)} 224-px JPEGs")
 EOF
 
-step "tests/test_cuda.py"
-timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt"
+step "tests/e2e/test_cuda.py"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/e2e/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt"
 
 step "embed: CIFAR-10 (32 px), resnet10, 16 workers; alfk embed as a child; torchrun, 1 process"
 timeout 150 python3 benchmarks/bench_embed_rates.py --images "$DATA/cifar10/train" --arch resnet10 \

@@ -55,7 +55,7 @@ class Result:
 @pytest.fixture
 def cli(capsys):
     """Run ``alfk ARGS`` in-process through the real entry point (error handling included)."""
-    from alfk_cli.cli import main
+    from alfk_cli.cli.main import main
 
     def run(*args: str) -> Result:
         capsys.readouterr()
@@ -78,8 +78,8 @@ def cli(capsys):
 def small_world(tmp_path, monkeypatch) -> Path:
     """In a fresh working directory: val/ (3 classes × 4 images), a flat pool/ of 30 images and
     init.pt, a rotation-pretrained LeNet checkpoint (untrained weights, seeded)."""
-    from alfk_cli.archs import ROTATION_CLASSES, build_model
-    from alfk_cli.checkpoint import save_checkpoint
+    from alfk_cli.models.archs import ROTATION_CLASSES, build_model
+    from alfk_cli.models.checkpoint import save_checkpoint
 
     monkeypatch.chdir(tmp_path)
     make_labelled(Path("val"), ["a", "b", "c"], 4)

@@ -1,0 +1,259 @@
+"""The command line's shared pieces: option types, parse-time checks, and stderr wording.
+
+Option values are checked when the command line is parsed (exit 2, before any work), against the
+library's own registries, imported only then so that ``--help`` stays fast; none of those checks
+imports torch (a run with nothing to compute must not). Everything for humans goes to stderr;
+stdout carries data only.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Collection
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, TextIO, TypeVar
+
+import typer
+
+from alfk_cli.cli.console import stderr
+from alfk_cli.data.names import printable
+from alfk_cli.errors import AlfkError
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+_Value = TypeVar("_Value", bound="str | None")
+
+
+def one_of(value: _Value, allowed: Collection[str], option: str) -> _Value:
+    if value is not None and value not in allowed:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+    return value
+
+
+def check_device(value: str) -> str:
+    from alfk_cli.util.devices import parse_device
+
+    try:
+        return parse_device(value)
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
+
+
+def check_kernel(value: str) -> str:
+    from alfk_cli.strategies.kernels import KERNELS
+
+    return one_of(value, KERNELS, "--kernel")
+
+
+def check_pseudo_label(value: str | None) -> str | None:
+    from alfk_cli.features.estimators import ESTIMATORS
+
+    return one_of(value, ESTIMATORS, "--pseudo-label")
+
+
+def check_strategy(value: str) -> str:
+    from alfk_cli.strategies.registry import make_strategy
+
+    try:
+        make_strategy(value)
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--strategy") from None
+    return value
+
+
+def check_arch(value: str | None) -> str | None:
+    from alfk_cli.models.archs import ARCHITECTURES
+
+    return one_of(value, ARCHITECTURES, "--arch")
+
+
+def check_format(value: str) -> str:
+    from alfk_cli.selection.scoresfile import FORMATS
+
+    return one_of(value, FORMATS, "--format")
+
+
+def check_taps(arch: str, taps: str | None) -> None:
+    """``--taps`` against the architecture it will be used with (known once the checkpoint is)."""
+    from alfk_cli.models.archs import resolve_taps
+
+    if taps:
+        try:
+            resolve_taps(arch, taps)
+        except AlfkError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--taps") from None
+
+
+def checkpoint_arch(model: Path | None, default: str) -> str:
+    """The architecture of ``model`` (read before any work), else ``default``."""
+    if model is None:
+        return default
+    from alfk_cli.models.checkpoint import read_checkpoint
+
+    return read_checkpoint(model).arch
+
+
+def outputs_ok(out: Path, *inputs: Path | None) -> None:
+    """Fail before any work when ``out`` cannot be written or is one of the command's inputs."""
+    from alfk_cli.util.atomic import check_output
+
+    check_output(out, *inputs)
+
+
+# Options shared by several commands.
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        callback=check_device,
+        help="auto, cpu, cuda or cuda:N (auto = cuda when available).",
+    ),
+]
+Balance = Annotated[
+    str,
+    typer.Option(
+        "--balance",
+        callback=lambda v: one_of(v, ("none", "reweight", "sample", "auto"), "--balance"),
+        help="Class balancing of the labelled images: none, reweight (inverse-frequency loss "
+        "weights), sample (class-balanced draws) or auto (the best of the three on validation).",
+    ),
+]
+Seed = Annotated[
+    int, typer.Option("--seed", help="Seed for initialisation, shuffling and sampling.")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summaries on stderr.")]
+Strict = Annotated[
+    bool,
+    typer.Option(
+        "--strict", help="Fail on unreadable or non-image files instead of skipping them."
+    ),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=0,
+        help="Image-decoding worker processes (default: the cores available, at most 16; "
+        "0: decode in the main process).",
+    ),
+]
+PoolList = Annotated[
+    Path | None,
+    typer.Option(
+        "--pool-list",
+        help="File naming the images, one path per line relative to the folder ('-': standard "
+        "input), instead of walking the folder; names already in the store are not re-stat'ed.",
+    ),
+]
+Arch = Annotated[
+    str | None,
+    typer.Option(
+        "--arch", callback=check_arch, help="lenet, resnet10, resnet18 or a plug-in's (alfk list)."
+    ),
+]
+ExactCount = Annotated[
+    bool,
+    typer.Option(
+        "--exact-count",
+        help="Fail when fewer than P pool images are left (default: select the ones left, "
+        "with a warning).",
+    ),
+]
+
+
+def stdout() -> TextIO:
+    """Standard output, or a one-line error when it is closed (``>&-``: Python's is None)."""
+    if sys.stdout is None:
+        raise AlfkError("standard output is closed; redirect it to a file (or /dev/null)")
+    return sys.stdout
+
+
+def say(quiet: bool, message: str) -> None:
+    if not quiet:
+        stderr.print(message)
+
+
+def say_note(quiet: bool, note: str) -> None:
+    """A library note: ``warning: …`` ones as they are, the others as ``note: …``."""
+    say(quiet, note if note.startswith("warning:") else f"note: {note}")
+
+
+def report_skipped(skipped: list[tuple[str, str]] | list[str], root: Path, quiet: bool) -> None:
+    """List files that were skipped, on stderr (unless --quiet)."""
+    if not skipped or quiet:
+        return
+    stderr.print(f"[yellow]warning:[/] skipped {len(skipped)} file(s) under {root}:")
+    for item in skipped[:20]:
+        path, reason = item if isinstance(item, tuple) else (item, "could not be decoded")
+        stderr.print(f"  {printable(str(root / path))}: {reason}", markup=False)
+    if len(skipped) > 20:
+        stderr.print(f"  … and {len(skipped) - 20} more")
+
+
+def accuracy_table(title: str, classes: list[str], overall: float, per_class: list[float]) -> Table:
+    from rich import box
+    from rich.table import Table
+
+    from alfk_cli.cli.console import plain_output
+
+    # no box-drawing characters in a log file
+    table = Table(
+        title=title, title_justify="left", box=box.ASCII2 if plain_output() else box.HEAVY_HEAD
+    )
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, acc in zip(classes, per_class, strict=False):
+        table.add_row(name, "-" if acc != acc else f"{100 * acc:.1f}%")
+    table.add_row("[bold]overall", f"[bold]{100 * overall:.2f}%")
+    return table
+
+
+Kernel = Annotated[
+    str,
+    typer.Option(
+        "--kernel",
+        "-k",
+        callback=check_kernel,
+        help="sum (R_z+R_g, default), product (R_z·R_g, the paper's PFK) or pcc (R_z).",
+    ),
+]
+PseudoLabel = Annotated[
+    str | None,
+    typer.Option(
+        "--pseudo-label",
+        callback=check_pseudo_label,
+        help="Labels for a pool's g: p_yz_knn (default), p_yz (the paper's), yhat, true, mc_trace "
+        "or mc_mi.",
+    ),
+]
+Taps = Annotated[
+    str | None,
+    typer.Option("--taps", help="A preset (L80, L768, ...) or comma-separated tap names."),
+]
+Exclude = Annotated[
+    Path | None,
+    typer.Option("--exclude", help="File of pool images to leave out (one path per line)."),
+]
+StrategyName = Annotated[
+    str,
+    typer.Option(
+        "--strategy",
+        callback=check_strategy,
+        help="fk[:ESTIMATOR[:KERNEL[:CENTRES]]] (default fk: p_yz_knn pseudo-labels, or "
+        "--pseudo-label, the --kernel, and sample centres; the paper's method is "
+        "fk:p_yz:sum:kcenter), pcc, random, entropy, margin, varR, bald, coreset, balanced-entropy, badge, "
+        "similar[:flqmi|gcmi], or a plug-in's "
+        "(alfk list strategies).",
+    ),
+]
+McSamples = Annotated[
+    int, typer.Option("--mc-samples", min=2, help="K for varR, bald, mc_trace and mc_mi.")
+]
+
+
+def csv_list(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise typer.BadParameter(f"give a comma-separated list of {what}")
+    return items

@@ -1,0 +1,6 @@
+"""Labels back from annotators: Label Studio tasks, reading exports, filing labelled images. Floor
+7 of the house (docs/design.md, "Module map"): it may import util, data, store, search, models,
+features, train, strategies, embed, selection, simulate and errors; never a room on its own
+floor or above (tests/unit/test_imports.py). Empty on purpose: importing the package imports
+nothing (a warm select must not pull in torch or faiss).
+"""

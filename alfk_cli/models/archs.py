@@ -1,0 +1,194 @@
+"""The architecture registry: names, inputs and tap presets, read without importing torch.
+
+What an architecture is called, what it eats and which taps it offers is decided from the command
+line and from the files before any model pass (a warm ``select`` never builds a network), so it
+lives here. The networks are ``models``' (torch, and nothing of the registry), imported only
+when one is built (``build_model``) or a fact is read off a built one (``ArchSpec.tap_dims``
+runs one blank image through a throw-away copy, so no width is ever typed by hand;
+``penultimate_tap``): this module imports ``models``, never the other way round.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from alfk_cli.data.inputspec import InputSpec
+from alfk_cli.errors import AlfkError
+from alfk_cli.util.registry import Registry
+
+if TYPE_CHECKING:
+    from alfk_cli.models.nets import TapNet
+
+ROTATION_CLASSES = ("0", "90", "180", "270")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A registered architecture: how to build it, what it eats, its tap presets."""
+
+    name: str
+    build: Callable[[int], TapNet]  # number of classes -> a freshly initialised TapNet
+    input: InputSpec
+    presets: dict[str, tuple[str, ...]]  # paper presets, named by total length L
+    default_preset: str
+    train_defaults: dict[str, float] = field(default_factory=dict)
+
+    @cached_property
+    def tap_dims(self) -> dict[str, int]:
+        """Tap name -> its length after global average pooling, read off the built network.
+
+        One forward pass of a blank image through a throw-away copy (seeded: no RNG is used
+        outside it), so no width is ever typed by hand.
+        """
+        import torch
+
+        from alfk_cli.models.nets import pool
+
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(0)
+            net = self.build(2).eval()
+            x = torch.zeros(1, self.input.channels, self.input.size, self.input.size)
+            _, feats = net.forward_taps(x, net.stage_names)
+        return {name: pool(f).shape[1] for name, f in zip(net.stage_names, feats, strict=True)}
+
+
+ARCHITECTURES: Registry[ArchSpec] = Registry("architecture", "alfk.architectures")
+
+
+def register_arch(
+    name: str,
+    *,
+    input: InputSpec,
+    presets: dict[str, tuple[str, ...]],
+    default_preset: str,
+    train_defaults: dict[str, float] | None = None,
+) -> Callable[[Callable[[int], TapNet]], Callable[[int], TapNet]]:
+    """Decorator: register ``build(num_classes) -> TapNet`` as architecture ``name``."""
+    if default_preset not in presets:
+        raise ValueError(f"default preset {default_preset!r} is not one of {', '.join(presets)}")
+
+    def add(build: Callable[[int], TapNet]) -> Callable[[int], TapNet]:
+        spec = ArchSpec(name, build, input, dict(presets), default_preset, train_defaults or {})
+        ARCHITECTURES.register(name)(spec)
+        return build
+
+    return add
+
+
+def get_arch(name: str) -> ArchSpec:
+    """The registered architecture ``name``; an unknown name is an error naming the known ones."""
+    return ARCHITECTURES[name]
+
+
+def resolve_taps(arch: str, taps: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A preset name (``L80``), a comma-separated list of tap names, or None for the default.
+
+    Presets, and lists that spell one out, need no network; other names are checked against
+    the stages of the built network (which imports torch)."""
+    spec = get_arch(arch)
+    if taps is None or taps == "":
+        return spec.presets[spec.default_preset]
+    if isinstance(taps, str):
+        if taps in spec.presets:
+            return spec.presets[taps]
+        taps = [t.strip() for t in taps.split(",") if t.strip()]
+    names = tuple(taps)
+    if names in spec.presets.values():
+        return names
+    bad = [t for t in names if t not in spec.tap_dims]
+    if bad or not names:
+        raise AlfkError(
+            f"unknown tap {bad[0] if bad else '(none)'!r} for {arch}; presets: "
+            f"{', '.join(spec.presets)}; taps: {', '.join(spec.tap_dims)}"
+        )
+    if len(set(names)) != len(names):
+        raise AlfkError(f"taps repeat a name: {','.join(names)}")
+    return names
+
+
+def scale_dims(arch: str, taps: Sequence[str]) -> list[int]:
+    spec = get_arch(arch)
+    return [spec.tap_dims[t] for t in taps]
+
+
+def build_model(arch: str, num_classes: int, seed: int | None = None) -> TapNet:
+    """A freshly initialised network; ``seed`` makes the initial weights reproducible."""
+    import torch
+
+    spec = get_arch(arch)
+    if seed is None:
+        return spec.build(num_classes)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.build(num_classes)
+
+
+def penultimate_tap(arch: str) -> str | None:
+    """The tap whose pooled output z-slice is exactly the classifier's input in eval mode: the
+    last stage, when the head between it and the classifier only pools, flattens or drops out;
+    None for an architecture whose head computes something else."""
+    import torch
+
+    from alfk_cli.models.nets import only_pools
+
+    with torch.random.fork_rng(devices=[]):
+        net = get_arch(arch).build(2)
+    return net.stage_names[-1] if only_pools(net.head) else None
+
+
+# --- the built-in architectures (networks in ``models``) -----------------------------------------
+
+
+def _build_builtin(function: str, num_classes: int) -> TapNet:
+    """``models.<function>(num_classes)``: models (torch) is imported when a network is built."""
+    from alfk_cli.models import nets
+
+    net: TapNet = getattr(nets, function)(num_classes)
+    return net
+
+
+def _built_by(function: str) -> Callable[[int], TapNet]:
+    # a partial of a module-level function, so a spec pickles like one holding the function
+    return functools.partial(_build_builtin, function)
+
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+register_arch(
+    "lenet",
+    input=InputSpec(28, 1, (0.1307,), (0.3081,)),
+    presets={"L20": ("conv2",), "L80": ("conv1", "conv2", "fc1")},
+    default_preset="L80",
+    train_defaults={"lr": 0.05, "momentum": 0.5, "weight_decay": 0.0, "batch_size": 25},
+)(_built_by("build_lenet"))
+register_arch(
+    "resnet10",
+    input=InputSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    presets={"L256": ("layer3",), "L768": ("layer3", "layer4")},
+    default_preset="L768",
+    train_defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128},
+)(_built_by("build_resnet10"))
+register_arch(
+    "resnet18",
+    input=InputSpec(224, 3, *_IMAGENET),
+    presets={"L512": ("layer4",), "L768": ("layer3", "layer4")},
+    default_preset="L768",
+    train_defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 64},
+)(_built_by("build_resnet18"))
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "ROTATION_CLASSES",
+    "ArchSpec",
+    "build_model",
+    "get_arch",
+    "penultimate_tap",
+    "register_arch",
+    "resolve_taps",
+    "scale_dims",
+]
