@@ -13,6 +13,7 @@ import typer
 
 from alfk_cli.cli_app import app
 from alfk_cli.cli_options import (
+    ARCH_HELP,
     Device,
     ExactCount,
     Exclude,
@@ -26,7 +27,7 @@ from alfk_cli.cli_options import (
     Strict,
     Taps,
     Workers,
-    check_arch,
+    check_arch_form,
     check_format,
     check_taps,
     checkpoint_arch,
@@ -192,7 +193,9 @@ SelectModel = Annotated[
 PretrainArch = Annotated[
     str,
     typer.Option(
-        "--arch", callback=check_arch, help="Architecture to pretrain when there is no checkpoint."
+        "--arch",
+        callback=check_arch_form,
+        help="Architecture to pretrain when there is no checkpoint: " + ARCH_HELP,
     ),
 ]
 Workdir = Annotated[
@@ -259,7 +262,7 @@ def select(
     pool: PoolFolder = None,
     scores: ScoresFile = None,
     model: SelectModel = None,
-    arch: PretrainArch = "lenet",
+    arch: PretrainArch = "auto",
     workdir: Workdir = None,
     exclude: Exclude = None,
     strategy: StrategyName = "fk",
@@ -358,6 +361,8 @@ def _run_select(val: Path, pool: Path, options, quiet: bool) -> tuple[Scores, Pa
         result, notes, report = run_select(val, pool, options, progress=progress)
     if report.pretrained:
         say(quiet, f"no checkpoint given or cached: pretrained {report.checkpoint}")
+        for note in report.notes:  # the architecture and why
+            say_note(quiet, note)
     else:
         say(quiet, f"model {report.checkpoint}")
     for folder, s in zip((val, pool), report.embeds):
