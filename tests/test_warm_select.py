@@ -127,7 +127,7 @@ def test_a_warm_select_on_a_timm_backbone_imports_neither_torch_nor_timm(cli, wo
     WORK.mkdir(parents=True)
     model = build_model(arch, len(ROTATION_CLASSES), seed=0)
     save_checkpoint(WORK / "init.pt", model, arch, list(ROTATION_CLASSES), head="rotation")
-    night = (*SELECT[:7], "--arch", arch, "--workers", "0", "--device", "cpu")
+    night = (*SELECT[:8], "--arch", arch, "--workers", "0", "--device", "cpu")
     cold = cli(*night, "--taps", "L896")
     assert cold.exit_code == 0, cold.stderr
     warm, heavy = _alfk(*night, "--taps", "L896")
