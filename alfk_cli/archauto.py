@@ -123,12 +123,19 @@ def pick_arch(arch: str | None, images: ImageSet) -> tuple[str, str | None]:
     )
 
 
+def auto_reason(arch: str | None, said: str | None) -> str | None:
+    """What a checkpoint records of the choice (``info["arch_auto"]``): ``pick_arch``'s note when
+    ``arch`` was ``auto`` (or None), else None (an explicit name's warning is not a reason)."""
+    return said if arch in (None, AUTO) else None
+
+
 __all__ = [
     "CHOICES",
     "GREY_MODES",
     "SAMPLE",
     "SMALL",
     "FolderLook",
+    "auto_reason",
     "choose_arch",
     "look",
     "misfit",

@@ -47,19 +47,19 @@ def _load_start(init: Path | None, arch: str | None):
     return load_start(init, None if arch == AUTO else arch) if init else None
 
 
-def _choose_arch(arch: str | None, start, images, quiet: bool) -> str:
-    """The architecture to build: ``--arch``, else the ``--init`` checkpoint's (``start``), else
-    one chosen from ``images`` (``auto``); a note says which and why, a warning when an explicit
-    one does not fit the images."""
-    from alfk_cli.archauto import pick_arch
+def _choose_arch(arch: str | None, start, images, quiet: bool) -> tuple[str, str | None]:
+    """The architecture to build and why, when ``auto`` chose it (``archauto.auto_reason``):
+    ``--arch``, else the ``--init`` checkpoint's (``start``), else one chosen from ``images``; a
+    note says which and why, a warning when an explicit one does not fit the images."""
+    from alfk_cli.archauto import auto_reason, pick_arch
     from alfk_cli.archs import AUTO
 
     if start is not None:
-        return start.arch if arch in (None, AUTO) else arch
+        return (start.arch if arch in (None, AUTO) else arch), None
     chosen, said = pick_arch(arch, images)
     if said:
         say_note(quiet, said)
-    return chosen
+    return chosen, auto_reason(arch, said)
 
 
 @app.command(epilog="Example: alfk train --data labeled/ --val val/ --init init.pt --out model.pt")
@@ -112,8 +112,10 @@ def train(
     val_set = scan_images(val, strict=strict, verify=strict)
     report_skipped(data_set.skipped, data, quiet)
     report_skipped(val_set.skipped, val, quiet)
+    chosen, why = _choose_arch(arch, start, data_set, quiet)
     options = TrainOptions(
-        arch=_choose_arch(arch, start, data_set, quiet),
+        arch=chosen,
+        arch_auto=why,
         epochs=epochs,
         lr=lr,
         momentum=momentum,
@@ -194,11 +196,12 @@ def pretrain(
     start = _load_start(init, arch)
     found = scan_images(images, strict=strict, verify=strict)
     report_skipped(found.skipped, images, quiet)
-    arch = _choose_arch(arch, start, found, quiet)
+    arch, why = _choose_arch(arch, start, found, quiet)
     if start is not None:
         say(quiet, f"initialised from {init} ({start.head} weights); the rotation head is fresh")
     options = TrainOptions(
         arch=arch,
+        arch_auto=why,
         epochs=epochs,
         lr=lr,
         momentum=momentum,

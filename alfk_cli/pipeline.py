@@ -228,7 +228,7 @@ def _pretrain(
     images: ImageSet, out: Path, options: SelectOptions, progress: ProgressSink | None
 ) -> list[str]:
     """Rotation-pretrain on the pool; returns what to say about the architecture."""
-    from alfk_cli.archauto import pick_arch
+    from alfk_cli.archauto import auto_reason, pick_arch
     from alfk_cli.archs import resolve_taps
     from alfk_cli.devices import resolve_device
     from alfk_cli.training_jobs import TrainOptions, pretrain_checkpoint
@@ -237,6 +237,7 @@ def _pretrain(
     resolve_taps(arch, options.taps)  # taps that do not fit the choice fail before training
     train = TrainOptions(
         arch=arch,
+        arch_auto=auto_reason(options.arch, said),
         epochs=options.pretrain_epochs,
         seed=options.seed,
         workers=options.workers,

@@ -46,6 +46,9 @@ class TrainOptions:
     seed: int = 0
     workers: int | None = None
     balance: str = "none"  # class balancing for ``train`` (balance.py); pretraining ignores it
+    # why ``--arch auto`` chose ``arch`` (archauto's note): kept in the checkpoint's info as
+    # ``arch_auto``; None for an explicit architecture (whose checkpoint bytes stay as they were)
+    arch_auto: str | None = None
 
     def config(self, arch: str, milestones: tuple[float, ...] | None = None) -> TrainConfig:
         """The resolved configuration for ``arch``."""
@@ -139,6 +142,8 @@ def train_checkpoint(
         "val_accuracy": result.best_accuracy,
         "train_images": len(data),
     }
+    if options.arch_auto:
+        info["arch_auto"] = options.arch_auto
     # under torchrun (DDP) every rank holds the same weights; rank 0 writes them
     distributed.on_main(
         lambda: save_checkpoint(out, model.cpu(), arch, data.classes, "classifier", info)
@@ -186,6 +191,8 @@ def pretrain_checkpoint(
     }
     if init is not None:
         info.update(init=str(init.path or ""), init_sha256=init.sha256)
+    if options.arch_auto:
+        info["arch_auto"] = options.arch_auto
     distributed.on_main(
         lambda: save_checkpoint(out, model.cpu(), arch, list(ROTATION_CLASSES), "rotation", info)
     )

@@ -95,6 +95,7 @@ def test_select_on_colour_photos_pretrains_a_colour_network_and_says_so(cli, tmp
                      "about 32 px, from 20 headers"]  # fmt: skip
     ckpt = read_checkpoint(".alfk/pool/init.pt")
     assert ckpt.arch == "resnet10" and ckpt.input.channels == 3
+    assert ckpt.info["arch_auto"] == notes[0].removeprefix("note: ")  # recorded: which and why
     # cached: the next night neither chooses nor says anything about it
     again = cli("select", "--val", "val", "--pool", "pool", "--P", "3", "--device", "cpu")
     assert again.exit_code == 0 and "--arch auto" not in again.stderr
@@ -125,3 +126,37 @@ def test_pretrain_train_and_simulate_choose_too(cli, tmp_path, monkeypatch):
     assert r.exit_code == 0, r.stderr
     assert "note: --arch auto: resnet10" in r.stderr
     assert '"arch": "resnet10"' in Path("sim/config.json").read_text()
+
+
+def test_the_greyscale_default_is_still_lenet_and_its_stores_unchanged(cli, tmp_path, monkeypatch):
+    """auto on greyscale digits builds the same LeNet as ``--arch lenet`` (the old default): the
+    same weights and the same z, g and logits in the stores; only the auto checkpoint's info says
+    why (``arch_auto``), and an explicit architecture's checkpoint keeps the old info keys."""
+    import h5py
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    make_labelled(Path("grey"), ["a", "b"], 6, size=28)  # labelled: embed needs no reference
+    fast = ("--epochs", "1", "--device", "cpu", "--workers", "0")
+    for name, extra in (("auto", ()), ("lenet", ("--arch", "lenet"))):
+        r = cli("pretrain", "--images", "grey", "--out", f"{name}.pt", *extra, *fast)
+        assert r.exit_code == 0, r.stderr
+        r = cli("embed", "--model", f"{name}.pt", "--images", "grey", "--out", f"{name}.h5",
+                *fast[2:])  # fmt: skip
+        assert r.exit_code == 0, r.stderr
+    auto, lenet = read_checkpoint("auto.pt"), read_checkpoint("lenet.pt")
+    assert auto.arch == lenet.arch == "lenet"
+    assert auto.info.pop("arch_auto").startswith("--arch auto: lenet (28×28 greyscale) for grey")
+    assert auto.info == lenet.info and set(lenet.info) == {
+        "task", "images", "images_count", "epochs", "lr", "batch_size", "seed", "balance",
+        "best_epoch", "rotation_accuracy",
+    }  # fmt: skip
+    a, b = auto.load().state_dict, lenet.load().state_dict
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "arch_spec" not in torch.load("lenet.pt", weights_only=True)
+    with h5py.File("auto.h5") as fa, h5py.File("lenet.h5") as fb:
+        names = sorted(fa)
+        assert names == sorted(fb) and {"z", "g"} <= set(names)
+        for key in names:
+            if isinstance(fa[key], h5py.Dataset):
+                np.testing.assert_array_equal(fa[key][()], fb[key][()], err_msg=key)
