@@ -7,6 +7,7 @@ traceback, and never a file under any output name the failing command was given.
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import zlib
@@ -161,10 +162,10 @@ def test_every_stage_skips_and_lists_the_bad_files(cli, corpus):
         "--epochs", "1", "--device", "cpu",
     )  # fmt: skip
     assert_listed(r, BAD_FILES)
-    for fmt in ("txt", "csv", "jsonl"):
+    for fmt in ("txt", "csv", "jsonl"):  # looks at the whole pool (a recorded run sends it all)
         r = cli(
             "select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "30", "--model",
-            f"{d}/init.pt", "--device", "cpu", "--format", fmt,
+            f"{d}/init.pt", "--device", "cpu", "--format", fmt, "--no-ledger",
         )  # fmt: skip
         assert_listed(r, BAD_FILES)
         lines = r.stdout.splitlines()
@@ -382,3 +383,109 @@ def test_damaged_work_files_do_not_block_the_next_run(cli, corpus):
         assert "img0001.png" not in r.stdout
     else:
         assert_clean_failure(r)
+
+
+LS_CSV = "alfk_path,choice,annotator,annotation_id,id\n"  # Label Studio's CSV export header
+
+
+def test_labels_import_files_only_pool_images_and_only_under_into(cli, corpus):
+    """Hostile exports (issue 19): each is one error before anything is written, and no file
+    outside the pool is ever linked or copied, nor anything written outside --into."""
+    root, _ = corpus
+    d = str(root)
+    (root / "pool" / "out.png").symlink_to(root / "init.pt")
+    (root / "target").mkdir()
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "pool" / "fifo.png")
+    links = {p: p.stat().st_nlink for p in (root / "init.pt", root / "train" / "a" / "img0000.png")}
+    url = "/data/local-files/?d=pool/%2e%2e/init.pt"
+
+    def task(path: str, key: str = "alfk_path") -> str:
+        result = [{"type": "choices", "value": {"choices": ["a"]}}]
+        return json.dumps([{"id": 1, "data": {key: path}, "annotations": [{"result": result}]}])
+
+    cases = [
+        ("t.json", task("pool/../init.pt"), []),
+        ("t.json", task(f"{d}/init.pt"), []),
+        ("t.json", task("pool/../train/a/img0000.png", "image"), []),
+        ("t.json", task("pool/out.png"), []),
+        ("t.json", task(url, "image"), ["--url-prefix", "/data/local-files/?d="]),
+        ("t.csv", f"path,label\n{d}/init.pt,a\n", []),
+        ("t.csv", "path,label\npool/notes.txt,a\n", []),
+        ("t.csv", "path,label\npool/.hidden.png,a\n", []),
+        ("t.csv", "path,label\npool/fifo.png,a\n", ["--skip-missing"]),
+        ("t.json", '{"tasks": [{"data": {"alfk_path": "pool/img0000.png"}}]}', []),
+        # Label Studio's JSON_MIN and CSV exports (issue 18): the same checks
+        ("t.json", json.dumps([{"id": 1, "alfk_path": f"{d}/init.pt", "choice": "a"}]), []),
+        ("t.csv", f"{LS_CSV}pool/../init.pt,a,1,1,1\n", []),
+        ("t.csv", f'{LS_CSV}pool/img0000.png,"{{""choices"": [""a"", ""b""]}}",1,1,1\n', []),
+        ("t.csv", "path,label\npool/img0000.png,a\n", ["--into", f"{d}/pool/lab"]),
+        ("t.csv", "path,label\npool/img0000.png,a\n", ["--into", d]),
+    ]
+    for name, text, extra in cases:
+        (root / name).write_text(text)
+        into = ["--into", f"{d}/labeled"] if "--into" not in extra else []
+        r = cli("labels", "import", f"{d}/{name}", "--pool", f"{d}/pool", "--root", d,
+                "--classes-from", f"{d}/val", *into, *extra)  # fmt: skip
+        assert_clean_failure(r)
+        assert not (root / "labeled").exists() and not (root / "pool" / "lab").exists(), text
+        assert not (root / ".alfk-labels").exists()
+    (root / "labeled").mkdir()
+    (root / "labeled" / "a").symlink_to(root / "target", target_is_directory=True)
+    (root / "t.csv").write_text("path,label\npool/img0000.png,a\n")
+    r = cli("labels", "import", f"{d}/t.csv", "--pool", f"{d}/pool", "--root", d,
+            "--into", f"{d}/labeled")  # fmt: skip
+    assert_clean_failure(r)
+    assert list((root / "target").iterdir()) == [] and len(list((root / "labeled").iterdir())) == 1
+    assert {p: p.stat().st_nlink for p in links} == links
+
+
+def test_a_busy_ledger_is_busy_not_damaged(cli, corpus, monkeypatch, tmp_path):
+    """A ledger another process holds (issue 19): a bounded wait, then "busy", never the advice to
+    move a healthy ledger aside; the holder named where the work folder's lock tells who."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    root, _ = corpus
+    d, wd = str(root), root / "wd"
+    select = ("select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "3", "--model",
+              f"{d}/init.pt", "--workdir", str(wd), "--device", "cpu", "--workers", "0")  # fmt: skip
+    assert cli(*select, "-q").exit_code == 0 and cli(*select, "-q").exit_code == 0  # two runs
+    before = (wd / "ledger.sqlite").read_bytes()
+    monkeypatch.setenv("ALFK_LEDGER_TIMEOUT", "0.2")
+    con = sqlite3.connect(wd / "ledger.sqlite", isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")  # as a `sqlite3 ledger.sqlite` session may hold it
+    try:
+        for args in (select, ("history", "--workdir", str(wd)), ("history", "--workdir", str(wd),
+                                                                 "--run", "last")):  # fmt: skip
+            r = cli(*args)
+            assert_clean_failure(r)
+            assert r.stderr.strip().splitlines()[-1] == (
+                f"error: the ledger {wd}/ledger.sqlite is busy: another alfk or sqlite session "
+                "holds it; try again when it is done"
+            )
+            assert "damaged" not in r.stderr and "move it aside" not in r.stderr and not r.stdout
+        # a select holding the work folder (its lock says who): named
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+             "from alfk_cli.workdir import locked\nwith locked(Path(sys.argv[1])):\n"
+             " print('held', flush=True); time.sleep(60)", str(wd)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            r = cli("history", "--workdir", str(wd))
+            assert_clean_failure(r)
+            assert f"is busy: alfk select (pid {holder.pid}) holds it" in r.stderr
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+    assert (wd / "ledger.sqlite").read_bytes() == before  # nothing recorded, nothing lost
+    monkeypatch.setenv("ALFK_LEDGER_TIMEOUT", "soon")
+    r = cli("history", "--workdir", str(wd))
+    assert_clean_failure(r)
+    assert "ALFK_LEDGER_TIMEOUT='soon' is not a number of seconds" in r.stderr
