@@ -350,13 +350,23 @@ def _drawn_problems(probe: dict, shot: Image.Image, root: Path) -> list[str]:
             if abs(h - 120 * b["value"] / peak) > 1:
                 bad.append(f"{svg['title']}: bar {b['cls']} drawn {h} px high for {b['value']}")
             elif h >= 3:
-                inner = np.asarray(shot.crop((round(x) + 1, round(y) + 1, round(x + w) - 1, round(y + h) - 1)))
+                inner = np.asarray(
+                    shot.crop((round(x) + 1, round(y) + 1, round(x + w) - 1, round(y + h) - 1))
+                )
                 if np.abs(inner.reshape(-1, 3).mean(0) - BAR_RGB).max() > 8:
                     bad.append(f"{svg['title']}: bar {b['cls']} not drawn in the bar colour")
         for t in svg["texts"]:
             x, y, w, h = t["box"]
-            if w <= 0 or x < sx - 0.5 or y < sy - 0.5 or x + w > sx + sw + 0.5 or y + h > sy + sh + 0.5:
-                bad.append(f"{svg['title']}: text {t['text']!r} at {t['box']} cut by the chart {svg['box']}")
+            if (
+                w <= 0
+                or x < sx - 0.5
+                or y < sy - 0.5
+                or x + w > sx + sw + 0.5
+                or y + h > sy + sh + 0.5
+            ):
+                bad.append(
+                    f"{svg['title']}: text {t['text']!r} at {t['box']} cut by the chart {svg['box']}"
+                )
     return bad
 
 
@@ -400,7 +410,7 @@ def test_the_browser_check_sees_a_broken_page(chromium, cifar_report, tmp_path):
                       r"\g<1>iVBORw0KGgoAAAANSUhEUgAAACAAAAAg\g<2>", page)  # fmt: skip
     assert n == 1  # a data URI cut short: a PNG header with no image data
     chart = r'(<svg class="hist" data-title="Validation set by class"[^>]*>)'
-    page, n = re.subn(chart + '(<line[^>]*>)<rect ', r'\1\2<rect style="fill:none" ', page)
+    page, n = re.subn(chart + "(<line[^>]*>)<rect ", r'\1\2<rect style="fill:none" ', page)
     assert n == 1
     # the last chart 20 px narrower, as before the fix: its last label ("truck") is cut
     page, n = re.subn(
