@@ -191,6 +191,14 @@ ARCH_HELP = (
     "model with features_only) or a plug-in's (alfk list architectures)."
 )
 Arch = Annotated[str | None, typer.Option("--arch", callback=check_arch, help=ARCH_HELP)]
+PretrainArch = Annotated[  # select's: a timm:NAME is checked for its form only (warm runs)
+    str,
+    typer.Option(
+        "--arch",
+        callback=check_arch_form,
+        help="Architecture to pretrain when there is no checkpoint: " + ARCH_HELP,
+    ),
+]
 ExactCount = Annotated[
     bool,
     typer.Option(

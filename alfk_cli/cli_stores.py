@@ -14,13 +14,13 @@ import typer
 
 from alfk_cli.cli_app import app
 from alfk_cli.cli_options import (
-    ARCH_HELP,
     Device,
     ExactCount,
     Exclude,
     Kernel,
     McSamples,
     PoolList,
+    PretrainArch,
     PseudoLabel,
     Quiet,
     Seed,
@@ -28,7 +28,6 @@ from alfk_cli.cli_options import (
     Strict,
     Taps,
     Workers,
-    check_arch_form,
     check_format,
     check_taps,
     checkpoint_arch,
@@ -190,14 +189,6 @@ SelectModel = Annotated[
         "--model",
         "-m",
         help="Task checkpoint (default: newest in the work folder, else pretrain one).",
-    ),
-]
-PretrainArch = Annotated[
-    str,
-    typer.Option(
-        "--arch",
-        callback=check_arch_form,
-        help="Architecture to pretrain when there is no checkpoint: " + ARCH_HELP,
     ),
 ]
 Workdir = Annotated[

@@ -62,6 +62,13 @@ def _choose_arch(arch: str | None, start, images, quiet: bool) -> tuple[str, str
     return chosen, auto_reason(arch, said)
 
 
+TRAIN_INIT_HELP = (
+    "Start from this checkpoint (pretrained or a previous model), a torchvision resnet18 "
+    "state-dict file, torchvision:resnet18 (ImageNet weights), or with --arch timm:NAME a "
+    "weights file of that model."
+)
+
+
 @app.command(epilog="Example: alfk train --data labeled/ --val val/ --init init.pt --out model.pt")
 def train(
     data: Annotated[
@@ -74,15 +81,7 @@ def train(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
-    init: Annotated[
-        Path | None,
-        typer.Option(
-            "--init",
-            help="Start from this checkpoint (pretrained or a previous model), a torchvision "
-            "resnet18 state-dict file, torchvision:resnet18 (ImageNet weights), or with "
-            "--arch timm:NAME a weights file of that model.",
-        ),
-    ] = None,
+    init: Annotated[Path | None, typer.Option("--init", help=TRAIN_INIT_HELP)] = None,
     arch: Arch = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
     lr: Annotated[
@@ -110,8 +109,8 @@ def train(
     # decode failures are listed when the images are decoded; --strict checks them first
     data_set = scan_images(data, strict=strict, verify=strict)
     val_set = scan_images(val, strict=strict, verify=strict)
-    report_skipped(data_set.skipped, data, quiet)
-    report_skipped(val_set.skipped, val, quiet)
+    for found, folder in ((data_set, data), (val_set, val)):
+        report_skipped(found.skipped, folder, quiet)
     chosen, why = _choose_arch(arch, start, data_set, quiet)
     options = TrainOptions(
         arch=chosen,
@@ -125,7 +124,6 @@ def train(
         workers=workers,
         balance=balance,
     )
-    head = start.head if start else ""
     with make_progress(quiet) as progress:
         report = train_checkpoint(
             data_set,
@@ -135,7 +133,7 @@ def train(
             device=dev,
             init=start,
             progress=progress,
-            on_start=lambda s: _say_training(quiet, init, head, s),
+            on_start=lambda s: _say_training(quiet, init, start.head if start else "", s),
         )
     result = report.result
     report_skipped(result.skipped, data, quiet)
