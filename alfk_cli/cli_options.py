@@ -187,8 +187,8 @@ PoolList = Annotated[
     ),
 ]
 ARCH_HELP = (
-    "auto (chosen from the images), lenet, resnet10, resnet18, timm:NAME[@SIZE] (any timm "
-    "model with features_only) or a plug-in's (alfk list architectures)."
+    "auto (chosen from the images), lenet, resnet10, resnet18, timm:NAME or timm:NAME@SIZE "
+    "(any timm model with features_only) or a plug-in's (alfk list architectures)."
 )
 Arch = Annotated[str | None, typer.Option("--arch", callback=check_arch, help=ARCH_HELP)]
 PretrainArch = Annotated[  # select's: a timm:NAME is checked for its form only (warm runs)
