@@ -20,6 +20,7 @@ from alfk_cli.cli.options import (
     csv_list,
     one_of,
     say,
+    say_note,
 )
 from alfk_cli.errors import AlfkError
 
@@ -111,7 +112,7 @@ def simulate(
     seeds: Seeds = "0",
     imbalance: Imbalance = None,
     rare: Rare = "5,6,7,8,9",
-    arch: Arch = "lenet",
+    arch: Arch = "auto",
     taps: Taps = None,
     init: Init = "pretrain",
     epochs: Epochs = 50,
@@ -139,7 +140,12 @@ def simulate(
         seed_list = tuple(int(s) for s in csv_list(seeds, "seeds"))
     except ValueError:
         raise typer.BadParameter("seeds must be integers", param_hint="--seeds") from None
-    assert arch is not None  # --arch defaults to lenet here and cannot be given empty
+    from alfk_cli.data.scan import scan_images
+    from alfk_cli.models.archauto import pick_arch
+
+    arch, said = pick_arch(arch, scan_images(pool))  # auto: from the pool's images
+    if said:
+        say_note(quiet, said)
     options = SimulateOptions(
         pool=pool, val=val, test=test, out=out,
         strategies=tuple(csv_list(strategies, "strategies")), rounds=rounds, P=P,

@@ -6,6 +6,11 @@ lives here. The networks are ``models``' (torch, and nothing of the registry), i
 when one is built (``build_model``) or a fact is read off a built one (``ArchSpec.tap_dims``
 runs one blank image through a throw-away copy, so no width is ever typed by hand;
 ``penultimate_tap``): this module imports ``models``, never the other way round.
+
+Besides the registered names, ``timm:NAME`` names any timm backbone (``models.timmnets``): its
+spec is made when the name is first looked up, which imports timm (and torch), or from the
+record a checkpoint of it carries (:func:`remember_arch`), which imports nothing, so a warm
+``select`` on a timm checkpoint stays torch-free.
 """
 
 from __future__ import annotations
@@ -14,16 +19,18 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from alfk_cli.data.inputspec import InputSpec
 from alfk_cli.errors import AlfkError
+from alfk_cli.models.timmname import TIMM_PREFIX
 from alfk_cli.util.registry import Registry
 
 if TYPE_CHECKING:
     from alfk_cli.models.nets import TapNet
 
 ROTATION_CLASSES = ("0", "90", "180", "270")
+AUTO = "auto"  # --arch auto: chosen from the images (archauto)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,10 @@ class ArchSpec:
     presets: dict[str, tuple[str, ...]]  # paper presets, named by total length L
     default_preset: str
     train_defaults: dict[str, float] = field(default_factory=dict)
+    # a family's spec (timm:NAME) knows its widths and carries a torch-free record of itself,
+    # which checkpoints keep (models/checkpoint.py) so that reading one rebuilds the spec without timm
+    dims: dict[str, int] | None = None
+    record: dict[str, Any] | None = None
 
     @cached_property
     def tap_dims(self) -> dict[str, int]:
@@ -44,6 +55,8 @@ class ArchSpec:
         One forward pass of a blank image through a throw-away copy (seeded: no RNG is used
         outside it), so no width is ever typed by hand.
         """
+        if self.dims is not None:
+            return dict(self.dims)
         import torch
 
         from alfk_cli.models.nets import pool
@@ -140,6 +153,70 @@ def penultimate_tap(arch: str) -> str | None:
     return net.stage_names[-1] if only_pools(net.head) else None
 
 
+# --- timm:NAME, resolved when looked up (networks in ``models.timmnets``) -------------------------
+
+_FAMILY: dict[str, ArchSpec] = {}  # timm:NAME specs met in this process
+
+
+def _build_timm(record: dict[str, Any], num_classes: int) -> TapNet:
+    from alfk_cli.models.timmnets import build_timm
+
+    return build_timm(record, num_classes)
+
+
+def spec_from_record(name: str, record: dict[str, Any]) -> ArchSpec:
+    """The spec of ``name`` from its torch-free record (what ``models.timmnets`` measured)."""
+    try:
+        inp = record["input"]
+        presets = {str(k): tuple(str(t) for t in v) for k, v in record["presets"].items()}
+        spec = ArchSpec(
+            name,
+            functools.partial(_build_timm, dict(record)),
+            InputSpec(
+                int(inp["size"]), int(inp["channels"]), tuple(inp["mean"]), tuple(inp["std"])
+            ),
+            presets,
+            str(record["default_preset"]),
+            {str(k): float(v) for k, v in record["train_defaults"].items()},
+            dims={str(k): int(v) for k, v in record["dims"].items()},
+            record=dict(record),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise AlfkError(f"the architecture record of {name} is damaged ({exc!r})") from None
+    if spec.default_preset not in presets or any(t not in spec.tap_dims for t in record["taps"]):
+        raise AlfkError(f"the architecture record of {name} is damaged (taps and presets differ)")
+    return spec
+
+
+def known_family(name: str) -> bool:
+    """Whether ``name`` (``timm:NAME``) is known in this process without importing timm."""
+    return name in _FAMILY
+
+
+def remember_arch(name: str, record: dict[str, Any]) -> ArchSpec:
+    """Make ``name`` known from a checkpoint's record, unless this process knows it already."""
+    if name not in _FAMILY:
+        _FAMILY[name] = spec_from_record(name, record)
+    return _FAMILY[name]
+
+
+def _resolve_timm(name: str) -> ArchSpec:
+    if name not in _FAMILY:
+        from alfk_cli.models.timmnets import timm_record  # imports torch and timm
+
+        _FAMILY[name] = spec_from_record(name, timm_record(name))
+    return _FAMILY[name]
+
+
+def _describe_timm() -> str:
+    from alfk_cli.models.timmnets import describe_family
+
+    return describe_family()
+
+
+ARCHITECTURES.register_prefix(TIMM_PREFIX, _resolve_timm, _describe_timm)
+
+
 # --- the built-in architectures (networks in ``models``) -----------------------------------------
 
 
@@ -183,12 +260,16 @@ register_arch(
 
 __all__ = [
     "ARCHITECTURES",
+    "AUTO",
     "ROTATION_CLASSES",
     "ArchSpec",
     "build_model",
     "get_arch",
+    "known_family",
     "penultimate_tap",
     "register_arch",
+    "remember_arch",
     "resolve_taps",
     "scale_dims",
+    "spec_from_record",
 ]

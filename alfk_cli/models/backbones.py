@@ -3,7 +3,9 @@
 ``alfk train --init`` takes an alfk checkpoint, a torchvision ResNet-18 state dict saved to a
 file (``torch.save(torchvision.models.resnet18(weights=...).state_dict(), "resnet18.pth")``) or
 the name ``torchvision:resnet18`` (torchvision downloads the weights, or finds them in the torch
-hub cache). Files are read with ``weights_only=True`` only: a pickled model is refused.
+hub cache). Files are read with ``weights_only=True`` only: a pickled model is refused. With
+``--arch timm:NAME`` it also takes that timm model's weights from a local file
+(``from_timm_file``); ``timm:NAME`` weights by name are refused (no download).
 
 torchvision's keys map onto alfk's ResNet keys one to one (docs/design.md):
 
@@ -32,6 +34,8 @@ from alfk_cli.models.checkpoint import (
     file_sha256,
     is_checkpoint_dict,
 )
+from alfk_cli.models.ckptreader import read_torch_file
+from alfk_cli.models.timmname import TIMM_PREFIX
 
 PREFIX = "torchvision:"
 HEAD = "imagenet"  # the Checkpoint.head of torchvision weights: init_from keeps only the trunk
@@ -138,24 +142,57 @@ def load_start(path: str | os.PathLike, arch: str | None = None) -> Checkpoint:
     ``torchvision:resnet18``; ``arch`` (when given) must fit it."""
     if str(path).startswith(PREFIX):
         return load_named(str(path), arch)
+    if str(path).startswith(TIMM_PREFIX):
+        raise _no_download(str(path))
     path = Path(path)
     if not path.is_file():
         raise AlfkError(f"checkpoint {path} does not exist")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a pickled model, a truncated file, something else entirely
-        raise AlfkError(
-            f"cannot read {path} ({type(exc).__name__}): not an alfk checkpoint or a plain "
-            "state dict; files are loaded with weights_only=True, so save "
-            "model.state_dict() rather than the model"
-        ) from None
+    timm_arch = arch if arch is not None and arch.startswith(TIMM_PREFIX) else None
+    if timm_arch and path.suffix == ".safetensors":
+        return from_timm_file(path, timm_arch)
+    raw = read_torch_file(path)
     if is_checkpoint_dict(raw):
         return checkpoint_from_dict(raw, path, arch)
+    if timm_arch:
+        return from_timm_file(path, timm_arch)
     if is_torchvision_resnet(raw):
         ckpt = from_torchvision(raw, arch or "resnet18", str(path))
         ckpt.path, ckpt.sha256 = path, file_sha256(path)
         return ckpt
-    raise AlfkError(f"{path} is neither an alfk checkpoint nor a torchvision resnet18 state dict")
+    raise AlfkError(
+        f"{path} is neither an alfk checkpoint nor a torchvision resnet18 state dict "
+        "(timm weights: give --arch timm:NAME)"
+    )
+
+
+def from_timm_file(path: str | os.PathLike, arch: str) -> Checkpoint:
+    """A trunk-only :class:`Checkpoint` (head ``backbone``) of ``timm:NAME`` ``arch`` from a
+    local weights file (``.safetensors`` or a torch file)."""
+    from alfk_cli.models.timmnets import HEAD as TIMM_HEAD
+    from alfk_cli.models.timmnets import trunk_from_file  # imports timm
+
+    path, spec = Path(path), get_arch(arch)
+    return Checkpoint(
+        arch=arch,
+        classes=[],
+        head=TIMM_HEAD,
+        input=spec.input,
+        state_dict=trunk_from_file(path, arch, spec.record),
+        info={"task": "timm", "source": str(path)},
+        path=path,
+        sha256=file_sha256(path),
+    )
+
+
+def _no_download(spec: str) -> AlfkError:
+    """``--init timm:NAME``: weights by name would need a download, which alfk never does."""
+    model = spec[len(TIMM_PREFIX) :]
+    return AlfkError(
+        f"alfk does not download timm weights ({spec}); where downloads work, save them with "
+        f"python -c \"import timm, torch; torch.save(timm.create_model('{model}', "
+        f"pretrained=True).state_dict(), '{model}.pth')\" and pass --init {model}.pth "
+        f"--arch timm:{model}"
+    )
 
 
 __all__ = [
@@ -163,6 +200,7 @@ __all__ = [
     "PREFIX",
     "alfk_key",
     "download_state_dict",
+    "from_timm_file",
     "from_torchvision",
     "is_torchvision_resnet",
     "load_named",

@@ -12,10 +12,13 @@ raises ``NotReadable``, and the caller asks torch instead. Nothing in the file i
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import zipfile
 from collections import OrderedDict
 from typing import Any
+
+from alfk_cli.errors import AlfkError
 
 
 class NotReadable(ValueError):
@@ -75,4 +78,23 @@ def read_pickled(data: bytes) -> Any:
         raise NotReadable(f"{type(exc).__name__}: {exc}") from None
 
 
-__all__ = ["NotReadable", "Placeholder", "read_pickled"]
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """What a ``torch.save`` file holds, read with ``weights_only=True`` (never a pickled model)."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickled model, a truncated file, something else entirely
+        raise AlfkError(
+            f"cannot read {path} ({type(exc).__name__}): not an alfk checkpoint or a plain "
+            "state dict; files are loaded with weights_only=True, so save "
+            "model.state_dict() rather than the model"
+        ) from None
+
+
+__all__ = [
+    "NotReadable",
+    "Placeholder",
+    "read_pickled",
+    "read_torch_file",
+]
