@@ -142,13 +142,20 @@ def simulate(
         raise typer.BadParameter("seeds must be integers", param_hint="--seeds") from None
     from alfk_cli.data.scan import scan_images
     from alfk_cli.models.archauto import pick_arch
+    from alfk_cli.simulate.results import earlier_config
+    from alfk_cli.strategies.registry import make_strategy
 
+    # a bad results folder or strategy fails before the pool is scanned (for --arch auto)
+    earlier_config(out)
+    names = tuple(csv_list(strategies, "strategies"))
+    for name in names:
+        make_strategy(name)
     arch, said = pick_arch(arch, scan_images(pool))  # auto: from the pool's images
     if said:
         say_note(quiet, said)
     options = SimulateOptions(
         pool=pool, val=val, test=test, out=out,
-        strategies=tuple(csv_list(strategies, "strategies")), rounds=rounds, P=P,
+        strategies=names, rounds=rounds, P=P,
         seeds=seed_list, arch=arch, taps=taps, init=cast("InitName", init), epochs=epochs,
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,

@@ -24,6 +24,7 @@ __all__ = [
     "claim_folder",
     "clean",
     "collect",
+    "earlier_config",
     "finished_rounds",
     "read_results",
     "rows_to_csv",
@@ -160,20 +161,30 @@ def write_results(out: Path, rows: list[dict]) -> None:
     _write_text(out / "results.csv", rows_to_csv(rows))
 
 
-def claim_folder(out: Path, config: dict[str, Any], not_compared: Sequence[str] = ()) -> None:
-    """Create ``out`` with ``config.json``, or check that it holds a run of the same options."""
+def earlier_config(out: Path) -> dict[str, Any] | None:
+    """The options of the run in the results folder ``out`` (None: no run yet); an error for a
+    file or a damaged ``config.json``. Checked before any image is read (``simulate`` scans the
+    pool for ``--arch auto`` first)."""
     cfg_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise AlfkError(f"the results folder {out} is a file")
-    if cfg_path.is_file():
-        try:
-            old = json.loads(cfg_path.read_text(encoding="utf-8"))
-            if not isinstance(old, dict):
-                raise ValueError("not an object")
-        except (ValueError, UnicodeDecodeError):
-            raise AlfkError(
-                f"{cfg_path} is damaged (not a JSON object); remove it, or choose another results folder"
-            ) from None
+    if not cfg_path.is_file():
+        return None
+    try:
+        old = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict):
+            raise ValueError("not an object")
+    except (ValueError, UnicodeDecodeError):
+        raise AlfkError(
+            f"{cfg_path} is damaged (not a JSON object); remove it, or choose another results folder"
+        ) from None
+    return old
+
+
+def claim_folder(out: Path, config: dict[str, Any], not_compared: Sequence[str] = ()) -> None:
+    """Create ``out`` with ``config.json``, or check that it holds a run of the same options."""
+    old = earlier_config(out)
+    if old is not None:
         differ = sorted(
             k
             for k in set(old) | set(config)
@@ -185,4 +196,4 @@ def claim_folder(out: Path, config: dict[str, Any], not_compared: Sequence[str] 
                 "choose another results folder, or repeat the arguments to resume"
             )
     out.mkdir(parents=True, exist_ok=True)
-    write_json(cfg_path, config)
+    write_json(out / "config.json", config)
