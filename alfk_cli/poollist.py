@@ -4,9 +4,10 @@ walking the folder, so a pool of millions of files is neither re-walked nor re-s
 One path per line, relative to the pool folder (an absolute path inside the pool folder is
 accepted); ``-`` reads the list from standard input. Lines end at ``\\n`` (a ``\\r`` before it is
 dropped), exactly as ``select`` prints paths; blank lines and lines starting with ``#`` are
-ignored (write ``./#name.png`` for such a file). The rules of the folder walk apply to what is
-listed (``images``): hidden files and folders are ignored, files that are not images or whose
-names cannot be carried (``names``) are skipped and listed, labels come from the first path
+ignored (write ``./#name.png`` for such a file). The list may be a pipe (``<(find ...)``), not
+a device or socket. The rules of the folder walk apply to what is listed (``imagescan``): hidden
+files and folders are ignored, files that are not images, that are not regular files (a FIFO:
+never opened), or whose names cannot be carried (``names``) are skipped and listed, labels come from the first path
 component when no listed file sits at the top level, and rows are in the walk's order whatever
 the list's order. A path outside the pool folder is an error; a path listed twice is skipped and
 listed the second time.
@@ -21,6 +22,7 @@ are skipped and listed (when new) or keep their stored rows (when trusted). No t
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,14 +51,29 @@ def _describe(source: str | os.PathLike) -> str:
     return "standard input" if str(source) == STDIN else f"pool list {source}"
 
 
+def _check_list_file(path: Path) -> None:
+    """A pool list is a regular file or a pipe (``--pool-list <(find ...)``), not a folder,
+    socket or device."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise AlfkError(f"pool list {path} does not exist") from None
+    except OSError as exc:
+        raise AlfkError(f"cannot read pool list {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise AlfkError(f"pool list {path} is a folder, not a file")
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise AlfkError(f"pool list {path} is not a regular file or a pipe")
+
+
 def _read_text(source: str | os.PathLike) -> str:
     if str(source) == STDIN:
+        if sys.stdin is None or sys.stdin.closed:
+            raise AlfkError("the pool list is standard input, which is closed")
         data = sys.stdin.buffer.read()
     else:
         path = Path(source)
-        if not path.is_file():
-            what = "is a folder, not a file" if path.is_dir() else "does not exist"
-            raise AlfkError(f"pool list {path} {what}")
+        _check_list_file(path)
         try:
             data = path.read_bytes()
         except OSError as exc:

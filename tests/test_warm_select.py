@@ -220,7 +220,8 @@ def test_stores_from_before_are_judged_by_the_fingerprint_they_were_written_with
     """The configuration a validation store's fingerprint hashes, key for key as alfk wrote it
     before a checkpoint could be read without torch (c028598, this world's checkpoint hash),
     and the fingerprint of that configuration and the image list: a store written then is up to
-    date now exactly when it was then."""
+    date now exactly when it was then. Since issue 19 the configuration also holds ``decode``
+    (the decoding rule's version): stores decoded by the earlier rule are embedded once more."""
     assert cli(*SELECT).exit_code == 0
     with h5py.File(WORK / "val.h5") as f:
         config = json.loads(f.attrs["embed_config"])
@@ -228,7 +229,7 @@ def test_stores_from_before_are_judged_by_the_fingerprint_they_were_written_with
         fingerprint = f.attrs["fingerprint"]
     assert config == {
         "alfk_version": "0.1.0", "arch": "lenet", "checkpoint_sha256": file_sha256("init.pt"),
-        "classes": ["a", "b", "c"], "mc": None, "pseudo_label": "true",
+        "classes": ["a", "b", "c"], "decode": 2, "mc": None, "pseudo_label": "true",
         "reference_data_sha256": None, "schema_version": 1, "seed": 0,
         "taps": ["conv1", "conv2", "fc1"],
     }  # fmt: skip
