@@ -126,7 +126,9 @@ def check_pool_list(value: Path | None) -> Path | None:
     from alfk_cli.poollist import STDIN
 
     if value is not None and str(value) == STDIN and (sys.stdin is None or sys.stdin.closed):
-        raise typer.BadParameter("'-' reads standard input, which is closed", param_hint="--pool-list")
+        raise typer.BadParameter(
+            "'-' reads standard input, which is closed", param_hint="--pool-list"
+        )
     return value
 
 

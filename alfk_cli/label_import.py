@@ -18,7 +18,13 @@ layout of https://labelstud.io/guide/task_format):
 Which image: ``alfk_path`` (the path as ``alfk select`` printed it), else ``image`` when it is a
 local path; relative paths are joined to ``root``. A URL-style ``image`` (``/data/local-files/?d=``,
 ``s3://``, ``http://``) names no local file unless ``url_prefix`` strips it to a path (then joined
-to ``root``, URL-decoded).
+to ``root``, URL-decoded). These are only what an export *names*: ``label_filing`` files an image
+only when it resolves to a regular image file inside the pool folder, so that an export cannot
+name ``../../etc/shadow``, ``/etc/passwd`` or ``%2e%2e/`` its way to a file outside it.
+
+A JSON object instead of a list is one task when it has a ``data`` object (what Label Studio's
+task API, ``GET /api/tasks/<id>``, returns); any other object is an error, since no Label Studio
+export is one.
 """
 
 from __future__ import annotations
@@ -79,6 +85,11 @@ def _read_json(path: Path, text: str, root: Path, url_prefix: str | None) -> lis
     except json.JSONDecodeError as exc:
         raise AlfkError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if isinstance(tasks, dict):
+        if not isinstance(tasks.get("data"), dict):
+            raise AlfkError(
+                f"{path} is a JSON object, not a Label Studio export (a list of tasks, or one "
+                "task with a data object)"
+            )
         tasks = [tasks]
     if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
         raise AlfkError(f"{path} is not a Label Studio export (a list of tasks)")
