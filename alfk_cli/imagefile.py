@@ -64,17 +64,22 @@ def special_file(mode: int) -> str | None:
 def open_regular(path: str | os.PathLike) -> BinaryIO:
     """``path`` opened for reading in binary mode, if it is a regular file; else
     ``NotRegularFile``, without waiting for a FIFO's writer (``O_NONBLOCK``, then ``fstat``)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    # opened by ``open`` (not ``os.fdopen``) so that the file object is named by its path
+    fh = open(path, "rb", opener=_nonblocking)  # noqa: SIM115 - returned to the caller
     try:
-        reason = special_file(os.fstat(fd).st_mode)
+        reason = special_file(os.fstat(fh.fileno()).st_mode)
         if reason is not None:
             raise NotRegularFile(reason)
         # O_NONBLOCK means nothing for a regular file's reads; clear it all the same
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        os.set_blocking(fh.fileno(), True)
+        return fh
     except BaseException:
-        os.close(fd)
+        fh.close()
         raise
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
 
 
 @contextmanager

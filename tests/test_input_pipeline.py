@@ -43,7 +43,7 @@ def _count_opens(monkeypatch) -> Counter:
     real_open = Image.open
 
     def counting(fp, *a, **k):
-        opened[Path(fp).name] += 1
+        opened[Path(getattr(fp, "name", fp)).name] += 1  # a path, or a file opened by imagefile
         return real_open(fp, *a, **k)
 
     monkeypatch.setattr(Image, "open", counting)
