@@ -340,6 +340,9 @@ def test_invalid_option_values_are_usage_errors(cli, corpus, monkeypatch):
         ["--taps", "nonsense"],
         ["--workers", "-1"],
         ["--P", "0"],
+        ["--seed", "-1"],  # issue 19: these failed after embedding, with a traceback
+        ["--seed", "99999999999999999999"],
+        ["--seed", str(2**32)],
     ):
         r = cli(*base, *extra)
         assert_clean_failure(r, code=2)
@@ -356,6 +359,11 @@ def test_invalid_option_values_are_usage_errors(cli, corpus, monkeypatch):
         "-1",
     )
     assert_clean_failure(r, code=2)
+    for seeds in ("-1", "0,99999999999999999999"):
+        r = cli("simulate", "--pool", f"{d}/pool", "--val", f"{d}/val", "--test", f"{d}/val",
+                "--seeds", seeds, "--out", f"{d}/sim")  # fmt: skip
+        assert_clean_failure(r, code=2)
+        assert not (root / "sim").exists()
 
 
 def test_damaged_work_files_do_not_block_the_next_run(cli, corpus):
@@ -431,3 +439,90 @@ def test_labels_import_files_only_pool_images_and_only_under_into(cli, corpus):
     assert_clean_failure(r)
     assert list((root / "target").iterdir()) == [] and len(list((root / "labeled").iterdir())) == 1
     assert {p: p.stat().st_nlink for p in links} == links
+
+
+def _within(seconds: int, fifo: Path):
+    """A context that fails the test instead of hanging on ``fifo``: at the deadline it opens
+    the FIFO for writing and closes it, which lets a reader blocked in open() go on (to EOF)."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard():
+        def hung(*_):
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            raise TimeoutError(f"still running after {seconds} s: {fifo} was opened")
+
+        old = signal.signal(signal.SIGALRM, hung)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, old)
+
+    return guard()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_special_files_in_the_pool_are_listed_never_opened(cli, corpus):
+    """Issue 19: ``mkfifo pool/x.png`` hung select forever at "embed pool: 0/..."."""
+    root, _ = corpus
+    d = str(root)
+    os.mkfifo(root / "pool" / "x.png")
+    (root / "pool" / "to-fifo.png").symlink_to(root / "pool" / "x.png")
+    with _within(60, root / "pool" / "x.png"):
+        r = cli("select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "3", "--model",
+                f"{d}/init.pt", "--device", "cpu", "--workers", "0", "--no-ledger")  # fmt: skip
+    assert_listed(r, ["x.png: not a regular file (a FIFO)", "to-fifo.png: not a regular file"])
+    assert "x.png" not in r.stdout and len(r.stdout.splitlines()) == 3
+
+
+def test_a_closed_standard_input_for_pool_list(cli, corpus, monkeypatch):
+    """Issue 19: ``--pool-list - <&-`` (Python's sys.stdin is then None) was a traceback."""
+    root, _ = corpus
+    d = str(root)
+    monkeypatch.setattr("sys.stdin", None)
+    r = cli("select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "3", "--model",
+            f"{d}/init.pt", "--pool-list", "-")  # fmt: skip
+    assert_clean_failure(r, code=2)
+    assert "standard input, which is closed" in r.stderr and not (root / ".alfk").exists()
+    r = cli("embed", "--model", f"{d}/init.pt", "--images", f"{d}/pool", "--out", f"{d}/p.h5",
+            "--pool-list", "-")  # fmt: skip
+    assert_clean_failure(r, code=2)
+    assert not (root / "p.h5").exists()
+
+
+def test_options_files_that_would_redirect_or_mislead(cli, corpus, monkeypatch, tmp_path):
+    """Issue 19: a work folder's alfk.toml moved the work folder (``workdir = "/etc"``);
+    ``P = true`` ran with P = 1; ``ALFK_CONFIG=/dev/zero`` said "does not exist"."""
+    root, _ = corpus
+    d = str(root)
+    work = root / ".alfk" / "pool"
+    work.mkdir(parents=True)
+    elsewhere = tmp_path / "moved"
+    select = ["select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--model", f"{d}/init.pt",
+              "--device", "cpu"]  # fmt: skip
+    for text, says in [
+        (f'[select]\nworkdir = "{elsewhere}"\n', "'workdir' chooses where alfk writes"),
+        (f'workdir = "{elsewhere}"\n', "'workdir' chooses where alfk writes"),
+        (f'[select]\nreport = "{elsewhere}/r.html"\n', "'report' chooses where alfk writes"),
+        ("[select]\nP = true\n", "P must be an integer, not true"),
+        ("[select]\nP = 2.5\n", "P must be an integer, not 2.5"),
+    ]:
+        (work / "alfk.toml").write_text(text)
+        r = cli(*select)
+        assert_clean_failure(r)
+        assert says in r.stderr and str(work / "alfk.toml") in r.stderr, r.stderr
+        assert not elsewhere.exists() and sorted(os.listdir(work)) == ["alfk.toml"]
+    (work / "alfk.toml").unlink()
+    (root / "mine.toml").write_text(f'[select]\nworkdir = "{elsewhere}"\nP = 2\n')
+    r = cli("--config", f"{d}/mine.toml", *select, "--no-ledger")  # the user's own file may
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+    assert (elsewhere / "pool.h5").exists()
+    for special, says in [("/dev/zero", "is not a regular file"), (d, "is a folder")]:
+        monkeypatch.setenv("ALFK_CONFIG", special)
+        r = cli(*select, "--P", "2")
+        assert_clean_failure(r)
+        assert f"options file {special} {says}" in r.stderr and "does not exist" not in r.stderr
