@@ -20,7 +20,7 @@ from PIL import Image
 
 from alfk_cli.checkpoint import save_checkpoint
 from alfk_cli.models import ROTATION_CLASSES, build_model
-from conftest import make_labelled, write_images
+from conftest import fifo_deadline, make_labelled, write_images
 
 # file name -> what it is; each must be listed as skipped and never selected
 BAD_FILES = {
@@ -448,30 +448,6 @@ def test_labels_import_files_only_pool_images_and_only_under_into(cli, corpus):
     assert {p: p.stat().st_nlink for p in links} == links
 
 
-def _within(seconds: int, fifo: Path):
-    """A context that fails the test instead of hanging on ``fifo``: at the deadline it opens
-    the FIFO for writing and closes it, which lets a reader blocked in open() go on (to EOF)."""
-    import contextlib
-    import signal
-
-    @contextlib.contextmanager
-    def guard():
-        def hung(*_):
-            with contextlib.suppress(OSError):
-                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-            raise TimeoutError(f"still running after {seconds} s: {fifo} was opened")
-
-        old = signal.signal(signal.SIGALRM, hung)
-        signal.alarm(seconds)
-        try:
-            yield
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, old)
-
-    return guard()
-
-
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_special_files_in_the_pool_are_listed_never_opened(cli, corpus):
     """Issue 19: ``mkfifo pool/x.png`` hung select forever at "embed pool: 0/..."."""
@@ -479,7 +455,7 @@ def test_special_files_in_the_pool_are_listed_never_opened(cli, corpus):
     d = str(root)
     os.mkfifo(root / "pool" / "x.png")
     (root / "pool" / "to-fifo.png").symlink_to(root / "pool" / "x.png")
-    with _within(60, root / "pool" / "x.png"):
+    with fifo_deadline(60, root / "pool" / "x.png"):
         r = cli("select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "3", "--model",
                 f"{d}/init.pt", "--device", "cpu", "--workers", "0", "--no-ledger")  # fmt: skip
     assert_listed(r, ["x.png: not a regular file (a FIFO)", "to-fifo.png: not a regular file"])
@@ -584,3 +560,70 @@ def test_a_busy_ledger_is_busy_not_damaged(cli, corpus, monkeypatch, tmp_path):
     r = cli("history", "--workdir", str(wd))
     assert_clean_failure(r)
     assert "ALFK_LEDGER_TIMEOUT='soon' is not a number of seconds" in r.stderr
+
+
+def test_crafted_store_values_are_one_error_and_select_embeds_again(cli, corpus):
+    """Issue 19: pseudo-labels 999 / -5 in a crafted store were scored silently; g = 3e38 leaked
+    numpy's "overflow encountered in reduce" RuntimeWarning before the error."""
+    import shutil
+    import warnings
+
+    root, _ = corpus
+    d = str(root)
+    assert _embed_val_and_pool(cli, d).exit_code == 0
+    cases = [
+        ("pool.h5", "pseudo", 0, 999, "pseudo[0] is 999, not a class index (0..2)"),
+        ("pool.h5", "pseudo", 1, -5, "pseudo[1] is -5, not a class index (0..2)"),
+        ("val.h5", "labels", 2, 999, "labels[2] is 999, not a class index (-1..2)"),
+        ("pool.h5", "g", 0, 3e38, "non-finite values in the descriptors"),
+        ("pool.h5", "g", 1, 1e37, "non-finite values in the descriptors"),
+        ("pool.h5", "g", 2, -3e38, "non-finite values in the descriptors"),
+    ]
+    for store, node, row, value, says in cases:
+        for name in ("val.h5", "pool.h5"):
+            shutil.copy(root / name, root / f"c-{name}")
+        with h5py.File(root / f"c-{store}", "r+") as f:
+            f[node][row] = value
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = cli("score", "--val", f"{d}/c-val.h5", "--pool", f"{d}/c-pool.h5", "--P", "3",
+                    "--out", f"{d}/s.h5")  # fmt: skip
+        assert_clean_failure(r)
+        assert says in r.stderr, (node, value, r.stderr)
+        assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+        assert not (root / "s.h5").exists()
+    # a work folder's store with a crafted pseudo-label: embedded again, nothing of it reused
+    select = ("select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "3", "--model",
+              f"{d}/init.pt", "--device", "cpu", "--workers", "0", "--no-ledger")  # fmt: skip
+    first = cli(*select)
+    assert first.exit_code == 0, first.stderr
+    pool_store = root / ".alfk" / "pool" / "pool.h5"
+    with h5py.File(pool_store, "r+") as f:
+        f["pseudo"][0] = 999
+    r = cli(*select)
+    assert r.exit_code == 0 and r.stdout == first.stdout, r.stderr
+    assert "nothing reused: " in r.stderr and "pseudo[0] is 999" in r.stderr
+    with h5py.File(pool_store) as f:
+        assert 0 <= int(f["pseudo"][0]) < 3
+
+
+def test_workers_beyond_the_cores_are_capped_with_a_note(cli, corpus, monkeypatch):
+    """Issue 19: an explicit ``--workers 1000`` started 1000 decoding processes (85 s for 100
+    images); it is capped at the cores this process may use, and says so."""
+    import alfk_cli.images as images
+    import alfk_cli.imagescan as imagescan
+
+    root, _ = corpus
+    d = str(root)
+    monkeypatch.setattr(imagescan, "available_cores", lambda: 2)
+    asked = []
+    real = images.loader_workers
+    monkeypatch.setattr(images, "loader_workers", lambda w, b: asked.append(w) or real(w, b))
+    r = cli("embed", "--model", f"{d}/init.pt", "--images", f"{d}/val", "--out", f"{d}/v.h5",
+            "--device", "cpu", "--workers", "1000")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert "note: --workers 1000: using 2, the CPU cores this process may use" in r.stderr
+    assert asked and set(asked) == {2}
+    r = cli("embed", "--model", f"{d}/init.pt", "--images", f"{d}/val", "--out", f"{d}/w.h5",
+            "--device", "cpu", "--workers", "1000", "-q")  # fmt: skip
+    assert r.exit_code == 0 and "note:" not in r.stderr, r.stderr

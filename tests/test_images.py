@@ -1,5 +1,4 @@
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from alfk_cli.archs import InputSpec
 from alfk_cli.errors import AlfkError
 from alfk_cli.images import ImageDataset, align_classes, load_image, scan_images
 from alfk_cli.models import ARCHS
-from conftest import make_labelled, write_images
+from conftest import fifo_deadline, make_labelled, write_images
 
 
 def test_labelled_folder_gives_sorted_classes_and_labels(tmp_path):
@@ -192,17 +191,9 @@ def test_a_fifo_is_never_opened_for_reading(tmp_path):
     write_images(tmp_path, 1)
     os.mkfifo(tmp_path / "x.png")
 
-    def hung(*_):
-        raise TimeoutError("opened the FIFO and waited for a writer")
-
-    old = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)
-    try:
+    with fifo_deadline(20, tmp_path / "x.png"):
         s = scan_images(tmp_path, verify=True)
         assert s.paths == ["img0000.png"]
         assert s.skipped == [("x.png", "not a regular file (a FIFO)")]
         with pytest.raises(NotRegularFile, match="a FIFO"):
             load_image(tmp_path / "x.png", ARCHS["lenet"].input)  # blocks without O_NONBLOCK
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)

@@ -237,6 +237,31 @@ def test_stores_from_before_are_judged_by_the_fingerprint_they_were_written_with
     assert fingerprint == content_fingerprint(config, *rows)
 
 
+def test_stores_decoded_by_the_earlier_rule_are_embedded_again_once(cli, world):
+    """Issue 19: EXIF orientation, 16-bit grey and first frames changed the pixels of some files;
+    a store written before (no ``decode`` in its configuration, fingerprints as alfk wrote them
+    then) is embedded again, in full and without an error, and is up to date after that."""
+    from alfk_cli.storeformat import config_fingerprint
+
+    assert cli(*SELECT).exit_code == 0
+    for store in ("val.h5", "pool.h5"):
+        with h5py.File(WORK / store, "r+") as f:
+            config = json.loads(f.attrs["embed_config"])
+            del config["decode"]
+            rows = [f["paths"].asstr()[:].tolist(), f["labels"][:], f["size"][:], f["mtime_ns"][:]]
+            f.attrs["embed_config"] = json.dumps(config, sort_keys=True)
+            f.attrs["config_fingerprint"] = config_fingerprint(config)
+            f.attrs["fingerprint"] = content_fingerprint(config, *rows)
+    r = cli(*SELECT)
+    assert r.exit_code == 0 and "error" not in r.stderr, r.stderr
+    assert "12 computed, 0 reused" in _summary(r.stderr, "val.h5")
+    assert "30 computed, 0 reused" in _summary(r.stderr, "pool.h5")
+    assert "made with other options, checkpoint or reference" in r.stderr
+    r = cli(*SELECT)
+    assert "0 computed, 12 reused" in _summary(r.stderr, "val.h5")
+    assert "0 computed, 30 reused" in _summary(r.stderr, "pool.h5")
+
+
 def test_a_damaged_checkpoint_is_an_error_as_before(cli, world):
     assert cli(*SELECT).exit_code == 0
     data = bytearray(Path("init.pt").read_bytes())
