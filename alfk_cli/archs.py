@@ -5,15 +5,21 @@ line and from the files before any model pass (a warm ``select`` never builds a 
 lives here; the networks themselves are built by ``models`` (torch), imported only when one is
 built or a tap width is needed (``ArchSpec.tap_dims`` runs one blank image through a throw-away
 copy, so no width is ever typed by hand).
+
+Besides the registered names, ``timm:NAME`` names any timm backbone (``timm_backbones``): its
+spec is made when the name is first looked up, which imports timm (and torch), or from the
+record a checkpoint of it carries (:func:`remember_arch`), which imports nothing, so a warm
+``select`` on a timm checkpoint stays torch-free.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from alfk_cli.errors import AlfkError
 from alfk_cli.registry import Registry
@@ -22,6 +28,8 @@ if TYPE_CHECKING:
     from alfk_cli.models import TapNet
 
 ROTATION_CLASSES = ("0", "90", "180", "270")
+AUTO = "auto"  # --arch auto: chosen from the images (archauto)
+TIMM_PREFIX = "timm:"
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,10 @@ class ArchSpec:
     presets: dict[str, tuple[str, ...]]  # paper presets, named by total length L
     default_preset: str
     train_defaults: dict[str, float] = field(default_factory=dict)
+    # a family's spec (timm:NAME) knows its widths and carries a torch-free record of itself,
+    # which checkpoints keep (checkpoint.py) so that reading one rebuilds the spec without timm
+    dims: dict[str, int] | None = None
+    record: dict[str, Any] | None = None
 
     @cached_property
     def tap_dims(self) -> dict[str, int]:
@@ -52,6 +64,8 @@ class ArchSpec:
         One forward pass of a blank image through a throw-away copy (seeded: no RNG is used
         outside it), so no width is ever typed by hand.
         """
+        if self.dims is not None:
+            return dict(self.dims)
         import torch
 
         from alfk_cli.models import pool
@@ -124,6 +138,86 @@ def scale_dims(arch: str, taps: Sequence[str]) -> list[int]:
     return [spec.tap_dims[t] for t in taps]
 
 
+# --- timm:NAME, resolved when looked up (networks in ``timm_backbones``) -------------------------
+
+_FAMILY: dict[str, ArchSpec] = {}  # timm:NAME specs met in this process
+
+
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
+
+
+def timm_name(arch: str) -> tuple[str, int | None]:
+    """``timm:NAME[@SIZE]`` -> (NAME, SIZE or None); NAME may carry a pretrained tag
+    (``resnet10t.c3_in1k``). Only the form is checked here (no timm import)."""
+    rest = arch[len(TIMM_PREFIX) :] if arch.startswith(TIMM_PREFIX) else ""
+    name, at, size = rest.partition("@")
+    if not _TIMM_NAME.fullmatch(name) or (at and not (size.isdigit() and 8 <= int(size) <= 4096)):
+        raise AlfkError(
+            f"{arch!r} is not timm:NAME or timm:NAME@SIZE (a timm model name, SIZE in pixels, "
+            "8 to 4096)"
+        )
+    return name, int(size) if at else None
+
+
+def _build_timm(name: str, num_classes: int) -> TapNet:
+    from alfk_cli.timm_backbones import build_timm
+
+    return build_timm(name, num_classes)
+
+
+def spec_from_record(name: str, record: dict[str, Any]) -> ArchSpec:
+    """The spec of ``name`` from its torch-free record (what ``timm_backbones`` measured)."""
+    try:
+        inp = record["input"]
+        presets = {str(k): tuple(str(t) for t in v) for k, v in record["presets"].items()}
+        spec = ArchSpec(
+            name,
+            functools.partial(_build_timm, name),
+            InputSpec(
+                int(inp["size"]), int(inp["channels"]), tuple(inp["mean"]), tuple(inp["std"])
+            ),
+            presets,
+            str(record["default_preset"]),
+            {str(k): float(v) for k, v in record["train_defaults"].items()},
+            dims={str(k): int(v) for k, v in record["dims"].items()},
+            record=dict(record),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise AlfkError(f"the architecture record of {name} is damaged ({exc!r})") from None
+    if spec.default_preset not in presets or any(t not in spec.tap_dims for t in record["taps"]):
+        raise AlfkError(f"the architecture record of {name} is damaged (taps and presets differ)")
+    return spec
+
+
+def known_family(name: str) -> bool:
+    """Whether ``name`` (``timm:NAME``) is known in this process without importing timm."""
+    return name in _FAMILY
+
+
+def remember_arch(name: str, record: dict[str, Any]) -> ArchSpec:
+    """Make ``name`` known from a checkpoint's record, unless this process knows it already."""
+    if name not in _FAMILY:
+        _FAMILY[name] = spec_from_record(name, record)
+    return _FAMILY[name]
+
+
+def _resolve_timm(name: str) -> ArchSpec:
+    if name not in _FAMILY:
+        from alfk_cli.timm_backbones import timm_record  # imports torch and timm
+
+        _FAMILY[name] = spec_from_record(name, timm_record(name))
+    return _FAMILY[name]
+
+
+def _describe_timm() -> str:
+    from alfk_cli.timm_backbones import describe_family
+
+    return describe_family()
+
+
+ARCHITECTURES.register_prefix(TIMM_PREFIX, _resolve_timm, _describe_timm)
+
+
 # --- the built-in architectures (networks in ``models``) -----------------------------------------
 
 
@@ -168,11 +262,17 @@ register_arch(
 __all__ = [
     "ARCHITECTURES",
     "ARCHS",
+    "AUTO",
     "ROTATION_CLASSES",
+    "TIMM_PREFIX",
     "ArchSpec",
     "InputSpec",
     "get_arch",
+    "known_family",
     "register_arch",
+    "remember_arch",
     "resolve_taps",
     "scale_dims",
+    "spec_from_record",
+    "timm_name",
 ]

@@ -3,7 +3,9 @@
 ``alfk train --init`` takes an alfk checkpoint, a torchvision ResNet-18 state dict saved to a
 file (``torch.save(torchvision.models.resnet18(weights=...).state_dict(), "resnet18.pth")``) or
 the name ``torchvision:resnet18`` (torchvision downloads the weights, or finds them in the torch
-hub cache). Files are read with ``weights_only=True`` only: a pickled model is refused.
+hub cache). Files are read with ``weights_only=True`` only: a pickled model is refused. With
+``--arch timm:NAME`` it also takes that timm model's weights from a local file
+(``timm_backbones.from_timm_file``); ``timm:NAME`` weights by name are refused (no download).
 
 torchvision's keys map onto alfk's ResNet keys one to one (docs/design.md):
 
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from alfk_cli.archs import TIMM_PREFIX
 from alfk_cli.checkpoint import (
     Checkpoint,
     checkpoint_from_dict,
@@ -133,29 +136,62 @@ def load_named(spec: str, arch: str | None = None) -> Checkpoint:
     return ckpt
 
 
-def load_start(path: str | os.PathLike, arch: str | None = None) -> Checkpoint:
-    """What ``--init`` names: an alfk checkpoint, a torchvision ResNet state-dict file or
-    ``torchvision:resnet18``; ``arch`` (when given) must fit it."""
-    if str(path).startswith(PREFIX):
-        return load_named(str(path), arch)
-    path = Path(path)
-    if not path.is_file():
-        raise AlfkError(f"checkpoint {path} does not exist")
+def read_torch_file(path: Path) -> Any:
+    """What a ``torch.save`` file holds, read with ``weights_only=True`` (never a pickled model)."""
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a pickled model, a truncated file, something else entirely
         raise AlfkError(
             f"cannot read {path} ({type(exc).__name__}): not an alfk checkpoint or a plain "
             "state dict; files are loaded with weights_only=True, so save "
             "model.state_dict() rather than the model"
         ) from None
+
+
+def load_start(path: str | os.PathLike, arch: str | None = None) -> Checkpoint:
+    """What ``--init`` names: an alfk checkpoint, a torchvision ResNet state-dict file or
+    ``torchvision:resnet18``; ``arch`` (when given) must fit it."""
+    if str(path).startswith(PREFIX):
+        return load_named(str(path), arch)
+    if str(path).startswith(TIMM_PREFIX):
+        raise _no_download(str(path))
+    path = Path(path)
+    if not path.is_file():
+        raise AlfkError(f"checkpoint {path} does not exist")
+    timm_arch = arch is not None and arch.startswith(TIMM_PREFIX)
+    if timm_arch and path.suffix == ".safetensors":
+        return _timm_start(path, arch)
+    raw = read_torch_file(path)
     if is_checkpoint_dict(raw):
         return checkpoint_from_dict(raw, path, arch)
+    if timm_arch:
+        return _timm_start(path, arch)
     if is_torchvision_resnet(raw):
         ckpt = from_torchvision(raw, arch or "resnet18", str(path))
         ckpt.path, ckpt.sha256 = path, file_sha256(path)
         return ckpt
-    raise AlfkError(f"{path} is neither an alfk checkpoint nor a torchvision resnet18 state dict")
+    raise AlfkError(
+        f"{path} is neither an alfk checkpoint nor a torchvision resnet18 state dict "
+        "(timm weights: give --arch timm:NAME)"
+    )
+
+
+def _timm_start(path: Path, arch: str | None) -> Checkpoint:
+    from alfk_cli.timm_backbones import from_timm_file  # imports timm
+
+    assert arch is not None
+    return from_timm_file(path, arch)
+
+
+def _no_download(spec: str) -> AlfkError:
+    """``--init timm:NAME``: weights by name would need a download, which alfk never does."""
+    model = spec[len(TIMM_PREFIX) :]
+    return AlfkError(
+        f"alfk does not download timm weights ({spec}); where downloads work, save them with "
+        f"python -c \"import timm, torch; torch.save(timm.create_model('{model}', "
+        f"pretrained=True).state_dict(), '{model}.pth')\" and pass --init {model}.pth "
+        f"--arch timm:{model}"
+    )
 
 
 __all__ = [
@@ -167,4 +203,5 @@ __all__ = [
     "is_torchvision_resnet",
     "load_named",
     "load_start",
+    "read_torch_file",
 ]

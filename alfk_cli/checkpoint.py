@@ -7,6 +7,11 @@ architecture, the class names, the input spec and provenance. It is written atom
 when that reader cannot tell) and the sha256 of the bytes, which stores and scores files record.
 The weights (``CheckpointFile.load``) come from the same bytes, so they always match that hash;
 torch is imported only then.
+
+A checkpoint of a family architecture (``timm:NAME``) also carries the architecture's record
+(``arch_spec``: taps, widths, presets, input, how to build it; ``timm_backbones``); reading the
+checkpoint makes the architecture known from it, so that naming its taps needs no timm. The
+built-ins' checkpoints have no such key (their bytes are unchanged).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alfk_cli import __version__
-from alfk_cli.archs import ROTATION_CLASSES, InputSpec, get_arch
+from alfk_cli.archs import ROTATION_CLASSES, InputSpec, get_arch, remember_arch
 from alfk_cli.atomic import atomic_output
 from alfk_cli.errors import AlfkError
 from alfk_cli.reproducible import created_stamp, save_torch
@@ -38,8 +43,8 @@ FORMAT_VERSION = 1
 class Checkpoint:
     arch: str
     classes: list[str]  # class names in logit order; the rotation head has ROTATION_CLASSES
-    # "classifier" (task model), "rotation" (self-supervised pretraining) or "imagenet"
-    # (torchvision weights, alfk_cli.backbones)
+    # "classifier" (task model), "rotation" (self-supervised pretraining), "imagenet"
+    # (torchvision weights, alfk_cli.backbones) or "backbone" (a timm weights file's trunk)
     head: str
     input: InputSpec
     state_dict: dict[str, torch.Tensor]
@@ -86,6 +91,8 @@ def save_checkpoint(
         "info": dict(info or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if spec.record is not None:  # what rebuilds a timm:NAME model (and answers without timm)
+        payload["arch_spec"] = spec.record
     with atomic_output(path) as tmp:
         save_torch(payload, tmp)  # the same bytes whatever the file's name
 
@@ -163,6 +170,11 @@ def _metadata(raw: object, path: Path, arch: str | None) -> dict[str, Any]:
         )
     if arch is not None and raw["arch"] != arch:
         raise AlfkError(f"checkpoint {path} was made for {raw['arch']}, not {arch}")
+    if isinstance(raw.get("arch_spec"), dict):
+        try:
+            remember_arch(str(raw["arch"]), raw["arch_spec"])
+        except AlfkError as exc:
+            raise AlfkError(f"checkpoint {path}: {exc}") from None
     inp = raw["input"]
     return {
         "arch": raw["arch"],

@@ -52,10 +52,11 @@ def list_registered(
     if kind is not None and kind not in found:
         raise typer.BadParameter(f"{kind!r} is not one of {', '.join(found)}", param_hint="KIND")
     for name, registry in found.items():
+        family = [f"{prefix}NAME" for prefix in registry.prefixes()]  # timm:NAME
         if kind is None:
-            sys.stdout.write(f"{name}: {', '.join(registry)}\n")
-        elif name == kind:
-            sys.stdout.write("".join(f"{n}\n" for n in registry))
+            sys.stdout.write(f"{name}: {', '.join([*registry, *family])}\n")
+        elif name == kind:  # a family as one line: its pattern, how many, examples
+            sys.stdout.write("".join(f"{n}\n" for n in [*registry, *registry.patterns()]))
 
 
 def _version(ctx: typer.Context, value: bool) -> None:

@@ -9,7 +9,7 @@ stdout carries data only.
 from __future__ import annotations
 
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO, TypeVar
 
@@ -66,10 +66,38 @@ def check_strategy(value: str) -> str:
     return value
 
 
-def check_arch(value: str | None) -> str | None:
-    from alfk_cli.archs import ARCHS
+def _usage_error(check: Callable[[], object], option: str) -> None:
+    """Run ``check``; its ``AlfkError`` becomes a usage error of ``option`` (exit 2)."""
+    try:
+        check()
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint=option) from None
 
-    return one_of(value, ARCHS, "--arch")
+
+def check_arch(value: str | None) -> str | None:
+    """``--arch``: auto, a registered name, or ``timm:NAME`` (which timm must have: this imports
+    timm, as the command will to build the model)."""
+    from alfk_cli.archs import ARCHITECTURES, AUTO, get_arch
+
+    if value is None or value == AUTO or value in ARCHITECTURES:  # a built-in reads no plug-ins
+        return value
+    if ARCHITECTURES.prefix_of(value) is None:
+        family = (f"{prefix}NAME" for prefix in ARCHITECTURES.prefixes())
+        return one_of(value, (AUTO, *ARCHITECTURES, *family), "--arch")
+    _usage_error(lambda: get_arch(value), "--arch")
+    return value
+
+
+def check_arch_form(value: str) -> str:
+    """``select --arch``: as :func:`check_arch`, but a ``timm:NAME`` is checked for its form
+    only (a warm run, whose model is cached, must not import timm); timm is asked whether it
+    has the model when it is pretrained."""
+    from alfk_cli.archs import ARCHITECTURES, timm_name
+
+    if ARCHITECTURES.prefix_of(value) is None:
+        return check_arch(value) or value
+    _usage_error(lambda: timm_name(value), "--arch")
+    return value
 
 
 def check_format(value: str) -> str:
@@ -79,14 +107,26 @@ def check_format(value: str) -> str:
 
 
 def check_taps(arch: str, taps: str | None) -> None:
-    """``--taps`` against the architecture it will be used with (known once the checkpoint is)."""
-    from alfk_cli.archs import resolve_taps
+    """``--taps`` against the architecture it will be used with (known once the checkpoint is).
 
-    if taps:
+    With ``auto`` they must fit one of the architectures it may choose (and are checked again
+    against the choice, before pretraining); a ``timm:NAME`` not built yet is checked when it is.
+    """
+    from alfk_cli.archauto import CHOICES
+    from alfk_cli.archs import ARCHITECTURES, AUTO, known_family, resolve_taps
+
+    if not taps or (ARCHITECTURES.prefix_of(arch) is not None and not known_family(arch)):
+        return
+    errors = []
+    for candidate in CHOICES if arch == AUTO else (arch,):
         try:
-            resolve_taps(arch, taps)
+            resolve_taps(candidate, taps)
+            return
         except AlfkError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--taps") from None
+            errors.append(str(exc))
+    if arch == AUTO:
+        errors = [f"{taps!r} fits none of the architectures auto chooses ({', '.join(CHOICES)})"]
+    raise typer.BadParameter(errors[0], param_hint="--taps")
 
 
 def checkpoint_arch(model: Path | None, default: str) -> str:
@@ -196,10 +236,17 @@ PoolList = Annotated[
         "input), instead of walking the folder; names already in the store are not re-stat'ed.",
     ),
 ]
-Arch = Annotated[
-    str | None,
+ARCH_HELP = (
+    "auto (chosen from the images), lenet, resnet10, resnet18, timm:NAME or timm:NAME@SIZE "
+    "(any timm model with features_only) or a plug-in's (alfk list architectures)."
+)
+Arch = Annotated[str | None, typer.Option("--arch", callback=check_arch, help=ARCH_HELP)]
+PretrainArch = Annotated[  # select's: a timm:NAME is checked for its form only (warm runs)
+    str,
     typer.Option(
-        "--arch", callback=check_arch, help="lenet, resnet10, resnet18 or a plug-in's (alfk list)."
+        "--arch",
+        callback=check_arch_form,
+        help="Architecture to pretrain when there is no checkpoint: " + ARCH_HELP,
     ),
 ]
 ExactCount = Annotated[

@@ -20,6 +20,7 @@ from alfk_cli.cli_options import (
     csv_list,
     one_of,
     say,
+    say_note,
 )
 from alfk_cli.errors import AlfkError
 from alfk_cli.progress import stderr
@@ -114,7 +115,7 @@ def simulate(
     seeds: Seeds = "0",
     imbalance: Imbalance = None,
     rare: Rare = "5,6,7,8,9",
-    arch: Arch = "lenet",
+    arch: Arch = "auto",
     taps: Taps = None,
     init: Init = "pretrain",
     epochs: Epochs = 50,
@@ -143,7 +144,12 @@ def simulate(
     except ValueError:
         raise typer.BadParameter("seeds must be integers", param_hint="--seeds") from None
     check_seeds(seed_list)
-    assert arch is not None  # --arch defaults to lenet here and cannot be given empty
+    from alfk_cli.archauto import pick_arch
+    from alfk_cli.imagescan import scan_images
+
+    arch, said = pick_arch(arch, scan_images(pool))  # auto: from the pool's images
+    if said:
+        say_note(quiet, said)
     options = SimulateOptions(
         pool=pool, val=val, test=test, out=out,
         strategies=tuple(csv_list(strategies, "strategies")), rounds=rounds, P=P,

@@ -20,6 +20,7 @@ from alfk_cli.cli_options import (
     Kernel,
     McSamples,
     PoolList,
+    PretrainArch,
     PseudoLabel,
     Quiet,
     Seed,
@@ -27,7 +28,6 @@ from alfk_cli.cli_options import (
     Strict,
     Taps,
     Workers,
-    check_arch,
     check_format,
     check_taps,
     checkpoint_arch,
@@ -191,12 +191,6 @@ SelectModel = Annotated[
         help="Task checkpoint (default: newest in the work folder, else pretrain one).",
     ),
 ]
-PretrainArch = Annotated[
-    str,
-    typer.Option(
-        "--arch", callback=check_arch, help="Architecture to pretrain when there is no checkpoint."
-    ),
-]
 Workdir = Annotated[
     Path | None,
     typer.Option(
@@ -261,7 +255,7 @@ def select(
     pool: PoolFolder = None,
     scores: ScoresFile = None,
     model: SelectModel = None,
-    arch: PretrainArch = "lenet",
+    arch: PretrainArch = "auto",
     workdir: Workdir = None,
     exclude: Exclude = None,
     strategy: StrategyName = "fk",
@@ -388,6 +382,8 @@ def _run_select(
         )
     if report.pretrained:
         say(quiet, f"no checkpoint given or cached: pretrained {report.checkpoint}")
+        for note in report.notes:  # the architecture and why
+            say_note(quiet, note)
     else:
         say(quiet, f"model {report.checkpoint}")
     for folder, s in zip((val, pool), report.embeds):

@@ -17,10 +17,10 @@ from alfk_cli.cli_options import (
     Strict,
     Workers,
     accuracy_table,
-    check_arch,
     outputs_ok,
     report_skipped,
     say,
+    say_note,
 )
 from alfk_cli.progress import stderr
 
@@ -29,13 +29,44 @@ def _say_training(quiet: bool, init: Path | None, head: str, start) -> None:
     """What ``train`` says before its first epoch; ``start`` is a ``training_jobs.TrainStart``."""
     if init is not None:
         fresh = ", ".join(start.fresh) or "nothing"
-        what = "torchvision ImageNet weights" if head == "imagenet" else f"{head} checkpoint"
+        named = {"imagenet": "torchvision ImageNet weights", "backbone": "a weights file"}
+        what = named.get(head, f"{head} checkpoint")
         say(quiet, f"initialised from {init} ({what}); fresh: {fresh}")
     say(
         quiet,
         f"training {start.arch} on {start.train_images} images ({len(start.classes)} classes), "
         f"validating on {start.val_images}, device {start.device}",
     )
+
+
+def _load_start(init: Path | None, arch: str | None):
+    """What ``--init`` names (``backbones.load_start``), read before any work; None without."""
+    from alfk_cli.archs import AUTO
+    from alfk_cli.backbones import load_start
+
+    return load_start(init, None if arch == AUTO else arch) if init else None
+
+
+def _choose_arch(arch: str | None, start, images, quiet: bool) -> tuple[str, str | None]:
+    """The architecture to build and why, when ``auto`` chose it (``archauto.auto_reason``):
+    ``--arch``, else the ``--init`` checkpoint's (``start``), else one chosen from ``images``; a
+    note says which and why, a warning when an explicit one does not fit the images."""
+    from alfk_cli.archauto import auto_reason, pick_arch
+    from alfk_cli.archs import AUTO
+
+    if start is not None:
+        return (start.arch if arch in (None, AUTO) else arch), None
+    chosen, said = pick_arch(arch, images)
+    if said:
+        say_note(quiet, said)
+    return chosen, auto_reason(arch, said)
+
+
+TRAIN_INIT_HELP = (
+    "Start from this checkpoint (pretrained or a previous model), a torchvision resnet18 "
+    "state-dict file, torchvision:resnet18 (ImageNet weights), or with --arch timm:NAME a "
+    "weights file of that model."
+)
 
 
 @app.command(epilog="Example: alfk train --data labeled/ --val val/ --init init.pt --out model.pt")
@@ -50,14 +81,7 @@ def train(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
-    init: Annotated[
-        Path | None,
-        typer.Option(
-            "--init",
-            help="Start from this checkpoint (pretrained or a previous model), a torchvision "
-            "resnet18 state-dict file, or torchvision:resnet18 (ImageNet weights).",
-        ),
-    ] = None,
+    init: Annotated[Path | None, typer.Option("--init", help=TRAIN_INIT_HELP)] = None,
     arch: Arch = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 30,
     lr: Annotated[
@@ -74,7 +98,6 @@ def train(
     quiet: Quiet = False,
 ) -> None:
     """Train the task model on labelled images; keep the epoch with the best validation accuracy."""
-    from alfk_cli.backbones import load_start
     from alfk_cli.devices import resolve_device
     from alfk_cli.images import scan_images
     from alfk_cli.progress import make_progress
@@ -82,14 +105,16 @@ def train(
 
     outputs_ok(out, data, val)  # --init may be --out: it is read first, the output is atomic
     dev = resolve_device(device)
-    start = load_start(init, arch) if init else None
+    start = _load_start(init, arch)
     # decode failures are listed when the images are decoded; --strict checks them first
     data_set = scan_images(data, strict=strict, verify=strict)
     val_set = scan_images(val, strict=strict, verify=strict)
-    report_skipped(data_set.skipped, data, quiet)
-    report_skipped(val_set.skipped, val, quiet)
+    for found, folder in ((data_set, data), (val_set, val)):
+        report_skipped(found.skipped, folder, quiet)
+    chosen, why = _choose_arch(arch, start, data_set, quiet)
     options = TrainOptions(
-        arch=arch,
+        arch=chosen,
+        arch_auto=why,
         epochs=epochs,
         lr=lr,
         momentum=momentum,
@@ -99,7 +124,6 @@ def train(
         workers=workers,
         balance=balance,
     )
-    head = start.head if start else ""
     with make_progress(quiet) as progress:
         report = train_checkpoint(
             data_set,
@@ -109,7 +133,7 @@ def train(
             device=dev,
             init=start,
             progress=progress,
-            on_start=lambda s: _say_training(quiet, init, head, s),
+            on_start=lambda s: _say_training(quiet, init, start.head if start else "", s),
         )
     result = report.result
     report_skipped(result.skipped, data, quiet)
@@ -121,15 +145,22 @@ def train(
     say(quiet, f"wrote {out}")
 
 
-@app.command(epilog="Example: alfk pretrain --images unlabeled/ --arch lenet --out init.pt")
+@app.command(epilog="Example: alfk pretrain --images unlabeled/ --out init.pt")
 def pretrain(
     images: Annotated[
         Path, typer.Option("--images", "-i", help="Any image folder; labels are ignored.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")],
-    arch: Annotated[
-        str, typer.Option("--arch", callback=check_arch, help="lenet, resnet10 or resnet18.")
-    ] = "lenet",
+    arch: Arch = "auto",
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Start from these weights: an alfk checkpoint, a torchvision resnet18 "
+            "state-dict file, or with --arch timm:NAME a weights file of that model (the "
+            "rotation head is always fresh).",
+        ),
+    ] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 8,
     lr: Annotated[
         float | None, typer.Option("--lr", help="Learning rate (default: per architecture).")
@@ -158,12 +189,17 @@ def pretrain(
     from alfk_cli.progress import make_progress
     from alfk_cli.training_jobs import TrainOptions, pretrain_checkpoint
 
-    outputs_ok(out, images)
+    outputs_ok(out, images)  # --init may be --out: it is read first, the output is atomic
     dev = resolve_device(device)
+    start = _load_start(init, arch)
     found = scan_images(images, strict=strict, verify=strict)
     report_skipped(found.skipped, images, quiet)
+    arch, why = _choose_arch(arch, start, found, quiet)
+    if start is not None:
+        say(quiet, f"initialised from {init} ({start.head} weights); the rotation head is fresh")
     options = TrainOptions(
         arch=arch,
+        arch_auto=why,
         epochs=epochs,
         lr=lr,
         momentum=momentum,
@@ -175,7 +211,7 @@ def pretrain(
     say(quiet, f"rotation pretraining {arch} on {len(found)} images, device {dev}")
     with make_progress(quiet) as progress:
         report = pretrain_checkpoint(
-            found, out, options, device=dev, holdout=holdout, progress=progress
+            found, out, options, device=dev, holdout=holdout, progress=progress, init=start
         )
     result = report.result
     report_skipped(result.skipped, images, quiet)

@@ -48,14 +48,15 @@ class SelectOptions:
     """The nightly selection's options (``alfk select --val DIR --pool DIR``).
 
     ``model``: the task checkpoint (default: the newest in the work folder, else one is
-    rotation-pretrained with ``arch`` for ``pretrain_epochs``). ``workdir``: the cache folder
+    rotation-pretrained with ``arch``, ``auto``: chosen from the pool's images, for
+    ``pretrain_epochs``). ``workdir``: the cache folder
     (default ``.alfk/<pool name>`` beside the pool). The rest as in :class:`ScoreOptions` and the
     embed stage.
     """
 
     P: int
     model: str | os.PathLike | None = None
-    arch: str = "lenet"
+    arch: str = "auto"  # auto: chosen from the pool's images (archauto)
     workdir: str | os.PathLike | None = None
     exclude: str | os.PathLike | None = None
     strategy: str = "fk"
@@ -105,7 +106,7 @@ def run_select(
         ckpt = Path(options.model) if options.model is not None else newest_checkpoint(wd)
         if ckpt is None:
             ckpt = wd / "init.pt"
-            _pretrain(pool_scan, ckpt, options, progress)
+            report.notes += _pretrain(pool_scan, ckpt, options, progress)
             report.pretrained = True
         report.checkpoint = ckpt
         embed = EmbedOptions(
@@ -225,12 +226,18 @@ def _scan(
 
 def _pretrain(
     images: ImageSet, out: Path, options: SelectOptions, progress: ProgressSink | None
-) -> None:
+) -> list[str]:
+    """Rotation-pretrain on the pool; returns what to say about the architecture."""
+    from alfk_cli.archauto import auto_reason, pick_arch
+    from alfk_cli.archs import resolve_taps
     from alfk_cli.devices import resolve_device
     from alfk_cli.training_jobs import TrainOptions, pretrain_checkpoint
 
+    arch, said = pick_arch(options.arch, images)
+    resolve_taps(arch, options.taps)  # taps that do not fit the choice fail before training
     train = TrainOptions(
-        arch=options.arch,
+        arch=arch,
+        arch_auto=auto_reason(options.arch, said),
         epochs=options.pretrain_epochs,
         seed=options.seed,
         workers=options.workers,
@@ -238,3 +245,4 @@ def _pretrain(
     pretrain_checkpoint(
         images, out, train, device=resolve_device(options.device), progress=progress
     )
+    return [said] if said else []

@@ -17,6 +17,11 @@ the group ``alfk.<kind>`` (``alfk.architectures``, ``alfk.kernels``, ``alfk.esti
 points are loaded the first time a name that is not registered yet is looked up, or the registry
 is listed: a run that only uses built-in names never reads the installed packages' metadata nor
 imports a plug-in (which may import torch).
+
+A registry may also answer a whole family of names by prefix (``register_prefix``: the
+architectures ``timm:NAME``): such a name is resolved when it is looked up, by a function that
+builds its object (and may import heavy libraries then); it is not listed by name, but as a
+pattern (``patterns``), since a family can hold thousands.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class Registry(Mapping[str, T], Generic[T]):
         self.group = group  # entry-point group
         self._items: dict[str, T] = {}
         self._plugins_loaded = False
+        # prefix -> (resolve(name) -> object, describe() -> one line for ``alfk list``)
+        self._prefixes: dict[str, tuple[Callable[[str], T], Callable[[], str]]] = {}
 
     def register(self, name: str, *, replace: bool = False) -> Callable[[T], T]:
         """Decorator: register the decorated object under ``name`` and return it unchanged.
@@ -71,6 +78,28 @@ class Registry(Mapping[str, T], Generic[T]):
 
         return add
 
+    def register_prefix(
+        self, prefix: str, resolve: Callable[[str], T], describe: Callable[[], str]
+    ) -> None:
+        """Answer every name that starts with ``prefix`` with ``resolve(name)``, which raises an
+        ``AlfkError`` for a name of the family that does not exist; ``describe()`` is the
+        family's line in ``alfk list``."""
+        if prefix in self._prefixes:
+            raise ValueError(f"{self.kind} prefix {prefix!r} is already registered")
+        self._prefixes[prefix] = (resolve, describe)
+
+    def prefix_of(self, name: str) -> str | None:
+        """The registered prefix ``name`` starts with, if any."""
+        return next((p for p in self._prefixes if name.startswith(p)), None)
+
+    def prefixes(self) -> tuple[str, ...]:
+        """The registered prefixes (``timm:``)."""
+        return tuple(self._prefixes)
+
+    def patterns(self) -> list[str]:
+        """One line per family of prefixed names (``timm:NAME — ...``)."""
+        return [describe() for _, describe in self._prefixes.values()]
+
     def unregister(self, name: str) -> None:
         """Remove ``name`` (tests that register a toy object clean up with this)."""
         self._items.pop(name, None)
@@ -92,15 +121,24 @@ class Registry(Mapping[str, T], Generic[T]):
     def __getitem__(self, name: str) -> T:
         if name in self._items:  # registered already: no entry point needs loading
             return self._items[name]
+        prefix = self.prefix_of(name)
+        if prefix is not None:
+            return self._prefixes[prefix][0](name)
         self._load_plugins()
         try:
             return self._items[name]
         except KeyError:
+            known = [*self._items, *(f"{p}NAME" for p in self._prefixes)]
             raise UnknownName(
-                f"unknown {self.kind} {name!r}; choose one of {', '.join(self._items)}"
+                f"unknown {self.kind} {name!r}; choose one of {', '.join(known)}"
             ) from None
 
     def get(self, name: str, default: Any = None) -> Any:
+        if self.prefix_of(name) is not None and name not in self._items:
+            try:
+                return self[name]
+            except AlfkError:
+                return default
         if name not in self._items:
             self._load_plugins()
         return self._items.get(name, default)
@@ -116,6 +154,8 @@ class Registry(Mapping[str, T], Generic[T]):
     def __contains__(self, name: Any) -> bool:
         if name in self._items:
             return True
+        if isinstance(name, str) and self.prefix_of(name) is not None:
+            return self.get(name) is not None
         self._load_plugins()
         return name in self._items
 

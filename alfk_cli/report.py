@@ -25,6 +25,9 @@ from alfk_cli.scores import Scores
 
 #: Longest side of a thumbnail, in pixels.
 THUMB_PX = 128
+#: Thumbnails whose longest side is shorter than this (32 px CIFAR-10, 28 px MNIST) are drawn
+#: enlarged to at least this size, with square pixels (``image-rendering: pixelated``).
+MIN_DRAWN_PX = 96
 NO_SCORE = "\u2014"  # strategies without scores (random) store NaN
 NO_CENTRE = "no centre"
 
@@ -38,11 +41,13 @@ table.prov td{padding:0 1em 0 0}table.prov td:first-child{color:#666}
 .thumbs{display:flex;flex-wrap:wrap;gap:.6em}
 figure{margin:0;width:140px;font-size:.75em;word-break:break-all}
 figure.centre{background:#eef4ff}
-figure img{display:block;max-width:128px;max-height:128px;image-rendering:pixelated}
+figure img{display:block;max-width:128px;max-height:128px}
+img.enlarged{image-rendering:pixelated}
 .placeholder{width:128px;height:96px;background:#eee;color:#a00;display:flex;
 align-items:center;justify-content:center;text-align:center;padding:2px;box-sizing:border-box}
 .charts{display:flex;flex-wrap:wrap;gap:2em}
-svg.hist text{font-size:10px;font-family:sans-serif}
+.chart .title{font-weight:bold;font-size:.8em;margin-bottom:.3em}
+svg.hist{display:block}svg.hist text{font-size:10px;font-family:sans-serif}
 svg.hist rect.bar{fill:#4a7bd0}
 """
 
@@ -177,10 +182,12 @@ def _group_html(group: _Group, scores: Scores) -> str:
 
 
 def _figure(path: str, caption: list[str], kind: str, rank: int | None = None) -> str:
-    uri, reason = thumbnail(path)
+    thumb, reason = thumbnail(path)
     alt = html.escape(path)
-    if uri is not None:
-        pic = f'<img src="{uri}" alt="{alt}">'
+    if thumb is not None:
+        w, h = drawn_size(thumb.width, thumb.height)
+        enlarged = ' class="enlarged"' if (w, h) != (thumb.width, thumb.height) else ""
+        pic = f'<img src="{thumb.uri}" alt="{alt}" width="{w}" height="{h}"{enlarged}>'
     else:
         pic = f'<div class="placeholder">cannot show: {html.escape(str(reason))}</div>'
     rank_attr = f' data-rank="{rank}"' if rank is not None else ""
@@ -191,8 +198,17 @@ def _figure(path: str, caption: list[str], kind: str, rank: int | None = None) -
     )
 
 
-def thumbnail(path: str | os.PathLike) -> tuple[str | None, str | None]:
-    """A PNG data URI of the image downscaled to at most ``THUMB_PX`` px, or None and the reason
+@dataclass(frozen=True)
+class Thumb:
+    """A thumbnail: its PNG data URI and its size in pixels."""
+
+    uri: str
+    width: int
+    height: int
+
+
+def thumbnail(path: str | os.PathLike) -> tuple[Thumb | None, str | None]:
+    """The image downscaled to at most ``THUMB_PX`` px as a PNG data URI, or None and the reason
     it cannot be read (never raises for a bad image)."""
     from alfk_cli.imagefile import decode_pixels, open_image
 
@@ -204,12 +220,28 @@ def thumbnail(path: str | os.PathLike) -> tuple[str | None, str | None]:
                 im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
             buf = io.BytesIO()
             im.save(buf, format="PNG")
+            size = im.size
     except FileNotFoundError:
         return None, "file not found"
     except Exception as exc:  # a truncated, unknown or hostile file: the page still renders
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return None, reason[:200]
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    return Thumb(uri, *size), None
+
+
+def drawn_size(width: int, height: int) -> tuple[int, int]:
+    """The size a ``width`` × ``height`` thumbnail is drawn at on the page.
+
+    As it is when its longest side is at least ``MIN_DRAWN_PX``; else enlarged, by a whole factor
+    when one brings the longest side within [MIN_DRAWN_PX, THUMB_PX] (every pixel the same size:
+    32 px → 128, 28 px → 112), otherwise to ``THUMB_PX`` exactly."""
+    side = max(width, height)
+    if side >= MIN_DRAWN_PX:
+        return width, height
+    k = THUMB_PX // side
+    scale = k if k * side >= MIN_DRAWN_PX else THUMB_PX / side
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _score(scores: Scores, i: int) -> str:
@@ -256,28 +288,46 @@ def _histograms(scores: Scores, stats: ValStats | None) -> str:
     return note + f'<div class="charts">{"".join(charts)}</div>'
 
 
+#: Upper bounds on the drawn width of one character of the histograms' 10 px labels and on its
+#: height, in px: the chart is sized from them so that no label is cut at its edges.
+_CHAR_PX, _LINE_PX = 7.5, 10.0
+_LABEL_CHARS = 14  # longer class names are cut to this, with an ellipsis (the tooltip has all)
+_SIN45 = math.sqrt(0.5)
+
+
+def _label(name: str) -> str:
+    return name if len(name) <= _LABEL_CHARS else name[: _LABEL_CHARS - 1] + "\u2026"
+
+
 def _svg_bars(title: str, classes: list[str], values: list[int]) -> str:
-    """A bar chart as inline SVG: one ``rect.bar`` per class, each with a tooltip."""
-    bar, gap, height, top, bottom = 22, 6, 120, 28, 70
-    width = max(200, len(classes) * (bar + gap) + gap + 30)
+    """A bar chart, its title in HTML above an inline SVG: one ``rect.bar`` per class, each with
+    a tooltip, its value above it and its class name below, slanted 45° down to the right."""
+    bar, gap, left, top, height = 22, 6, 30, 16, 120
+    centres = [left + gap + j * (bar + gap) + bar / 2 for j in range(len(classes))]
+    # a label slanted 45° reaches (its length + its height) · sin 45° right of and below its start
+    reach = [(len(_label(c)) * _CHAR_PX + _LINE_PX) * _SIN45 for c in classes]
+    width = math.ceil(max([200.0] + [x + r + 4 for x, r in zip(centres, reach)]))
+    axis = top + height
+    total_h = math.ceil(axis + 10 + max(reach, default=0.0) + 4)
     peak = max(values, default=0) or 1
-    total = sum(values)
     e = html.escape
-    body = [f'<text x="4" y="14" font-weight="bold">{e(title)} (n={total})</text>']
-    for j, (name, v) in enumerate(zip(classes, values)):
+    body = []
+    for name, v, cx in zip(classes, values, centres):
         h = round(height * v / peak, 1)
-        x = 30 + gap + j * (bar + gap)
-        y = top + height - h
+        y = axis - h
         body.append(
-            f'<rect class="bar" data-class="{e(name)}" data-value="{v}" x="{x}" y="{y}" '
-            f'width="{bar}" height="{h}"><title>{e(name)}: {v}</title></rect>'
-            f'<text x="{x + bar / 2}" y="{y - 2}" text-anchor="middle">{v}</text>'
-            f'<text transform="translate({x + bar / 2},{top + height + 10}) rotate(45)">'
-            f"{e(name[:14])}</text>"
+            f'<rect class="bar" data-class="{e(name)}" data-value="{v}" x="{cx - bar / 2}" '
+            f'y="{y}" width="{bar}" height="{h}"><title>{e(name)}: {v}</title></rect>'
+            f'<text class="value" x="{cx}" y="{y - 2}" text-anchor="middle">{v}</text>'
+            f'<text class="label" transform="translate({cx},{axis + 10}) rotate(45)">'
+            f"{e(_label(name))}</text>"
         )
     return (
+        f'<div class="chart"><div class="title" style="max-width:{width}px">{e(title)} '
+        f"(n={sum(values)})</div>"
         f'<svg class="hist" data-title="{e(title)}" xmlns="http://www.w3.org/2000/svg" '
-        f'width="{width}" height="{top + height + bottom}" role="img" aria-label="{e(title)}">'
-        f'<line x1="30" y1="{top + height}" x2="{width}" y2="{top + height}" stroke="#888"/>'
-        f"{''.join(body)}</svg>"
+        f'width="{width}" height="{total_h}" viewBox="0 0 {width} {total_h}" role="img" '
+        f'aria-label="{e(title)}">'
+        f'<line x1="{left}" y1="{axis}" x2="{width}" y2="{axis}" stroke="#888"/>'
+        f"{''.join(body)}</svg></div>"
     )

@@ -46,6 +46,9 @@ class TrainOptions:
     seed: int = 0
     workers: int | None = None
     balance: str = "none"  # class balancing for ``train`` (balance.py); pretraining ignores it
+    # why ``--arch auto`` chose ``arch`` (archauto's note): kept in the checkpoint's info as
+    # ``arch_auto``; None for an explicit architecture (whose checkpoint bytes stay as they were)
+    arch_auto: str | None = None
 
     def config(self, arch: str, milestones: tuple[float, ...] | None = None) -> TrainConfig:
         """The resolved configuration for ``arch``."""
@@ -139,6 +142,8 @@ def train_checkpoint(
         "val_accuracy": result.best_accuracy,
         "train_images": len(data),
     }
+    if options.arch_auto:
+        info["arch_auto"] = options.arch_auto
     # under torchrun (DDP) every rank holds the same weights; rank 0 writes them
     distributed.on_main(
         lambda: save_checkpoint(out, model.cpu(), arch, data.classes, "classifier", info)
@@ -154,15 +159,21 @@ def pretrain_checkpoint(
     device: torch.device,
     holdout: float = 0.1,
     progress: ProgressSink | None = None,
+    init: Checkpoint | None = None,
 ) -> TrainReport:
-    """Rotation-pretrain a fresh ``options.arch`` network (lenet when None) on ``images`` and
-    save it to ``out``; the learning rate drops at :data:`ROTNET_MILESTONES`."""
-    from alfk_cli.checkpoint import save_checkpoint
+    """Rotation-pretrain an ``options.arch`` network (else ``init``'s, else lenet) on ``images``
+    and save it to ``out``; the learning rate drops at :data:`ROTNET_MILESTONES`. ``init``: its
+    trunk weights are the start (the rotation head is fresh)."""
+    from alfk_cli.checkpoint import init_from, save_checkpoint
     from alfk_cli.models import ROTATION_CLASSES, build_model, get_arch
 
-    arch = options.arch or "lenet"
+    arch = options.arch or (init.arch if init else "lenet")
+    if init is not None and init.arch != arch:
+        raise AlfkError(f"checkpoint {init.path} was made for {init.arch}, not {arch}")
     cfg = dataclasses.replace(options.config(arch, milestones=ROTNET_MILESTONES), balance="none")
     model = build_model(arch, len(ROTATION_CLASSES), seed=cfg.seed)
+    if init is not None:
+        init_from(model, dataclasses.replace(init, head="backbone"))  # never its classifier
     result = pretrain_rotation(
         model, images, get_arch(arch).input, cfg, device, holdout=holdout, progress=progress
     )
@@ -178,6 +189,10 @@ def pretrain_checkpoint(
         "best_epoch": result.best_epoch,
         "rotation_accuracy": result.best_accuracy,
     }
+    if init is not None:
+        info.update(init=str(init.path or ""), init_sha256=init.sha256)
+    if options.arch_auto:
+        info["arch_auto"] = options.arch_auto
     distributed.on_main(
         lambda: save_checkpoint(out, model.cpu(), arch, list(ROTATION_CLASSES), "rotation", info)
     )

@@ -74,6 +74,50 @@ def fifo_deadline(seconds: int, fifo: Path) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
+def randomise_batch_norm(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Non-trivial running statistics (so eval-mode batch norm matters); ``model`` in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model.eval()
+
+
+def per_image_reference(model, x, labels, modules, pooled):
+    """Per image, alone: an unfrozen model, forward hooks on ``modules`` (tap name -> module, in
+    tap order) that retain their outputs' gradients, and a backward of that image's own loss.
+    ``pooled(name, tensor)`` is φ. Returns z, g, logits (numpy): the independent reference that
+    ``describe_batch``'s one batched backward is checked against."""
+    import torch.nn.functional as F
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    zs, gs, logits = [], [], []
+    for i in range(len(x)):
+        caught: dict[str, torch.Tensor] = {}
+
+        def catch(name, store=caught):
+            def fn(_module, _inp, output):
+                output.retain_grad()
+                store[name] = output
+
+            return fn
+
+        handles = [m.register_forward_hook(catch(t)) for t, m in modules.items()]
+        try:
+            out = model(x[i : i + 1])
+            F.cross_entropy(out, labels[i : i + 1]).backward()
+        finally:
+            for h in handles:
+                h.remove()
+        zs.append(torch.cat([pooled(t, caught[t].detach()) for t in modules], 1)[0])
+        gs.append(torch.cat([pooled(t, caught[t].grad) for t in modules], 1)[0])
+        logits.append(out.detach()[0])
+        model.zero_grad(set_to_none=True)
+    return torch.stack(zs).numpy(), torch.stack(gs).numpy(), torch.stack(logits).numpy()
+
+
 @dataclass
 class Result:
     exit_code: int

@@ -337,6 +337,7 @@ def test_invalid_option_values_are_usage_errors(cli, corpus, monkeypatch):
         ["--pseudo-label", "guess"],
         ["--device", "tpu"],
         ["--arch", "vgg"],
+        ["--arch", "timm:no such"],
         ["--taps", "nonsense"],
         ["--workers", "-1"],
         ["--P", "0"],

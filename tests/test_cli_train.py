@@ -196,4 +196,5 @@ def test_unwritable_output_and_usage_errors(cli, folders, tmp_path):
     )
     assert bad_device.exit_code == 2 and "use auto, cpu, cuda or cuda:N" in bad_device.stderr
     bad_arch = cli("pretrain", "--images", data, "--out", tmp_path / "m.pt", "--arch", "vgg")
-    assert bad_arch.exit_code == 2 and "not one of lenet, resnet10, resnet18" in bad_arch.stderr
+    assert bad_arch.exit_code == 2
+    assert "not one of auto, lenet, resnet10, resnet18, timm:NAME" in bad_arch.stderr

@@ -24,20 +24,14 @@ from alfk_cli.pseudolabels import (
     rotate,
     yhat,
 )
-from conftest import blob_images
+from conftest import blob_images, per_image_reference, randomise_batch_norm
 
 PRESETS = [(arch, preset) for arch in ARCHS for preset in ARCHS[arch].presets]
 D = 5
 
 
 def _model(arch: str) -> torch.nn.Module:
-    model = build_model(arch, D, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():  # non-trivial running statistics, so eval-mode BN matters
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model.eval()
+    return randomise_batch_norm(build_model(arch, D, seed=0))
 
 
 def _inputs(arch: str, n: int, seed: int = 0) -> torch.Tensor:
@@ -47,36 +41,10 @@ def _inputs(arch: str, n: int, seed: int = 0) -> torch.Tensor:
     )
 
 
-def _catch(store: dict, name: str):
-    """A forward hook that keeps a stage's output and asks autograd to retain its gradient."""
-
-    def fn(_module, _inp, output):
-        output.retain_grad()
-        store[name] = output
-
-    return fn
-
-
 def _reference(model, x, taps, labels):
-    """Per image, alone: an unfrozen model, forward hooks that retain the taps' gradients, and
-    a backward of that image's own loss. Returns z, g, logits (numpy)."""
-    for p in model.parameters():
-        p.requires_grad_(True)
-    zs, gs, logits = [], [], []
-    for i in range(len(x)):
-        caught: dict[str, torch.Tensor] = {}
-        handles = [model.stages[t].register_forward_hook(_catch(caught, t)) for t in taps]
-        try:
-            out = model(x[i : i + 1])
-            F.cross_entropy(out, labels[i : i + 1]).backward()
-        finally:
-            for h in handles:
-                h.remove()
-        zs.append(torch.cat([pool(caught[t].detach()) for t in taps], 1)[0])
-        gs.append(torch.cat([pool(caught[t].grad) for t in taps], 1)[0])
-        logits.append(out.detach()[0])
-        model.zero_grad(set_to_none=True)
-    return torch.stack(zs).numpy(), torch.stack(gs).numpy(), torch.stack(logits).numpy()
+    """z, g, logits per image alone, with hooks on the taps' stages (conftest)."""
+    stages = {t: model.stages[t] for t in taps}
+    return per_image_reference(model, x, labels, stages, lambda _t, a: pool(a))
 
 
 def _rel_err(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from alfk_cli.models import ROTATION_CLASSES, build_model
 from alfk_cli.storeformat import content_fingerprint
 from conftest import write_images
 
-# Runs ``alfk ARGS`` and appends to the file LOG every import of torch, torchvision or faiss that
+# Runs ``alfk ARGS`` and appends to the file LOG every import of torch, torchvision, faiss or timm that
 # is attempted (found or not, caught or not) and every read of an alfk entry-point group.
 DRIVER = """
 import importlib.metadata, sys
@@ -33,7 +33,7 @@ def note(what):
 
 class Record:
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("torch", "torchvision", "faiss"):
+        if name.partition(".")[0] in ("torch", "torchvision", "faiss", "timm"):
             note(name)
         return None
 
@@ -118,6 +118,22 @@ def test_warm_select_imports_no_torch_and_repeats_the_run(cli, world, extra):
     assert again.exit_code == 0 and again.stdout == cold.stdout
     assert _timeless(again.stderr) == _timeless(warm.stderr)
     assert _files() == before
+
+
+def test_a_warm_select_on_a_timm_backbone_imports_neither_torch_nor_timm(cli, world):
+    # the cron line names the backbone; the first night's pretrained checkpoint (untrained
+    # weights here) is cached in the work folder, and the next night reads its record
+    arch = "timm:resnet10t@28"
+    WORK.mkdir(parents=True)
+    model = build_model(arch, len(ROTATION_CLASSES), seed=0)
+    save_checkpoint(WORK / "init.pt", model, arch, list(ROTATION_CLASSES), head="rotation")
+    night = (*SELECT[:8], "--arch", arch, "--workers", "0", "--device", "cpu")
+    cold = cli(*night, "--taps", "L896")
+    assert cold.exit_code == 0, cold.stderr
+    warm, heavy = _alfk(*night, "--taps", "L896")
+    assert warm.returncode == 0, warm.stderr
+    assert heavy == [], f"a warm select imported {heavy}"
+    assert warm.stdout == cold.stdout and "scores.h5 is up to date" in warm.stderr
 
 
 def test_printing_a_scores_file_imports_no_torch(cli, world):
