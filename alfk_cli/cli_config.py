@@ -26,13 +26,13 @@ file. The work folder's own file may not set where outputs go (``OUTPUT_OPTIONS`
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from alfk_cli.errors import AlfkError
+from alfk_cli.imagefile import check_named_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,24 +67,10 @@ def _config_file(argv: Sequence[str]) -> tuple[Path, bool] | None:
     """The options file, and whether it was found in a work folder (not named by the user)."""
     given = _value(argv, "--config") or os.environ.get(f"{ENV_PREFIX}_CONFIG") or None
     if given is not None:
-        _check_given(Path(given))
+        check_named_file(Path(given), "options file")  # not /dev/zero, nor a folder
         return Path(given), False
     found = _workdir_config(argv)
     return None if found is None else (found, True)
-
-
-def _check_given(path: Path) -> None:
-    """A named options file must be a regular file: reading ``/dev/zero`` would never end."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise AlfkError(f"options file {path} does not exist") from None
-    except OSError as exc:
-        raise AlfkError(f"cannot read the options file {path}: {exc.strerror}") from None
-    if stat.S_ISDIR(mode):
-        raise AlfkError(f"options file {path} is a folder, not a TOML file")
-    if not stat.S_ISREG(mode):
-        raise AlfkError(f"options file {path} is not a regular file (it must be a TOML file)")
 
 
 def _workdir_config(argv: Sequence[str]) -> Path | None:

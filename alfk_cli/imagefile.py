@@ -21,6 +21,7 @@ import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DECODE_VERSION",
     "NotRegularFile",
+    "check_named_file",
     "decode_pixels",
     "open_image",
     "open_regular",
@@ -59,6 +61,24 @@ def special_file(mode: int) -> str | None:
     )
     kind = next((name for test, name in kinds if test(mode)), "special")
     return f"not a regular file ({kind})"
+
+
+def check_named_file(path: Path, what: str, *, pipe: bool = False) -> None:
+    """``path``, a ``what`` the user named ("options file", "pool list"), must exist and be a
+    regular file (or, with ``pipe``, a pipe: ``<(find ...)``); else a one-line AlfkError. Reading
+    ``/dev/zero`` would never end, and a folder's "does not exist" would mislead."""
+    from alfk_cli.errors import AlfkError
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise AlfkError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise AlfkError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise AlfkError(f"{what} {path} is a folder, not a file")
+    if not (stat.S_ISREG(mode) or (pipe and stat.S_ISFIFO(mode))):
+        raise AlfkError(f"{what} {path} is not a regular file" + (" or a pipe" if pipe else ""))
 
 
 def open_regular(path: str | os.PathLike) -> BinaryIO:

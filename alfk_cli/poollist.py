@@ -23,7 +23,6 @@ are skipped and listed (when new) or keep their stored rows (when trusted). No t
 from __future__ import annotations
 
 import os
-import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alfk_cli.errors import AlfkError
+from alfk_cli.imagefile import check_named_file
 from alfk_cli.names import printable
 
 if TYPE_CHECKING:
@@ -52,21 +52,6 @@ def _describe(source: str | os.PathLike) -> str:
     return "standard input" if str(source) == STDIN else f"pool list {source}"
 
 
-def _check_list_file(path: Path) -> None:
-    """A pool list is a regular file or a pipe (``--pool-list <(find ...)``), not a folder,
-    socket or device."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise AlfkError(f"pool list {path} does not exist") from None
-    except OSError as exc:
-        raise AlfkError(f"cannot read pool list {path}: {exc.strerror}") from None
-    if stat.S_ISDIR(mode):
-        raise AlfkError(f"pool list {path} is a folder, not a file")
-    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
-        raise AlfkError(f"pool list {path} is not a regular file or a pipe")
-
-
 def _read_text(source: str | os.PathLike) -> str:
     if str(source) == STDIN:
         if sys.stdin is None or sys.stdin.closed:
@@ -74,7 +59,7 @@ def _read_text(source: str | os.PathLike) -> str:
         data = sys.stdin.buffer.read()
     else:
         path = Path(source)
-        _check_list_file(path)
+        check_named_file(path, "pool list", pipe=True)  # a pipe: --pool-list <(find ...)
         try:
             data = path.read_bytes()
         except OSError as exc:
