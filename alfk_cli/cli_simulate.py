@@ -16,6 +16,7 @@ from alfk_cli.cli_options import (
     Quiet,
     Taps,
     Workers,
+    check_seeds,
     csv_list,
     one_of,
     say,
@@ -47,7 +48,9 @@ Strategies = Annotated[
 ]
 Rounds = Annotated[int, typer.Option("--rounds", "-B", min=1, help="Rounds B.")]
 RoundP = Annotated[int, typer.Option("--P", "-P", min=1, help="Images labelled per round.")]
-Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")]
+Seeds = Annotated[
+    str, typer.Option("--seeds", help="Comma-separated seeds (each 0 to 4294967295).")
+]
 Imbalance = Annotated[
     float | None,
     typer.Option(
@@ -140,6 +143,7 @@ def simulate(
         seed_list = tuple(int(s) for s in csv_list(seeds, "seeds"))
     except ValueError:
         raise typer.BadParameter("seeds must be integers", param_hint="--seeds") from None
+    check_seeds(seed_list)
     from alfk_cli.archauto import pick_arch
     from alfk_cli.imagescan import scan_images
 

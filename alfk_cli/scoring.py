@@ -24,7 +24,7 @@ from alfk_cli.errors import AlfkError
 from alfk_cli.reproducible import seeded
 from alfk_cli.scores import Scores, read_scores, write_scores
 from alfk_cli.search import backend_choice
-from alfk_cli.store import FeatureStore, check_compatible, open_store
+from alfk_cli.store import FeatureStore, check_compatible, check_label_range, open_store
 from alfk_cli.strategies import (
     FisherKernel,
     Picked,
@@ -145,6 +145,8 @@ def _prepare(
 ) -> tuple[Strategy, str, set[int], list[str]]:
     """Checks, the strategy, the printed root, the rows left out before the ledger, and notes."""
     check_compatible(val, pool)
+    check_label_range(val)
+    check_label_range(pool)
     if (np.asarray(val.labels[:]) < 0).any():
         raise AlfkError(
             f"{val.path} has images without labels; the validation store needs class sub-folders"

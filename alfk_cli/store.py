@@ -14,7 +14,13 @@ from alfk_cli.storeformat import (
     config_fingerprint,
     content_fingerprint,
 )
-from alfk_cli.storereader import FeatureStore, check_compatible, open_hdf5, open_store
+from alfk_cli.storereader import (
+    FeatureStore,
+    check_compatible,
+    check_label_range,
+    open_hdf5,
+    open_store,
+)
 from alfk_cli.storewriter import RESERVE_BYTES, StoreHeader, StoreWriter
 
 __all__ = [
@@ -25,6 +31,7 @@ __all__ = [
     "StoreHeader",
     "StoreWriter",
     "check_compatible",
+    "check_label_range",
     "config_fingerprint",
     "content_fingerprint",
     "open_hdf5",
