@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,6 +11,9 @@ from alfk_cli.cli_app import app
 from alfk_cli.cli_options import Quiet, csv_list
 from alfk_cli.names import printable
 from alfk_cli.progress import stderr
+
+if TYPE_CHECKING:
+    from alfk_cli.label_filing import ImportReport
 
 labels_app = typer.Typer(
     name="labels",
@@ -24,7 +27,8 @@ app.add_typer(labels_app, name="labels")
 
 @labels_app.command(
     "import",
-    epilog="Example: alfk labels import export.json --into labeled/ --classes-from val/",
+    epilog="Example: alfk labels import export.json --pool unlabeled/ --into labeled/ "
+    "--classes-from val/",
 )
 def import_labels(
     exports: Annotated[
@@ -36,6 +40,15 @@ def import_labels(
     ],
     into: Annotated[
         Path, typer.Option("--into", "-o", help="Labelled folder to file the images in.")
+    ],
+    pool: Annotated[
+        Path,
+        typer.Option(
+            "--pool",
+            "-p",
+            help="The pool folder select ran on: only images inside it (links followed) are "
+            "filed, and --into must lie outside it.",
+        ),
     ],
     root: Annotated[
         Path,
@@ -67,7 +80,8 @@ def import_labels(
     quiet: Quiet = False,
 ) -> None:
     """File labelled pool images under INTO/<class>/ as hard links (copies across file systems);
-    the pool is never changed. Nothing is written unless every label checks out."""
+    the pool is never changed. Nothing is written unless every label checks out and every image
+    is an image file inside the pool folder."""
     from alfk_cli.label_filing import file_labels, known_classes
     from alfk_cli.label_import import read_labels
 
@@ -81,9 +95,15 @@ def import_labels(
     labelled = [
         item for export in exports for item in read_labels(export, root=root, url_prefix=url_prefix)
     ]
-    report = file_labels(labelled, into, classes=known, relabel=relabel, skip_missing=skip_missing)
-    if quiet:
-        return
+    report = file_labels(
+        labelled, into, pool=pool, classes=known, relabel=relabel, skip_missing=skip_missing
+    )
+    if not quiet:
+        _say(report, into)
+
+
+def _say(report: ImportReport, into: Path) -> None:
+    """The summary line on stderr, and the missing images."""
     new = report.linked + report.copied
     parts = [
         f"{new} filed under {into} ({report.linked} linked, {report.copied} copied"

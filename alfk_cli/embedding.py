@@ -42,6 +42,7 @@ from alfk_cli.estimators import describe_images, get_estimator
 from alfk_cli.imagescan import ImageSet
 from alfk_cli.names import printable
 from alfk_cli.reporting import ProgressSink
+from alfk_cli.rowwriter import RowWriter
 from alfk_cli.storewriter import StoreWriter
 
 
@@ -276,30 +277,31 @@ def _compute(
     )
     label_t = torch.from_numpy(plan.labels)
     report.start()
-    for img, _, rows, ok in loader:
-        if not bool(ok.all()):
-            for bad in rows[~ok].tolist():
-                reason = decode_failure(images.absolute(bad), spec)
-                if opts.strict:
-                    raise AlfkError(f"{printable(str(images.absolute(bad)))}: {reason}")
-                failed.append((int(bad), reason))
-            img, rows = img[ok], rows[ok]
-            if len(rows) == 0:
-                continue
-        rows_np = rows.numpy().astype(np.int64)
-        z, g, logits, used = describe_images(
-            plan.model, img.to(dev, non_blocking=True), spec, plan.taps, plan.method,
-            labels=label_t[rows].to(dev), reference=plan.labeler,
-            names=[images.paths[r] for r in rows_np], seed=opts.seed, mc_cfg=opts.mc,
-        )  # fmt: skip
-        writer.write_rows(
-            rows_np,
-            z.float().cpu().numpy(),
-            g.float().cpu().numpy(),
-            logits.float().cpu().numpy(),
-            used.cpu().numpy().astype(np.int64),
-        )
-        report.advance(len(rows_np))
+    with RowWriter(writer) as out:
+        for img, _, rows, ok in loader:
+            if not bool(ok.all()):
+                for bad in rows[~ok].tolist():
+                    reason = decode_failure(images.absolute(bad), spec)
+                    if opts.strict:
+                        raise AlfkError(f"{printable(str(images.absolute(bad)))}: {reason}")
+                    failed.append((int(bad), reason))
+                img, rows = img[ok], rows[ok]
+                if len(rows) == 0:
+                    continue
+            rows_np = rows.numpy().astype(np.int64)
+            z, g, logits, used = describe_images(
+                plan.model, img.to(dev, non_blocking=True), spec, plan.taps, plan.method,
+                labels=label_t[rows].to(dev), reference=plan.labeler,
+                names=[images.paths[r] for r in rows_np], seed=opts.seed, mc_cfg=opts.mc,
+            )  # fmt: skip
+            out.add(
+                rows_np,
+                z.float().cpu().numpy(),
+                g.float().cpu().numpy(),
+                logits.float().cpu().numpy(),
+                used.cpu().numpy().astype(np.int64),
+            )
+            report.advance(len(rows_np))
     return report.rows, failed
 
 

@@ -18,7 +18,7 @@ from alfk_cli.archs import InputSpec
 from alfk_cli.imagescan import (
     IMAGE_EXTENSIONS,
     ImageSet,
-    check_same_classes,
+    align_classes,
     decode_errors,
     scan_images,
     unreadable,
@@ -175,8 +175,8 @@ __all__ = [
     "PRELOAD_LIMIT_BYTES",
     "ImageDataset",
     "ImageSet",
+    "align_classes",
     "available_cores",
-    "check_same_classes",
     "decodable",
     "decode_failure",
     "decoded_batches",

@@ -2,7 +2,9 @@
 
 Layout rules: a folder whose top level holds only sub-folders is *labelled* (the first-level
 sub-folder is the class, images may sit at any depth below it); a folder with images at its top
-level is *unlabelled* (images at any depth, label -1). Hidden files and folders are ignored.
+level is *unlabelled* (images at any depth, label -1). Hidden files and folders are ignored, and
+so is a sub-folder holding :data:`LABELS_MARKER` (``alfk labels import``'s output: its images are
+labelled copies, never pool images), which is listed as skipped.
 Files that are not images, or that PIL cannot read (when asked to verify), are reported and
 skipped (``strict`` makes that an error).
 
@@ -12,6 +14,7 @@ No torch here, and PIL only to verify: a run whose stores are up to date scans a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Sequence
@@ -25,6 +28,10 @@ from alfk_cli.errors import AlfkError
 from alfk_cli.names import name_problem, printable
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+#: The file ``alfk labels import`` leaves in its output folder; a scan never walks into a
+#: sub-folder holding it (the folder it starts from may hold it: ``train --data labeled/``).
+LABELS_MARKER = ".alfk-labels"
+LABELLED_FOLDER = f"a labelled folder (it holds {LABELS_MARKER}), not scanned"
 
 
 def decode_errors() -> tuple[type[BaseException], ...]:
@@ -60,16 +67,21 @@ class ImageSet:
         return self.root / self.paths[i]
 
 
-def _walk(root: Path) -> list[str]:
+def _walk(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """Every non-hidden file under ``root`` as a sorted POSIX path relative to it, following the
-    folder structure only."""
+    folder structure only, and the labelled sub-folders left out, as (path, reason)."""
     found: list[str] = []
+    left_out: list[tuple[str, str]] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        if rel != "." and LABELS_MARKER in filenames:
+            dirnames[:] = []
+            left_out.append((rel + "/", LABELLED_FOLDER))
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         prefix = "" if rel == "." else rel + "/"
         found.extend(prefix + f for f in sorted(filenames) if not f.startswith("."))
-    return found
+    return found, left_out
 
 
 def _only_folders(root: Path) -> bool:
@@ -186,12 +198,13 @@ def scan_images(
     if not root.is_dir():
         raise AlfkError(f"{root} is not a folder")
     listed = files is not None
+    left_out: list[tuple[str, str]] = []
     if files is not None:
         files = sorted(files, key=walk_order)
         labelled = bool(files) and all("/" in f for f in files)
     else:
         labelled = _only_folders(root)
-        files = _walk(root)
+        files, left_out = _walk(root)
     trusted = trusted or {}
     chunk = max(64, -(-len(files) // (4 * max(1, threads))))
     parts = [files[i : i + chunk] for i in range(0, len(files), chunk)]
@@ -210,6 +223,7 @@ def scan_images(
         path, reason = skipped[0]
         more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
         raise AlfkError(f"{printable(str(root / path))}: {reason}{more}")
+    skipped = left_out + skipped  # a labelled folder is no bad file: listed, never --strict's
     if not good:
         raise AlfkError(f"no images found in {root}")
 
@@ -230,20 +244,21 @@ def scan_images(
     return ImageSet(root, good, labels, classes, skipped, sizes, mtimes)
 
 
-def check_same_classes(data: ImageSet, val: ImageSet) -> None:
-    """Training data and validation set must name the same classes."""
+def align_classes(data: ImageSet, val: ImageSet) -> ImageSet:
+    """``data`` with the validation set's classes and class indices, so that a model trained on
+    it has ``val``'s classes (the stores and selections of a pool stay comparable). A labelled
+    set may lack classes of ``val`` (a first batch of labels rarely holds every class); a class
+    that ``val`` lacks is an error, since the model could never be validated on it."""
     for s in (data, val):
         if not s.labelled:
             raise AlfkError(f"{s.root} has no class sub-folders; it needs one folder per class")
-    if data.classes != val.classes:
-        only_d = sorted(set(data.classes) - set(val.classes))
-        only_v = sorted(set(val.classes) - set(data.classes))
-        detail = "; ".join(
-            x
-            for x in (
-                f"only in {data.root}: {','.join(only_d)}" if only_d else "",
-                f"only in {val.root}: {','.join(only_v)}" if only_v else "",
-            )
-            if x
+    extra = [c for c in data.classes if c not in val.classes]
+    if extra:
+        raise AlfkError(
+            f"class folders differ between {data.root} and {val.root} (only in {data.root}: "
+            f"{','.join(extra)}); the classes are the validation set's"
         )
-        raise AlfkError(f"class folders differ between {data.root} and {val.root} ({detail})")
+    if data.classes == val.classes:
+        return data
+    index = np.array([val.classes.index(c) for c in data.classes], dtype=np.int64)
+    return dataclasses.replace(data, labels=index[data.labels], classes=list(val.classes))

@@ -12,7 +12,14 @@ template, https://labelstud.io/templates/image_classification).
 
 alfk's own provenance rides along in ``data`` under ``alfk_*`` keys (Label Studio keeps any extra
 ``data`` keys and shows them in the Data Manager): the path as ``alfk select`` prints it, the
-rank in the selection and the validation image it matched ("" for strategies without centres).
+rank in the selection, the selection score and the validation image it matched ("" for
+strategies without centres).
+
+A prediction's ``score`` must lie in [0, 1]: Label Studio 1.23 checks it on import (logging an
+error, or refusing the import where its prediction-validation flag is on) and its "prediction
+score lowest first" sampling and sorting read it. The kernel score is not a probability, so the
+prediction's score is the rank's place in the batch, ``(rank - 1) / n``: lowest first is the
+selection order, and the kernel score itself is ``data.alfk_score``.
 """
 
 from __future__ import annotations
@@ -54,9 +61,11 @@ def tasks(
     to_name: str = TO_NAME,
 ) -> list[dict[str, Any]]:
     """The selection, in selection order, as Label Studio tasks with the predicted class as a
-    pre-annotation. A score that is not a finite number (strategies without one, such as random
-    and coreset, store NaN) is left out: ``score`` is optional in Label Studio's format."""
+    pre-annotation scored ``(rank - 1) / n`` (Label Studio wants a score in [0, 1]). The kernel
+    score is ``data.alfk_score``, left out where it is not a finite number (strategies without
+    one, such as random and coreset, store NaN)."""
     version = model_version(scores)
+    n = len(scores.paths)
     out = []
     rows = zip(
         image_urls(scores, url_prefix),
@@ -72,10 +81,10 @@ def tasks(
             "type": "choices",
             "value": {"choices": [predicted]},
         }
-        prediction: dict[str, Any] = {"model_version": version}
+        prediction = {"model_version": version, "score": (rank - 1) / n, "result": [result]}
+        data: dict[str, Any] = {"image": url, "alfk_path": path, "alfk_rank": rank}
         if math.isfinite(float(score)):
-            prediction["score"] = float(score)
-        prediction["result"] = [result]
-        data = {"image": url, "alfk_path": path, "alfk_rank": rank, "alfk_center": center}
+            data["alfk_score"] = float(score)
+        data["alfk_center"] = center
         out.append({"data": data, "predictions": [prediction]})
     return out

@@ -9,7 +9,8 @@ listed (``images``): hidden files and folders are ignored, files that are not im
 names cannot be carried (``names``) are skipped and listed, labels come from the first path
 component when no listed file sits at the top level, and rows are in the walk's order whatever
 the list's order. A path outside the pool folder is an error; a path listed twice is skipped and
-listed the second time.
+listed the second time; paths in a labelled sub-folder (one holding ``imagescan.LABELS_MARKER``,
+``alfk labels import``'s output) are left out and the folder listed, as the walk does.
 
 Identity: a listed path that a cached store already holds is trusted unchanged, with the size
 and mtime the store recorded (it is not stat'ed); only new paths are stat'ed. So a pool list
@@ -110,6 +111,30 @@ def _relative(line: str, prefixes: set[str]) -> str | None:
     return "" if norm == "." else norm
 
 
+def _outside_labelled(listed: PoolList, root: str | os.PathLike) -> PoolList:
+    """``listed`` less the paths under a labelled sub-folder, each such folder listed once: one
+    lstat per folder named, none for a flat list."""
+    from alfk_cli.imagescan import LABELLED_FOLDER, LABELS_MARKER
+
+    marked: dict[str, bool] = {}
+
+    def labelled_folder(rel: str) -> str | None:
+        parts = rel.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            folder = "/".join(parts[:depth])
+            if folder not in marked:
+                marked[folder] = os.path.lexists(os.path.join(root, folder, LABELS_MARKER))
+            if marked[folder]:
+                return folder
+        return None
+
+    keep = [rel for rel in listed.paths if "/" not in rel or labelled_folder(rel) is None]
+    if len(keep) == len(listed.paths):
+        return listed
+    left_out = [(f + "/", LABELLED_FOLDER) for f, yes in marked.items() if yes]
+    return PoolList(keep, listed.skipped + left_out)
+
+
 def scan_pool(
     root: str | os.PathLike,
     pool_list: str | os.PathLike,
@@ -127,6 +152,7 @@ def scan_pool(
     if strict and listed.skipped:
         path, reason = listed.skipped[0]
         raise AlfkError(f"{printable(str(Path(root) / path))}: {reason}")
+    listed = _outside_labelled(listed, root)
     found = scan_images(
         root, classes=classes, strict=strict, verify=strict, trusted=trusted, files=listed.paths
     )

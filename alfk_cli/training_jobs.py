@@ -101,15 +101,16 @@ def train_checkpoint(
 
     The network is ``options.arch`` (else ``init``'s architecture, else lenet), seeded with
     ``options.seed`` and initialised from ``init`` when given (a rotation head or a classifier of
-    another shape stays fresh). ``on_start`` hears what will be trained before the first epoch.
+    another shape stays fresh). The model's classes are ``val``'s (``data`` may lack some of
+    them, never hold others). ``on_start`` hears what will be trained before the first epoch.
     The checkpoint's ``info`` records the folders, ``init`` and its SHA-256, the configuration
     and the best epoch.
     """
     from alfk_cli.checkpoint import init_from, save_checkpoint
-    from alfk_cli.images import check_same_classes
+    from alfk_cli.images import align_classes
     from alfk_cli.models import build_model, get_arch
 
-    check_same_classes(data, val)
+    data = align_classes(data, val)  # the classes are val's, in val's order, even those data lacks
     arch = options.arch or (init.arch if init else "lenet")
     if init is not None and init.arch != arch:
         raise AlfkError(f"checkpoint {init.path} was made for {init.arch}, not {arch}")

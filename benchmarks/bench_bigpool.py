@@ -186,6 +186,12 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path("/tmp/bigpool"))
     ap.add_argument("--min-free-gb", type=float, default=15.0)
     ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument(
+        "--device", default="cpu", help="score's --device; a comma list runs each and compares"
+    )
+    ap.add_argument(
+        "--bare", action="store_true", help="also a bare torch matmul + top-k over the same rows"
+    )
     args = ap.parse_args()
     n, dim = args.n, args.dim
     real = args.virtual_from if 0 < args.virtual_from < n else n
@@ -217,21 +223,34 @@ def _bench(
     gen_rss = resource_usage()
     print(f"generated in {time.perf_counter() - t0:.0f} s; store {_gib(pool.stat().st_size)}; "
           f"generator peak RSS {_gib(max(gen, gen_rss))}", flush=True)  # fmt: skip
-    score = ["score", "--val", str(val), "--pool", str(pool), "--P", str(args.P),
-             "--kernel", args.kernel, "--out", str(args.root / "scores.h5"), "--device", "cpu",
-             "-q"]  # fmt: skip
-    runs = [(score, f"alfk score, run {r + 1}") for r in range(args.runs)]
+    runs = []
+    for device in args.device.split(","):
+        score = ["score", "--val", str(val), "--pool", str(pool), "--P", str(args.P),
+                 "--kernel", args.kernel, "--out", str(args.root / "scores.h5"),
+                 "--device", device, "-q"]  # fmt: skip
+        runs += [(score, f"alfk score --device {device}, run {r + 1}") for r in range(args.runs)]
     if args.exclude_lines:
         rows = np.random.default_rng(args.seed).choice(n, args.exclude_lines, replace=False)
         (args.root / "exclude.txt").write_text("".join(pool_path(i) + "\n" for i in rows))
         excl = [*score, "--exclude", str(args.root / "exclude.txt")]
         runs.append((excl, f"alfk score --exclude ({args.exclude_lines:,} lines)"))
+    first = None
     for cmd, label in runs:
         (args.root / "scores.h5").unlink(missing_ok=True)
         run_score(cmd, label)
         with h5py.File(args.root / "scores.h5", "r") as f:
-            sel = f["selected"][()]
-        print(f"  selected {sel.size} rows, {np.unique(sel % real).size} distinct vectors")
+            sel, score = f["selected"][()], f["score"][()]
+        same = "" if first is None else (
+            "; identical to the first run's selection and scores"
+            if np.array_equal(sel, first[0]) and np.array_equal(score, first[1])
+            else "; DIFFERS from the first run's selection or scores"
+        )  # fmt: skip
+        first = first or (sel, score)
+        print(f"  selected {sel.size} rows, {np.unique(sel % real).size} distinct vectors{same}")
+    if args.bare:
+        from bare_topk import bare_topk  # torch, only for this
+
+        bare_topk(val, pool, args.P, args.block)
 
 
 def resource_usage() -> int:

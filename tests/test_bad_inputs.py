@@ -7,6 +7,7 @@ traceback, and never a file under any output name the failing command was given.
 from __future__ import annotations
 
 import io
+import json
 import os
 import struct
 import zlib
@@ -382,3 +383,58 @@ def test_damaged_work_files_do_not_block_the_next_run(cli, corpus):
         assert "img0001.png" not in r.stdout
     else:
         assert_clean_failure(r)
+
+
+LS_CSV = "alfk_path,choice,annotator,annotation_id,id\n"  # Label Studio's CSV export header
+
+
+def test_labels_import_files_only_pool_images_and_only_under_into(cli, corpus):
+    """Hostile exports (issue 19): each is one error before anything is written, and no file
+    outside the pool is ever linked or copied, nor anything written outside --into."""
+    root, _ = corpus
+    d = str(root)
+    (root / "pool" / "out.png").symlink_to(root / "init.pt")
+    (root / "target").mkdir()
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "pool" / "fifo.png")
+    links = {p: p.stat().st_nlink for p in (root / "init.pt", root / "train" / "a" / "img0000.png")}
+    url = "/data/local-files/?d=pool/%2e%2e/init.pt"
+
+    def task(path: str, key: str = "alfk_path") -> str:
+        result = [{"type": "choices", "value": {"choices": ["a"]}}]
+        return json.dumps([{"id": 1, "data": {key: path}, "annotations": [{"result": result}]}])
+
+    cases = [
+        ("t.json", task("pool/../init.pt"), []),
+        ("t.json", task(f"{d}/init.pt"), []),
+        ("t.json", task("pool/../train/a/img0000.png", "image"), []),
+        ("t.json", task("pool/out.png"), []),
+        ("t.json", task(url, "image"), ["--url-prefix", "/data/local-files/?d="]),
+        ("t.csv", f"path,label\n{d}/init.pt,a\n", []),
+        ("t.csv", "path,label\npool/notes.txt,a\n", []),
+        ("t.csv", "path,label\npool/.hidden.png,a\n", []),
+        ("t.csv", "path,label\npool/fifo.png,a\n", ["--skip-missing"]),
+        ("t.json", '{"tasks": [{"data": {"alfk_path": "pool/img0000.png"}}]}', []),
+        # Label Studio's JSON_MIN and CSV exports (issue 18): the same checks
+        ("t.json", json.dumps([{"id": 1, "alfk_path": f"{d}/init.pt", "choice": "a"}]), []),
+        ("t.csv", f"{LS_CSV}pool/../init.pt,a,1,1,1\n", []),
+        ("t.csv", f'{LS_CSV}pool/img0000.png,"{{""choices"": [""a"", ""b""]}}",1,1,1\n', []),
+        ("t.csv", "path,label\npool/img0000.png,a\n", ["--into", f"{d}/pool/lab"]),
+        ("t.csv", "path,label\npool/img0000.png,a\n", ["--into", d]),
+    ]
+    for name, text, extra in cases:
+        (root / name).write_text(text)
+        into = ["--into", f"{d}/labeled"] if "--into" not in extra else []
+        r = cli("labels", "import", f"{d}/{name}", "--pool", f"{d}/pool", "--root", d,
+                "--classes-from", f"{d}/val", *into, *extra)  # fmt: skip
+        assert_clean_failure(r)
+        assert not (root / "labeled").exists() and not (root / "pool" / "lab").exists(), text
+        assert not (root / ".alfk-labels").exists()
+    (root / "labeled").mkdir()
+    (root / "labeled" / "a").symlink_to(root / "target", target_is_directory=True)
+    (root / "t.csv").write_text("path,label\npool/img0000.png,a\n")
+    r = cli("labels", "import", f"{d}/t.csv", "--pool", f"{d}/pool", "--root", d,
+            "--into", f"{d}/labeled")  # fmt: skip
+    assert_clean_failure(r)
+    assert list((root / "target").iterdir()) == [] and len(list((root / "labeled").iterdir())) == 1
+    assert {p: p.stat().st_nlink for p in links} == links

@@ -101,6 +101,33 @@ def test_mismatched_classes(cli, folders, tmp_path):
     )
 
 
+@pytest.mark.parametrize("balance", ["none", "reweight", "sample", "auto"])
+def test_labels_covering_a_subset_of_the_classes_train_on_vals_classes(cli, tmp_path, balance):
+    """A first batch of labels rarely holds every class (issue 18): train takes val's class list
+    and indices, so the checkpoint's classes are val's; an absent class gives no NaN or error."""
+    import math
+
+    import torch
+
+    from alfk_cli.images import align_classes, scan_images
+
+    data = make_labelled(tmp_path / "data", ["dog", "bird"], 4)  # two of val's four, out of order
+    (tmp_path / "data" / "cat").mkdir()  # an empty class folder changes nothing
+    val = make_labelled(tmp_path / "val", ["ant", "bird", "cat", "dog"], 2)
+    aligned = align_classes(scan_images(data), scan_images(val))
+    assert aligned.classes == ["ant", "bird", "cat", "dog"]
+    assert [aligned.classes[i] for i in aligned.labels] == [p.split("/")[0] for p in aligned.paths]
+    out = tmp_path / "m.pt"
+    r = cli("train", "--data", data, "--val", val, "--out", out, "--epochs", "2",
+            "--balance", balance, "--device", "cpu", "--workers", "0")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert "nan" not in r.stderr.lower() and "Warning" not in r.stderr
+    ck = load_checkpoint(out)
+    assert ck.classes == ["ant", "bird", "cat", "dog"] and ck.build().num_classes == 4
+    assert math.isfinite(ck.info["val_accuracy"])
+    assert all(torch.isfinite(t).all() for t in ck.state_dict.values() if t.is_floating_point())
+
+
 def test_init_of_another_architecture(cli, folders, tmp_path):
     data, val = folders
     init = tmp_path / "init.pt"

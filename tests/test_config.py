@@ -82,7 +82,8 @@ def test_a_bad_options_file_is_one_clear_error(cli, world, text, code, says):
     r = cli("--config", "bad.toml", "select", "--val", "val", "--pool", "pool", "--P", "2",
             "--model", "init.pt", "--device", "cpu")  # fmt: skip
     if "labels" in text:
-        r = cli("--config", "bad.toml", "labels", "import", "x.json", "--into", "labeled")
+        r = cli("--config", "bad.toml", "labels", "import", "x.json", "--pool", "pool", "--into",
+                "labeled")  # fmt: skip
     assert r.exit_code == code and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     r = cli("--config", "missing.toml", "list")
     assert r.exit_code == 1 and "options file missing.toml does not exist" in r.stderr

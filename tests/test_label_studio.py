@@ -43,17 +43,19 @@ def _tasks(r) -> list[dict]:
 
 def assert_task_format(doc: list[dict], from_name: str = "choice", to_name: str = "image"):
     """Every task as Label Studio's import format has it: data.image a string; predictions a list
-    of {model_version, score (a float, optional), result: [{from_name, to_name, type, value}]}."""
+    of {model_version, score (a float in [0, 1], which Label Studio 1.23 checks), result:
+    [{from_name, to_name, type, value}]}; the score orders the tasks as the selection does."""
     for task in doc:
         assert set(task) == {"data", "predictions"}
         assert isinstance(task["data"]["image"], str) and task["data"]["image"]
         assert {"alfk_path", "alfk_rank", "alfk_center"} <= set(task["data"])
+        assert set(task["data"]) <= {"image", "alfk_path", "alfk_rank", "alfk_score", "alfk_center"}
         assert isinstance(task["predictions"], list) and len(task["predictions"]) == 1
         for pred in task["predictions"]:
-            assert set(pred) <= {"model_version", "score", "result"}
+            assert set(pred) == {"model_version", "score", "result"}
             assert isinstance(pred["model_version"], str) and len(pred["model_version"]) == 12
-            if "score" in pred:
-                assert isinstance(pred["score"], float) and math.isfinite(pred["score"])
+            assert isinstance(pred["score"], float) and 0.0 <= pred["score"] <= 1.0
+            assert pred["score"] == (task["data"]["alfk_rank"] - 1) / len(doc)
             assert isinstance(pred["result"], list) and len(pred["result"]) == 1
             for res in pred["result"]:
                 assert res["from_name"] == from_name and res["to_name"] == to_name
@@ -74,7 +76,11 @@ def test_tasks_follow_the_format_and_match_the_txt_output(cli, world):
     assert [t["data"]["image"] for t in doc] == paths  # no --url-prefix: the printed path
     assert [t["data"]["alfk_rank"] for t in doc] == [1, 2, 3, 4, 5]
     assert all(t["data"]["alfk_center"].startswith("val/") for t in doc)  # fk has centres
-    assert all("score" in t["predictions"][0] for t in doc)
+    assert all(math.isfinite(t["data"]["alfk_score"]) for t in doc)  # fk's kernel score
+    jsonl = [
+        json.loads(line) for line in cli(*SELECT, "--P", "5", "-f", "jsonl").stdout.splitlines()
+    ]
+    assert [t["data"]["alfk_score"] for t in doc] == [row["score"] for row in jsonl]
     assert cli(*SELECT, "--P", "5").stdout == txt.stdout  # the txt output is unchanged
 
 
@@ -106,11 +112,12 @@ def test_url_prefix_quotes_the_path_inside_the_pool(cli, world):
     assert by_path["pool/day1/img0003.png"] == "/data/local-files/?d=unlabeled/day1/img0003.png"
 
 
-def test_random_has_no_score_and_no_centre(cli, world):
+def test_random_has_no_kernel_score_and_no_centre(cli, world):
     doc = _tasks(cli(*SELECT, "--P", "3", "--strategy", "random", "--format", "label-studio"))
     assert len(doc) == 3
     assert_task_format(doc)
-    assert all("score" not in t["predictions"][0] for t in doc)
+    assert all("alfk_score" not in t["data"] for t in doc)
+    assert [t["predictions"][0]["score"] for t in doc] == [0.0, 1 / 3, 2 / 3]
     assert all(t["data"]["alfk_center"] == "" for t in doc)
     assert (
         "NaN" not in cli(*SELECT, "--P", "3", "--strategy", "random", "-f", "label-studio").stdout
@@ -151,18 +158,20 @@ def _scores(score: list[float]) -> Scores:
 def test_library_tasks():
     doc = tasks(_scores([0.5, float("nan"), float("inf")]), url_prefix="https://h/x/")
     assert json.loads(json.dumps(doc, allow_nan=False)) == doc  # strict JSON: no NaN, no Infinity
-    assert [("score" in t["predictions"][0]) for t in doc] == [True, False, False]
+    assert [("alfk_score" in t["data"]) for t in doc] == [True, False, False]
+    assert [t["predictions"][0]["score"] for t in doc] == [0.0, 1 / 3, 2 / 3]
     assert doc[0] == {
         "data": {
             "image": "https://h/x/sub%20dir/%C3%B10.png",
             "alfk_path": "/abs/pool/sub dir/ñ0.png",
             "alfk_rank": 1,
+            "alfk_score": 0.5,
             "alfk_center": "",
         },
         "predictions": [
             {
                 "model_version": "0123456789ab",
-                "score": 0.5,
+                "score": 0.0,
                 "result": [
                     {
                         "from_name": "choice",
