@@ -129,7 +129,8 @@ def main() -> None:
         _join()
         code = _run()
         distributed.barrier()  # no rank leaves while another still needs the shared store
-        sys.stdout.flush()  # a full stdout (``> /dev/full``) must fail here, not at exit
+        if sys.stdout is not None:  # None: closed (``>&-``), said by the commands that print
+            sys.stdout.flush()  # a full stdout (``> /dev/full``) must fail here, not at exit
     except distributed.PeerFailed:  # another rank failed and said why
         distributed.acknowledge()
         code = 1

@@ -8,9 +8,10 @@ stdout carries data only.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TextIO, TypeVar
 
 import typer
 
@@ -159,6 +160,13 @@ ExactCount = Annotated[
         "with a warning).",
     ),
 ]
+
+
+def stdout() -> TextIO:
+    """Standard output, or a one-line error when it is closed (``>&-``: Python's is None)."""
+    if sys.stdout is None:
+        raise AlfkError("standard output is closed; redirect it to a file (or /dev/null)")
+    return sys.stdout
 
 
 def say(quiet: bool, message: str) -> None:

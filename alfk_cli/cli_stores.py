@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
-import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, cast
 
@@ -34,6 +35,7 @@ from alfk_cli.cli_options import (
     report_skipped,
     say,
     say_note,
+    stdout,
 )
 from alfk_cli.errors import AlfkError
 from alfk_cli.label_studio import FROM_NAME, TO_NAME
@@ -205,8 +207,8 @@ NoLedger = Annotated[
     bool,
     typer.Option(
         "--no-ledger",
-        help="Neither record this selection in the work folder's ledger nor leave out the images "
-        "it lists.",
+        help="A look: do not record this selection in the ledger (the images it lists as sent are "
+        "still left out; 'alfk history --run N' prints a recorded run again).",
     ),
 ]
 Format = Annotated[
@@ -287,6 +289,7 @@ def select(
     given or cached, embed of new images only, score) in the work folder.
     """
     export = _label_studio_options(fmt, url_prefix, ls_from_name, ls_to_name)
+    stdout()  # closed (>&-): say so before any work
     if report is not None:
         outputs_ok(report, val, pool, scores, exclude, model)
     if scores is not None:
@@ -295,6 +298,7 @@ def select(
                 "give either --scores or --val and --pool", param_hint="--scores"
             )
         result, val_store = _read_selection(scores, P, exact_count, quiet, report is not None)
+        _deliver(result, val_store, cast("ScoreFormat", fmt), export, report, quiet, False)
     else:
         if val is None or pool is None or P is None:
             raise typer.BadParameter("needs --val DIR, --pool DIR and --P N (or --scores FILE)")
@@ -310,8 +314,24 @@ def select(
             seed=seed, device=device, workers=workers, strict=strict, exact_count=exact_count,
             ledger=not no_ledger, pool_list=pool_list,
         )  # fmt: skip
-        result, val_store = _run_select(val, pool, options, quiet)
-    _print_selection(result, cast("ScoreFormat", fmt), export)  # fmt checked at parse time
+        deliver = functools.partial(
+            _deliver, fmt=cast("ScoreFormat", fmt), export=export, report=report, quiet=quiet,
+            recorded=not no_ledger,
+        )  # fmt: skip
+        _run_select(val, pool, options, quiet, deliver)
+
+
+def _deliver(
+    result: Scores,
+    val_store: Path | None,
+    fmt: ScoreFormat,  # checked at parse time
+    export: dict,
+    report: Path | None,
+    quiet: bool,
+    recorded: bool,
+) -> None:
+    """The selection on stdout, then the report; a selection to record must arrive whole."""
+    _print_selection(result, fmt, export, recorded)
     if report is not None:
         _write_report(report, result, val_store, quiet)
 
@@ -348,14 +368,24 @@ def _write_report(out: Path, result: Scores, val_store: Path | None, quiet: bool
     say(quiet, f"wrote report {out}{what}")
 
 
-def _run_select(val: Path, pool: Path, options, quiet: bool) -> tuple[Scores, Path]:
-    """The orchestrator with progress on stderr, then what it did; the selection and the
-    validation store it used."""
+def _run_select(
+    val: Path, pool: Path, options, quiet: bool, deliver: Callable[[Scores, Path], None]
+) -> None:
+    """The orchestrator with progress on stderr, the selection delivered, then what it did."""
     from alfk_cli.pipeline import run_select
     from alfk_cli.progress import make_progress
 
-    with make_progress(quiet) as progress:
-        result, notes, report = run_select(val, pool, options, progress=progress)
+    with contextlib.ExitStack() as bars:
+        progress = make_progress(quiet)
+        bars.enter_context(progress)
+
+        def after_bars(result: Scores, val_store: Path) -> None:
+            bars.close()  # rich's live bars redirect sys.stdout while they run
+            deliver(result, val_store)
+
+        result, notes, report = run_select(
+            val, pool, options, progress=progress, deliver=after_bars
+        )
     if report.pretrained:
         say(quiet, f"no checkpoint given or cached: pretrained {report.checkpoint}")
     else:
@@ -370,7 +400,6 @@ def _run_select(val: Path, pool: Path, options, quiet: bool) -> tuple[Scores, Pa
         f"selected {len(result.selected)} of the pool in {report.seconds:.1f} s "
         f"(work folder {report.workdir})",
     )
-    return result, report.workdir / "val.h5"
 
 
 def _label_studio_options(
@@ -404,15 +433,18 @@ def _selection_lines(result: Scores, fmt: ScoreFormat, export: dict) -> Iterable
     return [json.dumps(tasks(result, **export), indent=1)]
 
 
-def _print_selection(result: Scores, fmt: ScoreFormat, export: dict) -> None:
-    """The selection on stdout (one line per image, or one JSON document); a reader that hangs
-    up early is fine."""
-    out = sys.stdout
+def _print_selection(result: Scores, fmt: ScoreFormat, export: dict, recorded: bool) -> None:
+    """The selection on stdout (one line per image, or one JSON document). A reader that hangs
+    up early is fine for a look; a selection to record has not been delivered: an error."""
+    out = stdout()
     try:
         for line in _selection_lines(result, fmt, export):
             out.write(line + "\n")
         out.flush()
-    except BrokenPipeError:  # e.g. `alfk select ... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except OSError as exc:  # e.g. > /dev/full, or a full disk behind the redirection
-        raise AlfkError(f"cannot write the selection to standard output: {exc.strerror}") from None
+    except OSError as exc:  # > /dev/full, a full disk behind the redirection, a reader gone
+        if isinstance(exc, BrokenPipeError):  # e.g. `| head`: fine for a look
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+            if not recorded:
+                return
+        why = f"{exc.strerror}{' (nothing recorded)' if recorded else ''}"
+        raise AlfkError(f"cannot write the selection to standard output: {why}") from None

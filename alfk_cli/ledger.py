@@ -3,8 +3,9 @@
 Each ``select --val --pool`` run records when it ran, the checkpoint, P, its options and every
 image it selected (path inside the pool, rank, score, predicted class, matched validation image).
 Later runs leave out every image already recorded, so nothing is sent twice without a hand-kept
-``sent.txt``. A run repeated with nothing changed (a cron retry, a second look the same night)
-prints the same selection and is not recorded again: see :func:`alfk_cli.pipeline.run_select`.
+``sent.txt``: a second night with nothing changed picks the next P images. A run is recorded only
+once its output is delivered (:func:`alfk_cli.pipeline.run_select`); ``alfk history --run N``
+prints a recorded run again.
 
 SQLite (one file, transactions, readable by any tool) in the spirit of ``llm``'s log database.
 Schema version 1 (``PRAGMA user_version``)::
@@ -16,6 +17,7 @@ Schema version 1 (``PRAGMA user_version``)::
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,10 +29,12 @@ from typing import Any
 from alfk_cli.errors import AlfkError
 from alfk_cli.scores import Scores
 
-__all__ = ["FILE_NAME", "Run", "history", "record", "run_paths", "sent_paths"]
+__all__ = ["FILE_NAME", "Run", "create", "history", "record", "run_paths", "sent_paths"]
 
 FILE_NAME = "ledger.sqlite"
 SCHEMA_VERSION = 1
+#: Seconds to wait for a ledger another process holds (``$ALFK_LEDGER_TIMEOUT`` overrides).
+TIMEOUT = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -78,7 +82,7 @@ def _connect(workdir: Path, create: bool) -> Iterator[sqlite3.Connection]:
     if not create and not path.is_file():
         raise AlfkError(f"no ledger in {workdir} (no select has run there yet)")
     try:
-        con = sqlite3.connect(path, timeout=30)
+        con = sqlite3.connect(path, timeout=_timeout())
     except sqlite3.Error as exc:
         raise AlfkError(f"cannot open the ledger {path}: {exc}") from None
     try:
@@ -90,12 +94,49 @@ def _connect(workdir: Path, create: bool) -> Iterator[sqlite3.Connection]:
                 con.executescript(_SCHEMA)
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         yield con
+    except sqlite3.OperationalError as exc:
+        if not _busy(exc):
+            raise AlfkError(f"cannot use the ledger {path}: {exc}") from None
+        from alfk_cli.workdir import lock_holder
+
+        who = lock_holder(Path(workdir)) or "another alfk or sqlite session"
+        raise AlfkError(
+            f"the ledger {path} is busy: {who} holds it; try again when it is done"
+        ) from None
     except sqlite3.DatabaseError as exc:
         raise AlfkError(
             f"the ledger {path} is damaged ({exc}); move it aside to start afresh"
         ) from None
     finally:
         con.close()
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """A lock another connection holds (SQLITE_BUSY / SQLITE_LOCKED), not a damaged file."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED (not in the type stubs)
+    return "locked" in str(exc)
+
+
+def _timeout() -> float:
+    """How long to wait for a busy ledger: ``$ALFK_LEDGER_TIMEOUT`` seconds, else 30."""
+    raw = os.environ.get("ALFK_LEDGER_TIMEOUT", "").strip()
+    if not raw:
+        return TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise AlfkError(f"ALFK_LEDGER_TIMEOUT={raw!r} is not a number of seconds")
+    return value
+
+
+def create(workdir: Path) -> None:
+    """An empty ledger in ``workdir`` (if it has none), so that a missing one later means lost."""
+    with _connect(workdir, create=True):
+        pass
 
 
 def record(

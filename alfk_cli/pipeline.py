@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class SelectOptions:
     exact_count: bool = False
     mc_samples: int = 32
     pool_list: str | os.PathLike | None = None  # the pool's images named in a file (poollist)
-    ledger: bool = True  # record the selection in the work folder's ledger; leave out earlier ones
+    ledger: bool = True  # record the selection in the ledger (earlier sends are always left out)
 
 
 def run_select(
@@ -78,8 +79,13 @@ def run_select(
     options: SelectOptions,
     *,
     progress: ProgressSink | None = None,
+    deliver: Callable[[Scores, Path], None] | None = None,
 ) -> tuple[Scores, list[str], SelectReport]:
-    """The nightly acquisition: P pool image paths in selection order, plus notes and a report."""
+    """The nightly acquisition: P pool image paths in selection order, plus notes and a report.
+
+    The selection is recorded in the ledger (unless ``options.ledger`` is off) only once it is
+    delivered: after ``deliver(scores, val_store)`` returns, still under the work folder's lock,
+    so that a run whose output was lost records nothing and the next run picks the same images."""
     t0 = time.perf_counter()
     P = options.P
     if P < 1:
@@ -130,59 +136,63 @@ def run_select(
                 progress=progress,
             )
         )
-        score = ScoreOptions(
-            P=P,
-            strategy=options.strategy,
-            kernel=options.kernel,
-            exclude=options.exclude,
-            seed=options.seed,
-            device=options.device,
-            image_root=pool_arg,
-            reuse=True,
-            exact_count=options.exact_count,
-            checkpoint=ckpt,
-            mc_samples=options.mc_samples,
-            workers=options.workers,
-        )
-        scores, notes = _score(val_store, pool_store, wd, score, options, pool_arg)
+        score = _score_options(options, pool_arg, ckpt)
+        scores, notes = _score(val_store, pool_store, wd, score, options)
+        if deliver is not None:  # an error here (stdout gone, a full disk) records nothing
+            deliver(scores, val_store)
+        if options.ledger and len(scores.selected):
+            notes.append(_record(wd, scores, options, pool_arg))
     report.seconds = time.perf_counter() - t0
     return scores, notes, report
 
 
-def _score(
-    val_store: Path,
-    pool_store: Path,
-    wd: Path,
-    score: ScoreOptions,
-    options: SelectOptions,
-    pool_arg: str,
-) -> tuple[Scores, list[str]]:
-    """Score, leaving out what the ledger says was sent, and record the selection.
+def _score_options(options: SelectOptions, pool_arg: str, ckpt: Path) -> ScoreOptions:
+    return ScoreOptions(
+        P=options.P,
+        strategy=options.strategy,
+        kernel=options.kernel,
+        exclude=options.exclude,
+        seed=options.seed,
+        device=options.device,
+        image_root=pool_arg,
+        reuse=True,
+        exact_count=options.exact_count,
+        checkpoint=ckpt,
+        mc_samples=options.mc_samples,
+        workers=options.workers,
+    )
 
-    A run whose inputs equal the last recorded run's (same stores, options and earlier runs)
-    prints that run's selection again and records nothing: a retry never sends new images."""
-    out = wd / "scores.h5"
-    if not options.ledger:
-        return score_stores(val_store, pool_store, out, score)
-    runs = ledger.history(wd) if (wd / ledger.FILE_NAME).is_file() else []
-    last = runs[-1] if runs else None
-    sent = replace(score, sent=frozenset(ledger.sent_paths(wd)))
-    before_last = None if last is None else frozenset(ledger.sent_paths(wd, before=last.id))
-    scores, notes = score_stores(val_store, pool_store, out, sent, repeat_sent=before_last)
-    if last is not None and scores.attrs.get("cache_key") == last.scores_key:
-        # the scores file the last run made, from the same inputs: its selection again
-        return scores, [*notes, f"the inputs of run {last.id}: its selection again"]
-    if len(scores.selected):
-        settings = {
-            k: str(v) if isinstance(v, os.PathLike) else v for k, v in asdict(options).items()
-        }
-        run_id = distributed.on_main(
-            lambda: ledger.record(
-                wd, scores, pool=pool_arg, strategy=options.strategy, options=settings, P=options.P
-            )
+
+def _score(
+    val_store: Path, pool_store: Path, wd: Path, score: ScoreOptions, options: SelectOptions
+) -> tuple[Scores, list[str]]:
+    """Score, leaving out every image the ledger says was sent (read only; ``--no-ledger`` too).
+
+    There is no replay: a second run with nothing changed picks the next P images. Looking again
+    at a delivered run is ``alfk history --run N`` (or ``--run last``)."""
+    has_ledger = (wd / ledger.FILE_NAME).is_file()
+    notes: list[str] = []
+    if not has_ledger and options.ledger and (wd / "scores.h5").is_file():
+        notes.append(
+            f"warning: {wd} has stores and scores but no {ledger.FILE_NAME}: earlier sends are "
+            "unknown, so every image may be sent again"
         )
-        notes.append(f"recorded as run {run_id} in {wd / ledger.FILE_NAME}")
-    return scores, notes
+    if options.ledger and not has_ledger:
+        distributed.on_main(lambda: ledger.create(wd))  # a failed first night is not a deletion
+    sent = frozenset(ledger.sent_paths(wd)) if has_ledger else frozenset()
+    scores, more = score_stores(val_store, pool_store, wd / "scores.h5", replace(score, sent=sent))
+    return scores, [*notes, *more]
+
+
+def _record(wd: Path, scores: Scores, options: SelectOptions, pool_arg: str) -> str:
+    """Record a delivered selection in the ledger; the note that says so."""
+    settings = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in asdict(options).items()}
+    run_id = distributed.on_main(
+        lambda: ledger.record(
+            wd, scores, pool=pool_arg, strategy=options.strategy, options=settings, P=options.P
+        )
+    )
+    return f"recorded as run {run_id} in {wd / ledger.FILE_NAME}"
 
 
 def _scan(

@@ -92,23 +92,14 @@ def score_stores(
     pool_path: str | os.PathLike,
     out: str | os.PathLike,
     options: ScoreOptions,
-    *,
-    repeat_sent: frozenset[str] | None = None,
 ) -> tuple[Scores, list[str]]:
     """Select ``options.P`` pool images against the validation store; write the scores file
     ``out``. Returns the scores and notes for the user (e.g. the no-misclassified fallback).
-
-    ``repeat_sent``: with ``reuse``, an existing ``out`` made with these images left out as sent
-    (instead of ``options.sent``) is returned as it is: the previous run, repeated unchanged."""
+    With ``reuse``, an existing ``out`` made from the same inputs (``sent`` included) is returned."""
     check_writable_dir(out)
     backend_choice()  # a bad ALFK_SEARCH_BACKEND fails before the stores are read
     with open_store(val_path) as val, open_store(pool_path) as pool:
         strategy, root, base, base_notes = _prepare(val, pool, options)
-        if options.reuse and repeat_sent is not None:
-            drop, _ = _with_sent(pool, base, base_notes, repeat_sent)
-            cached = _cached(out, _cache_key(val, pool, root, drop, strategy, options))
-            if cached is not None:
-                return cached
         drop, notes = _with_sent(pool, base, base_notes, options.sent)
         key = _cache_key(val, pool, root, drop, strategy, options)
         if options.reuse:

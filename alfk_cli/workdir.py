@@ -68,6 +68,27 @@ def locked(workdir: Path) -> Iterator[None]:
             fh.close()  # releases the lock
 
 
+def lock_holder(workdir: Path) -> str | None:
+    """``alfk select (pid N)`` when another process holds ``workdir``'s lock, else None.
+
+    Probed with a shared lock on a new descriptor, never where this process holds the lock:
+    closing any descriptor of the file would drop that lock (POSIX record locks)."""
+    path = workdir / "lock"
+    if str(path.resolve()) in _HELD or not path.is_file():
+        return None
+    try:
+        with open(path) as fh:
+            try:
+                fcntl.lockf(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    return None
+                return f"alfk select ({fh.read().strip() or 'another process'})"
+    except OSError:
+        return None
+    return None
+
+
 def newest_checkpoint(workdir: Path) -> Path | None:
     """The most recently written ``*.pt`` in the work folder, if any."""
     found = [p for p in workdir.glob("*.pt") if p.is_file()]

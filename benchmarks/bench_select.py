@@ -125,6 +125,7 @@ def main() -> None:
         str(init),
         "--workdir",
         str(work / "wd"),
+        "--no-ledger",  # looks: a recorded warm run leaves the cold run's images out, and re-scores
         "-q",
         *dev,
     ]

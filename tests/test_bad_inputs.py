@@ -162,10 +162,10 @@ def test_every_stage_skips_and_lists_the_bad_files(cli, corpus):
         "--epochs", "1", "--device", "cpu",
     )  # fmt: skip
     assert_listed(r, BAD_FILES)
-    for fmt in ("txt", "csv", "jsonl"):
+    for fmt in ("txt", "csv", "jsonl"):  # looks at the whole pool (a recorded run sends it all)
         r = cli(
             "select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "30", "--model",
-            f"{d}/init.pt", "--device", "cpu", "--format", fmt,
+            f"{d}/init.pt", "--device", "cpu", "--format", fmt, "--no-ledger",
         )  # fmt: skip
         assert_listed(r, BAD_FILES)
         lines = r.stdout.splitlines()
@@ -438,3 +438,54 @@ def test_labels_import_files_only_pool_images_and_only_under_into(cli, corpus):
     assert_clean_failure(r)
     assert list((root / "target").iterdir()) == [] and len(list((root / "labeled").iterdir())) == 1
     assert {p: p.stat().st_nlink for p in links} == links
+
+
+def test_a_busy_ledger_is_busy_not_damaged(cli, corpus, monkeypatch, tmp_path):
+    """A ledger another process holds (issue 19): a bounded wait, then "busy", never the advice to
+    move a healthy ledger aside; the holder named where the work folder's lock tells who."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    root, _ = corpus
+    d, wd = str(root), root / "wd"
+    select = ("select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "3", "--model",
+              f"{d}/init.pt", "--workdir", str(wd), "--device", "cpu", "--workers", "0")  # fmt: skip
+    assert cli(*select, "-q").exit_code == 0 and cli(*select, "-q").exit_code == 0  # two runs
+    before = (wd / "ledger.sqlite").read_bytes()
+    monkeypatch.setenv("ALFK_LEDGER_TIMEOUT", "0.2")
+    con = sqlite3.connect(wd / "ledger.sqlite", isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")  # as a `sqlite3 ledger.sqlite` session may hold it
+    try:
+        for args in (select, ("history", "--workdir", str(wd)), ("history", "--workdir", str(wd),
+                                                                 "--run", "last")):  # fmt: skip
+            r = cli(*args)
+            assert_clean_failure(r)
+            assert r.stderr.strip().splitlines()[-1] == (
+                f"error: the ledger {wd}/ledger.sqlite is busy: another alfk or sqlite session "
+                "holds it; try again when it is done"
+            )
+            assert "damaged" not in r.stderr and "move it aside" not in r.stderr and not r.stdout
+        # a select holding the work folder (its lock says who): named
+        holder = subprocess.Popen(
+            [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+             "from alfk_cli.workdir import locked\nwith locked(Path(sys.argv[1])):\n"
+             " print('held', flush=True); time.sleep(60)", str(wd)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            r = cli("history", "--workdir", str(wd))
+            assert_clean_failure(r)
+            assert f"is busy: alfk select (pid {holder.pid}) holds it" in r.stderr
+        finally:
+            holder.kill()
+            holder.wait()
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+    assert (wd / "ledger.sqlite").read_bytes() == before  # nothing recorded, nothing lost
+    monkeypatch.setenv("ALFK_LEDGER_TIMEOUT", "soon")
+    r = cli("history", "--workdir", str(wd))
+    assert_clean_failure(r)
+    assert "ALFK_LEDGER_TIMEOUT='soon' is not a number of seconds" in r.stderr

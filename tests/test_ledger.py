@@ -1,5 +1,5 @@
-"""The run ledger: nothing is sent twice without a hand-kept list, a retry re-prints the same
-selection, and ``alfk history`` shows (and reproduces) every run."""
+"""The run ledger: nothing is sent twice without a hand-kept list (a night with nothing new sends
+P new images), and ``alfk history`` shows (and prints again) every run."""
 
 from __future__ import annotations
 
@@ -31,41 +31,62 @@ def _runs(cli) -> list[str]:
     return r.stdout.splitlines()[1:]
 
 
-def test_nights_never_resend_and_a_retry_prints_the_same(cli, world):
+def test_every_night_sends_new_images_and_history_prints_a_run_again(cli, world):
     night1, err = _select(cli)
     assert "recorded as run 1" in err
-    retry, err = _select(cli)
-    assert retry == night1 and "the inputs of run 1: its selection again" in err
-    assert len(_runs(cli)) == 1  # the retry is not recorded
-
-    write_images(Path("pool"), 5, seed=11, prefix="new")  # the next night: the pool grew
+    # annotators are slow: nothing changed, and night 2 still sends P images never sent before
     night2, err = _select(cli)
     assert "left out 5 pool image(s) sent in earlier runs (the ledger)" in err
-    assert "recorded as run 2" in err
+    assert "recorded as run 2" in err and "selection again" not in err
     assert len(night2) == 5 and not set(night1) & set(night2)
+
+    write_images(Path("pool"), 5, seed=11, prefix="new")  # the next night: the pool grew
+    night3, err = _select(cli)
+    assert "left out 10 pool image(s) sent in earlier runs (the ledger)" in err
+    assert len(night3) == 5 and not (set(night1) | set(night2)) & set(night3)
     runs = _runs(cli)
-    assert [r.split("\t")[0] for r in runs] == ["1", "2"]
+    assert [r.split("\t")[0] for r in runs] == ["1", "2", "3"]
     assert all(r.split("\t")[2:5] == ["5", "5", "fk"] for r in runs)
-    # a lost to_label.txt comes back from the ledger, exactly as printed
+    # looking again is explicit: a lost to_label.txt comes back from the ledger, as printed
     assert cli("history", "--pool", "pool", "--run", "1").stdout.splitlines() == night1
     assert cli("history", "--workdir", ".alfk/pool", "--run", "2").stdout.splitlines() == night2
+    assert cli("history", "--pool", "pool", "--run", "last").stdout.splitlines() == night3
+    assert len(_runs(cli)) == 3  # printing a run again records nothing
 
     with sqlite3.connect(LEDGER) as con:
         rows = con.execute(
-            "SELECT rank, path, predicted, center FROM images WHERE run = 2"
+            "SELECT rank, path, predicted, center FROM images WHERE run = 3"
         ).fetchall()
-    assert [f"pool/{r[1]}" for r in sorted(rows)] == night2
+    assert [f"pool/{r[1]}" for r in sorted(rows)] == night3
     assert all(r[2] in ("a", "b", "c") and r[3].startswith("val") for r in rows)
 
 
-def test_no_ledger_neither_records_nor_leaves_out(cli, world):
+def test_no_ledger_is_a_look_that_records_nothing_and_resends_nothing(cli, world):
     first, _ = _select(cli)
     peek, err = _select(cli, "--no-ledger")
-    assert peek == first and "recorded" not in err
-    write_images(Path("pool"), 5, seed=11, prefix="new")
+    assert "recorded" not in err and not set(peek) & set(first)  # the ledger is still read
     again, _ = _select(cli, "--no-ledger")
-    assert set(again) & set(first)  # nothing left out: the same best images come back
+    assert again == peek  # a look changes nothing
     assert len(_runs(cli)) == 1
+    night2, _ = _select(cli)
+    assert night2 == peek  # the look showed what the next recorded night sends
+    assert len(_runs(cli)) == 2
+
+
+def test_a_deleted_ledger_is_a_warning(cli, world):
+    first, err = _select(cli)
+    assert "warning" not in err
+    LEDGER.unlink()
+    again, err = _select(cli)
+    warnings = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert warnings == [
+        f"warning: {Path('.alfk/pool').resolve()} has stores and scores but no ledger.sqlite: "
+        "earlier sends are unknown, so every image may be sent again"
+    ]
+    assert again == first  # nothing is known to be sent: the same best images come back
+    assert "recorded as run 1" in err and LEDGER.is_file()
+    _, err = _select(cli)
+    assert "warning" not in err
 
 
 def test_the_ledger_and_an_exclude_list_both_apply(cli, world):
@@ -89,6 +110,9 @@ def test_ledger_and_history_errors_are_one_line(cli, world):
     _select(cli)
     r = cli("history", "--pool", "pool", "--run", "7")
     assert r.exit_code == 1 and "has no run 7" in r.stderr
+    for bad in ("0", "-1", "first", "99999999999999999999", "³"):
+        r = cli("history", "--pool", "pool", "--run", bad)
+        assert r.exit_code == 2 and "is not a run number" in r.stderr, (bad, r.stderr)
     r = cli("history", "--pool", "pool", "--workdir", ".alfk/pool")
     assert r.exit_code == 2
     LEDGER.write_bytes(b"this is not a database" * 100)

@@ -227,19 +227,62 @@ def test_ctrl_c_says_interrupted(eco, tmp_path):
     assert not (tmp_path / "p.pt").exists() and not list(tmp_path.glob(".*partial"))
 
 
-def test_a_full_stdout_is_a_one_line_error(eco, tmp_path):
-    if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full")
-    with open("/dev/full", "w") as full:
-        r = subprocess.run(
+def _night(tmp_path, *extra: str, stdout=subprocess.PIPE, closed: bool = False):
+    """``alfk select`` as cron runs it: from tmp_path, stderr to a file; (rc, stdout, stderr)."""
+    cmd = [*ALFK, "select", "--val", "eco/ex/val", "--pool", "eco/ex/unlabeled", "--P", "5",
+           "--model", "eco/ex/init.pt", "--device", "cpu", "--workers", "0", *extra]  # fmt: skip
+    if closed:  # `alfk select ... >&-`
+        cmd = ["sh", "-c", 'exec "$@" >&-', "sh", *cmd]
+    log = tmp_path / "night.log"
+    with open(log, "w") as err:
+        r = subprocess.run(cmd, stdout=stdout, stderr=err, env=_env(), cwd=tmp_path, text=True,
+                           timeout=300)  # fmt: skip
+    return r.returncode, r.stdout or "", log.read_text()
+
+
+def _history(tmp_path, *extra: str) -> list[str]:
+    r = subprocess.run([*ALFK, "history", "--pool", "eco/ex/unlabeled", *extra], env=_env(),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def test_a_lost_stdout_records_nothing_and_the_next_night_sends_the_same(eco, tmp_path):
+    rc, peek, err = _night(tmp_path, "--no-ledger")  # a look: what the first night will send
+    assert rc == 0 and len(peek.splitlines()) == 5, err
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            rc, _, err = _night(tmp_path, "-q", stdout=full)
+        assert rc == 1 and err.splitlines() == [
+            "error: cannot write the selection to standard output: No space left on device "
+            "(nothing recorded)"
+        ]
+    rc, _, err = _night(tmp_path, "-q", closed=True)
+    assert rc == 1 and err.splitlines() == [
+        "error: standard output is closed; redirect it to a file (or /dev/null)"
+    ]
+    with open(tmp_path / "hangup.log", "w") as log:  # a reader that is gone before the output
+        reader = subprocess.Popen(
             [*ALFK, "select", "--val", "eco/ex/val", "--pool", "eco/ex/unlabeled", "--P", "5",
              "--model", "eco/ex/init.pt", "--device", "cpu", "--workers", "0", "-q"],
-            stdout=full, stderr=subprocess.PIPE, env=_env(), cwd=tmp_path, text=True, timeout=300,
+            stdout=subprocess.PIPE, stderr=log, env=_env(), cwd=tmp_path,
         )  # fmt: skip
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [
-        "error: cannot write the selection to standard output: No space left on device"
+        assert reader.stdout is not None
+        reader.stdout.close()
+        assert reader.wait(timeout=300) == 1
+    assert (tmp_path / "hangup.log").read_text().splitlines() == [
+        "error: cannot write the selection to standard output: Broken pipe (nothing recorded)"
     ]
+    rc, night1, err = _night(tmp_path)
+    assert rc == 0 and night1 == peek, err  # nothing was lost: the same five images
+    assert "warning" not in err and "recorded as run 1" in err  # a failed night is no deletion
+    # annotators are slow and nothing changed: the second night sends five new images
+    rc, night2, err = _night(tmp_path, "-q")
+    assert rc == 0 and len(night2.splitlines()) == 5, err
+    assert not set(night1.splitlines()) & set(night2.splitlines())
+    assert len(_history(tmp_path)) == 3  # the header and two runs
+    assert _history(tmp_path, "--run", "1") == night1.splitlines()
+    assert _history(tmp_path, "--run", "last") == night2.splitlines()
 
 
 @pytest.fixture
