@@ -68,6 +68,18 @@ def check_arch(value: str | None) -> str | None:
     return one_of(value, ARCHS, "--arch")
 
 
+def check_freeze(arch: str, value: str) -> list[str]:
+    """The stages ``--freeze value`` freezes in ``arch`` (``freeze.frozen_names``); a name that
+    is not one of them is a usage error. Called once the architecture is known, before any work
+    (it builds a throw-away copy of the network to read its stage names)."""
+    from alfk_cli.freeze import check_freeze as stages_frozen
+
+    try:
+        return stages_frozen(arch, value)
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--freeze") from None
+
+
 def check_format(value: str) -> str:
     from alfk_cli.scores import FORMATS
 
@@ -150,6 +162,14 @@ Arch = Annotated[
     str | None,
     typer.Option(
         "--arch", callback=check_arch, help="lenet, resnet10, resnet18 or a plug-in's (alfk list)."
+    ),
+]
+Freeze = Annotated[
+    str,
+    typer.Option(
+        "--freeze",
+        help="Stages that do not train: none, backbone (every stage: only the classifier "
+        "trains) or a stage name (it and every stage before it; alfk list shows the taps).",
     ),
 ]
 ExactCount = Annotated[

@@ -12,12 +12,14 @@ from alfk_cli.cli_options import (
     Arch,
     Balance,
     Device,
+    Freeze,
     Quiet,
     Seed,
     Strict,
     Workers,
     accuracy_table,
     check_arch,
+    check_freeze,
     outputs_ok,
     report_skipped,
     say,
@@ -68,6 +70,7 @@ def train(
     weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
     seed: Seed = 0,
     balance: Balance = "none",
+    freeze: Freeze = "none",
     device: Device = "auto",
     workers: Workers = None,
     strict: Strict = False,
@@ -83,22 +86,17 @@ def train(
     outputs_ok(out, data, val)  # --init may be --out: it is read first, the output is atomic
     dev = resolve_device(device)
     start = load_start(init, arch) if init else None
+    if freeze != "none":  # a usage error, before any image is read
+        check_freeze(arch or (start.arch if start else "lenet"), freeze)
     # decode failures are listed when the images are decoded; --strict checks them first
     data_set = scan_images(data, strict=strict, verify=strict)
     val_set = scan_images(val, strict=strict, verify=strict)
     report_skipped(data_set.skipped, data, quiet)
     report_skipped(val_set.skipped, val, quiet)
     options = TrainOptions(
-        arch=arch,
-        epochs=epochs,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        seed=seed,
-        workers=workers,
-        balance=balance,
-    )
+        arch=arch, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        batch_size=batch_size, seed=seed, workers=workers, balance=balance, freeze=freeze,
+    )  # fmt: skip
     head = start.head if start else ""
     with make_progress(quiet) as progress:
         report = train_checkpoint(
@@ -117,6 +115,8 @@ def train(
         title = f"validation accuracy, epoch {result.best_epoch} of {report.config.epochs}"
         if balance != "none":
             title += f", balance {result.balance}"
+        if freeze != "none":
+            title += f", frozen: {freeze}"
         stderr.print(accuracy_table(title, val_set.classes, result.best_accuracy, result.per_class))
     say(quiet, f"wrote {out}")
 

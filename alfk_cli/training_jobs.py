@@ -46,6 +46,7 @@ class TrainOptions:
     seed: int = 0
     workers: int | None = None
     balance: str = "none"  # class balancing for ``train`` (balance.py); pretraining ignores it
+    freeze: str = "none"  # stages ``train`` leaves as they are (freeze.py); pretraining ignores it
 
     def config(self, arch: str, milestones: tuple[float, ...] | None = None) -> TrainConfig:
         """The resolved configuration for ``arch``."""
@@ -60,6 +61,7 @@ class TrainOptions:
             workers=self.workers,
             milestones=milestones,
             balance=self.balance,
+            freeze=self.freeze,
         )
 
 
@@ -135,6 +137,7 @@ def train_checkpoint(
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "balance": result.balance,
+        "freeze": cfg.freeze,
         "best_epoch": result.best_epoch,
         "val_accuracy": result.best_accuracy,
         "train_images": len(data),
@@ -161,7 +164,8 @@ def pretrain_checkpoint(
     from alfk_cli.models import ROTATION_CLASSES, build_model, get_arch
 
     arch = options.arch or "lenet"
-    cfg = dataclasses.replace(options.config(arch, milestones=ROTNET_MILESTONES), balance="none")
+    cfg = options.config(arch, milestones=ROTNET_MILESTONES)
+    cfg = dataclasses.replace(cfg, balance="none", freeze="none")
     model = build_model(arch, len(ROTATION_CLASSES), seed=cfg.seed)
     result = pretrain_rotation(
         model, images, get_arch(arch).input, cfg, device, holdout=holdout, progress=progress
