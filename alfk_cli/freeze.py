@@ -43,7 +43,7 @@ def frozen_names(stage_names: Sequence[str], freeze: str) -> list[str]:
         return stages
     if freeze not in stages:
         raise AlfkError(
-            f"--freeze {freeze!r} is not a stage of this network; use none, backbone or one of "
+            f"{freeze!r} is not a stage of this network; use none, backbone or one of "
             f"{', '.join(stages)}"
         )
     return stages[: stages.index(freeze) + 1]

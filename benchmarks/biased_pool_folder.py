@@ -3,9 +3,9 @@
 
 ``alfk simulate --imbalance R --rare ...`` biases a class-layout pool itself
 (``simulate_data.biased_rows``: every common image, a seeded draw of the rare ones). This writes
-exactly the images seed SEED keeps, in the same class sub-folders, so that ``alfk pretrain`` can
-self-supervise once on that pool and every strategy and seed start from the file it writes
-(``simulate --init FILE``; benchmarks/run_cifar10_frozen.sh). Hard links: nothing is copied.
+exactly the images seed SEED keeps, in the same class sub-folders, so that ``alfk pretrain``
+can self-supervise on exactly that pool, outside ``simulate`` (whose ``--init pretrain`` does so
+per seed, cached under OUT/cache/). Hard links: nothing is copied.
 
     python benchmarks/biased_pool_folder.py --pool POOL --out DIR --imbalance 100 \
         --rare dog,frog,horse,ship,truck --seed 0
