@@ -20,6 +20,7 @@ The numbers are the same bits either way.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -82,7 +83,8 @@ class Activations:
 
 @dataclass
 class FrozenTables:
-    """The activations of one frozen part (``key``: its :func:`freeze.frozen_digest`)."""
+    """The activations of one frozen part (``key``: its :func:`freeze.frozen_digest` and the
+    pool rows')."""
 
     key: str
     cut: str
@@ -98,7 +100,8 @@ class FrozenTables:
 
 class ActivationCache:
     """The tables of the frozen model met last: a new frozen part (another seed's pretrained
-    model) replaces them; one that matches bit for bit (a shared ``--init`` file) reuses them."""
+    model) or pool replaces them; the same frozen weights, bit for bit, on the same pool rows
+    (another strategy of the seed, a resumed run) reuse them."""
 
     def __init__(
         self,
@@ -117,7 +120,9 @@ class ActivationCache:
         self, model: TapNet, val: Folder, test: Folder, pool: Folder, pool_rows: np.ndarray
     ) -> FrozenTables:
         """The tables for ``model``'s frozen part: validation, test, and pool rows ``pool_rows``."""
-        key = frozen_digest(model, self.frozen)
+        rows = np.unique(pool_rows)
+        # the pool's rows too: two seeds may share a frozen part (not a pool) one day
+        key = frozen_digest(model, self.frozen) + hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         if self.current is not None and self.current.key == key:
             return self.current
         self.current = None  # free the old tables before filling new ones
@@ -130,7 +135,7 @@ class ActivationCache:
             key, cut, boundary,
             val=fill.folder(val, None, "val", both),
             test=fill.folder(test, None, "test", (boundary,)),
-            pool=fill.folder(pool, np.unique(pool_rows), "pool", both),
+            pool=fill.folder(pool, rows, "pool", both),
         )  # fmt: skip
         t = self.current
         mib = t.nbytes / (1 << 20)
