@@ -87,7 +87,8 @@ def train(
     dev = resolve_device(device)
     start = load_start(init, arch) if init else None
     if freeze != "none":  # a usage error, before any image is read
-        check_freeze(arch or (start.arch if start else "lenet"), freeze)
+        frozen = check_freeze(arch or (start.arch if start else "lenet"), freeze)
+        say(quiet, f"frozen (not trained): {', '.join(frozen)}")
     # decode failures are listed when the images are decoded; --strict checks them first
     data_set = scan_images(data, strict=strict, verify=strict)
     val_set = scan_images(val, strict=strict, verify=strict)
