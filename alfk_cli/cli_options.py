@@ -100,6 +100,18 @@ def check_arch_form(value: str) -> str:
     return value
 
 
+def check_freeze(arch: str, value: str) -> list[str]:
+    """The stages ``--freeze value`` freezes in ``arch`` (``freeze.frozen_names``); a name that
+    is not one of them is a usage error. Called once the architecture is known, before any work
+    (it builds a throw-away copy of the network to read its stage names)."""
+    from alfk_cli.freeze import check_freeze as stages_frozen
+
+    try:
+        return stages_frozen(arch, value)
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--freeze") from None
+
+
 def check_format(value: str) -> str:
     from alfk_cli.scores import FORMATS
 
@@ -247,6 +259,14 @@ PretrainArch = Annotated[  # select's: a timm:NAME is checked for its form only 
         "--arch",
         callback=check_arch_form,
         help="Architecture to pretrain when there is no checkpoint: " + ARCH_HELP,
+    ),
+]
+Freeze = Annotated[
+    str,
+    typer.Option(
+        "--freeze",
+        help="Stages that do not train: none, backbone (every stage: only the classifier "
+        "trains) or a stage name (it and every stage before it; alfk list shows the taps).",
     ),
 ]
 ExactCount = Annotated[

@@ -12,10 +12,12 @@ from alfk_cli.cli_options import (
     Arch,
     Balance,
     Device,
+    Freeze,
     McSamples,
     Quiet,
     Taps,
     Workers,
+    check_freeze,
     check_seeds,
     csv_list,
     one_of,
@@ -124,6 +126,7 @@ def simulate(
     batch_size: BatchSize = None,
     lr: LearningRate = None,
     balance: Balance = "none",
+    freeze: Freeze = "none",
     mc_samples: McSamples = 32,
     device: Device = "auto",
     workers: Workers = None,
@@ -150,13 +153,15 @@ def simulate(
     arch, said = pick_arch(arch, scan_images(pool))  # auto: from the pool's images
     if said:
         say_note(quiet, said)
+    if freeze != "none":  # a usage error once the architecture is known, before any decoding
+        check_freeze(arch, freeze)
     options = SimulateOptions(
         pool=pool, val=val, test=test, out=out,
         strategies=tuple(csv_list(strategies, "strategies")), rounds=rounds, P=P,
         seeds=seed_list, arch=arch, taps=taps, init=cast("InitName", init), epochs=epochs,
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,
-        workers=workers, balance=balance, batch_size=batch_size, lr=lr,
+        workers=workers, balance=balance, freeze=freeze, batch_size=batch_size, lr=lr,
         **({} if cache_mib is None else {"cache_mib": cache_mib}),
     )  # fmt: skip
     tell = (lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False))

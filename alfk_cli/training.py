@@ -22,11 +22,12 @@ import torch
 from alfk_cli import balance, distributed
 from alfk_cli.devices import autocast
 from alfk_cli.errors import AlfkError
-from alfk_cli.images import ImageSet, normalizer
+from alfk_cli.freeze import freeze_stages
+from alfk_cli.images import ImageSet
 from alfk_cli.models import InputSpec, TapNet
 from alfk_cli.reporting import ProgressSink
 from alfk_cli.reproducible import seeded
-from alfk_cli.sources import ImageSource
+from alfk_cli.sources import ImageSource, model_inputs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +48,8 @@ class TrainConfig:
     eval_every: int = 1
     # class balancing of the labelled set: none, reweight, sample or auto (balance.py)
     balance: str = "none"
+    # stages that do not train: none, backbone or a stage name (freeze.py)
+    freeze: str = "none"
 
 
 @dataclass
@@ -70,7 +73,7 @@ def predict(
 ) -> torch.Tensor:
     """Logits of every image of ``source`` in row order (float32, on the CPU)."""
     model.eval().to(device)
-    norm = normalizer(source.spec)
+    norm = model_inputs(source.spec)
     out = []
     for img, _ in source.batches(batch_size):
         with autocast(device):
@@ -107,6 +110,9 @@ def fit(
 
     ``cfg.balance`` balances the classes of ``train_src`` (:mod:`alfk_cli.balance`); ``auto``
     trains each way from the same weights and keeps the best on ``held_src``.
+
+    ``cfg.freeze`` (:mod:`alfk_cli.freeze`) leaves the stages it names out of the optimiser, with
+    ``requires_grad`` off, and in eval mode at every epoch (batch-norm statistics fixed).
 
     Dropout draws from torch's global RNG, so the loop runs under ``seeded(cfg.seed)``: the same
     seed gives the same weights whatever the caller drew before, and the caller's RNG is left as
@@ -149,16 +155,20 @@ def _fit_once(
         weight = balance.class_weights(train_src.labels, model.num_classes)
     elif cfg.balance == "sample":
         draw = balance.sample_weights(train_src.labels, model.num_classes)
+    frozen = freeze_stages(model, cfg.freeze)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise AlfkError("nothing to train: every parameter is frozen")
     with seeded(cfg.seed, device):
         model.to(device)
         opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         sched = torch.optim.lr_scheduler.MultiStepLR(
             opt, milestones(cfg.epochs, cfg.milestones), gamma=0.1
         )
         gen = torch.Generator().manual_seed(cfg.seed)
-        norm = normalizer(train_src.spec)
+        norm = model_inputs(train_src.spec)
         net = distributed.data_parallel(model, device)  # DDP under torchrun, else model
         share = math.ceil(len(train_src) / distributed.world())
         steps = math.ceil(share / cfg.batch_size)
@@ -169,6 +179,8 @@ def _fit_once(
         history = []
         for epoch in range(1, cfg.epochs + 1):
             model.train()
+            for module in frozen:
+                module.eval()
             total, n = 0.0, 0
             batches = train_src.batches(cfg.batch_size, True, gen, shard=True, weights=draw)
             for img, label in batches:
@@ -205,7 +217,7 @@ def evaluate(
 ) -> tuple[float, list[float]]:
     """Accuracy on ``source``; ``transform`` maps (x, y) batches as in training (rotations)."""
     model.eval()
-    norm = normalizer(source.spec)
+    norm = model_inputs(source.spec)
     logits, labels = [], []
     with torch.no_grad():
         for img, label in source.batches(256):
@@ -309,6 +321,7 @@ def default_config(
     milestones: tuple[float, ...] | None = None,
     eval_every: int = 1,
     balance: str = "none",
+    freeze: str = "none",
 ) -> TrainConfig:
     """A TrainConfig with the architecture's defaults for every value left as None."""
     from alfk_cli.models import get_arch
@@ -324,5 +337,6 @@ def default_config(
         workers=workers,
         eval_every=eval_every,
         balance=balance,
+        freeze=freeze,
         **({} if milestones is None else {"milestones": milestones}),
     )

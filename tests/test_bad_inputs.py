@@ -365,6 +365,11 @@ def test_invalid_option_values_are_usage_errors(cli, corpus, monkeypatch):
                 "--seeds", seeds, "--out", f"{d}/sim")  # fmt: skip
         assert_clean_failure(r, code=2)
         assert not (root / "sim").exists()
+    for freeze in ("layer4", "fc1,conv1", ""):  # lenet has conv1, conv2, fc1
+        r = cli("train", "--data", f"{d}/train", "--val", f"{d}/val", "--out", f"{d}/m.pt",
+                "--freeze", freeze)  # fmt: skip
+        assert_clean_failure(r, code=2)
+        assert not (root / "m.pt").exists()
 
 
 def test_damaged_work_files_do_not_block_the_next_run(cli, corpus):

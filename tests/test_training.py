@@ -79,8 +79,9 @@ def test_train_checkpoint_reports_and_prints_nothing(tmp_path, capsys):
     info = load_checkpoint(tmp_path / "m.pt").info
     assert list(info) == [
         "task", "data", "val", "init", "init_sha256", "epochs", "lr", "momentum",
-        "weight_decay", "batch_size", "seed", "balance", "best_epoch", "val_accuracy", "train_images",
-    ]  # fmt: skip
+        "weight_decay", "batch_size", "seed", "balance", "best_epoch", "val_accuracy",
+        "train_images",
+    ]  # fmt: skip  (no "freeze" key when nothing is frozen: the bytes stay as before)
     assert info["init"] == str(init) and info["data"] == str(tmp_path / "data")
     assert info["best_epoch"] == report.result.best_epoch
 
