@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +47,31 @@ def blob_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         r = 12 + int(torch.randint(-3, 4, (1,), generator=g))
         x[i, 0, r - 3 : r + 3, c - 3 : c + 3] = 230
     return x, y
+
+
+@contextlib.contextmanager
+def fifo_deadline(seconds: int, fifo: Path) -> Iterator[None]:
+    """Fail the test instead of hanging on ``fifo`` (code that opens a FIFO for reading waits
+    for a writer forever): at the deadline remove the FIFO, so that no later open can block on
+    it, and open it for writing and close it, which lets a reader blocked in open() go on (to
+    EOF); then raise TimeoutError. Main thread only (SIGALRM)."""
+
+    def hung(*_):
+        with contextlib.suppress(OSError):
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # fails when no reader waits
+            os.unlink(fifo)
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(fifo)
+        raise TimeoutError(f"still running after {seconds} s: {fifo} was opened")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def randomise_batch_norm(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:

@@ -9,7 +9,7 @@ stdout carries data only.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TextIO, TypeVar
 
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 _Value = TypeVar("_Value", bound="str | None")
+
+#: The largest ``--seed``: every RNG a seed reaches takes it, and so do the seeds made from it
+#: (a simulation round's ``seed * 100003 + round`` stays below 2**64, torch's limit).
+MAX_SEED = 2**32 - 1
 
 
 def one_of(value: _Value, allowed: Collection[str], option: str) -> _Value:
@@ -97,6 +101,18 @@ def check_arch_form(value: str) -> str:
     return value
 
 
+def check_freeze(arch: str, value: str) -> list[str]:
+    """The stages ``--freeze value`` freezes in ``arch`` (``freeze.frozen_names``); a name that
+    is not one of them is a usage error. Called once the architecture is known, before any work
+    (it builds a throw-away copy of the network to read its stage names)."""
+    from alfk_cli.models.freeze import check_freeze as stages_frozen
+
+    try:
+        return stages_frozen(arch, value)
+    except AlfkError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--freeze") from None
+
+
 def check_format(value: str) -> str:
     from alfk_cli.selection.scoresfile import FORMATS
 
@@ -135,6 +151,40 @@ def checkpoint_arch(model: Path | None, default: str) -> str:
     return read_checkpoint(model).arch
 
 
+def check_seeds(seeds: Sequence[int], option: str = "--seeds") -> tuple[int, ...]:
+    """Seeds in the range ``--seed`` takes (``MAX_SEED``), for an option that lists several."""
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise typer.BadParameter(
+                f"{seed} is not in the range 0<=x<={MAX_SEED}", param_hint=option
+            )
+    return tuple(seeds)
+
+
+def check_workers(ctx: typer.Context, value: int | None) -> int | None:
+    """``--workers`` at most the cores this process may use: decoding is CPU-bound, and each
+    worker is a process to start (1000 of them: a minute and a half for nothing)."""
+    from alfk_cli.data.scan import available_cores
+
+    cores = available_cores()
+    if value is None or value <= cores:
+        return value
+    if not ctx.params.get("quiet"):
+        stderr.print(f"note: --workers {value}: using {cores}, the CPU cores this process may use")
+    return cores
+
+
+def check_pool_list(value: Path | None) -> Path | None:
+    """``--pool-list -`` needs an open standard input (``<&-`` leaves none)."""
+    from alfk_cli.data.poollist import STDIN
+
+    if value is not None and str(value) == STDIN and (sys.stdin is None or sys.stdin.closed):
+        raise typer.BadParameter(
+            "'-' reads standard input, which is closed", param_hint="--pool-list"
+        )
+    return value
+
+
 def outputs_ok(out: Path, *inputs: Path | None) -> None:
     """Fail before any work when ``out`` cannot be written or is one of the command's inputs."""
     from alfk_cli.util.atomic import check_output
@@ -161,9 +211,19 @@ Balance = Annotated[
     ),
 ]
 Seed = Annotated[
-    int, typer.Option("--seed", help="Seed for initialisation, shuffling and sampling.")
+    int,
+    typer.Option(
+        "--seed",
+        min=0,
+        max=MAX_SEED,
+        help="Seed for initialisation, shuffling and sampling (0 to 4294967295).",
+    ),
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summaries on stderr.")]
+# eager: read before the others, so that their checks know whether to print notes
+Quiet = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", is_eager=True, help="No progress or summaries on stderr."),
+]
 Strict = Annotated[
     bool,
     typer.Option(
@@ -175,14 +235,16 @@ Workers = Annotated[
     typer.Option(
         "--workers",
         min=0,
+        callback=check_workers,
         help="Image-decoding worker processes (default: the cores available, at most 16; "
-        "0: decode in the main process).",
+        "0: decode in the main process; more than the cores available: the cores).",
     ),
 ]
 PoolList = Annotated[
     Path | None,
     typer.Option(
         "--pool-list",
+        callback=check_pool_list,
         help="File naming the images, one path per line relative to the folder ('-': standard "
         "input), instead of walking the folder; names already in the store are not re-stat'ed.",
     ),
@@ -198,6 +260,14 @@ PretrainArch = Annotated[  # select's: a timm:NAME is checked for its form only 
         "--arch",
         callback=check_arch_form,
         help="Architecture to pretrain when there is no checkpoint: " + ARCH_HELP,
+    ),
+]
+Freeze = Annotated[
+    str,
+    typer.Option(
+        "--freeze",
+        help="Stages that do not train: none, backbone (every stage: only the classifier "
+        "trains) or a stage name (it and every stage before it; alfk list shows the taps).",
     ),
 ]
 ExactCount = Annotated[

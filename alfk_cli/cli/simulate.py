@@ -13,10 +13,13 @@ from alfk_cli.cli.options import (
     Arch,
     Balance,
     Device,
+    Freeze,
     McSamples,
     Quiet,
     Taps,
     Workers,
+    check_freeze,
+    check_seeds,
     csv_list,
     one_of,
     say,
@@ -47,7 +50,9 @@ Strategies = Annotated[
 ]
 Rounds = Annotated[int, typer.Option("--rounds", "-B", min=1, help="Rounds B.")]
 RoundP = Annotated[int, typer.Option("--P", "-P", min=1, help="Images labelled per round.")]
-Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")]
+Seeds = Annotated[
+    str, typer.Option("--seeds", help="Comma-separated seeds (each 0 to 4294967295).")
+]
 Imbalance = Annotated[
     float | None,
     typer.Option(
@@ -121,6 +126,7 @@ def simulate(
     batch_size: BatchSize = None,
     lr: LearningRate = None,
     balance: Balance = "none",
+    freeze: Freeze = "none",
     mc_samples: McSamples = 32,
     device: Device = "auto",
     workers: Workers = None,
@@ -140,6 +146,7 @@ def simulate(
         seed_list = tuple(int(s) for s in csv_list(seeds, "seeds"))
     except ValueError:
         raise typer.BadParameter("seeds must be integers", param_hint="--seeds") from None
+    check_seeds(seed_list)
     from alfk_cli.data.scan import scan_images
     from alfk_cli.models.archauto import pick_arch
     from alfk_cli.simulate.results import earlier_config
@@ -153,13 +160,15 @@ def simulate(
     arch, said = pick_arch(arch, scan_images(pool))  # auto: from the pool's images
     if said:
         say_note(quiet, said)
+    if freeze != "none":  # a usage error once the architecture is known, before any decoding
+        check_freeze(arch, freeze)
     options = SimulateOptions(
         pool=pool, val=val, test=test, out=out,
         strategies=names, rounds=rounds, P=P,
         seeds=seed_list, arch=arch, taps=taps, init=cast("InitName", init), epochs=epochs,
         pretrain_epochs=pretrain_epochs, eval_every=eval_every, imbalance=imbalance,
         rare=tuple(csv_list(rare, "rare classes")), mc_samples=mc_samples, device=device,
-        workers=workers, balance=balance, batch_size=batch_size, lr=lr,
+        workers=workers, balance=balance, freeze=freeze, batch_size=batch_size, lr=lr,
         **({} if cache_mib is None else {"cache_mib": cache_mib}),
     )  # fmt: skip
     tell = (lambda msg: None) if quiet else (lambda msg: stderr.print(msg, markup=False))

@@ -13,11 +13,13 @@ from alfk_cli.cli.options import (
     Arch,
     Balance,
     Device,
+    Freeze,
     Quiet,
     Seed,
     Strict,
     Workers,
     accuracy_table,
+    check_freeze,
     outputs_ok,
     report_skipped,
     say,
@@ -92,6 +94,7 @@ def train(
     weight_decay: Annotated[float | None, typer.Option("--weight-decay")] = None,
     seed: Seed = 0,
     balance: Balance = "none",
+    freeze: Freeze = "none",
     device: Device = "auto",
     workers: Workers = None,
     strict: Strict = False,
@@ -112,18 +115,14 @@ def train(
     for found, folder in ((data_set, data), (val_set, val)):
         report_skipped(found.skipped, folder, quiet)
     chosen, why = _choose_arch(arch, start, data_set, quiet)
+    if freeze != "none":  # a usage error, before any image is decoded (auto chose the stages)
+        frozen = check_freeze(chosen, freeze)
+        say(quiet, f"frozen (not trained): {', '.join(frozen)}")
     options = TrainOptions(
-        arch=chosen,
-        arch_auto=why,
-        epochs=epochs,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        seed=seed,
-        workers=workers,
-        balance=balance,
-    )
+        arch=chosen, arch_auto=why, epochs=epochs, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, batch_size=batch_size, seed=seed, workers=workers,
+        balance=balance, freeze=freeze,
+    )  # fmt: skip
     with make_progress(quiet) as progress:
         report = train_checkpoint(
             data_set,
@@ -141,6 +140,8 @@ def train(
         title = f"validation accuracy, epoch {result.best_epoch} of {report.config.epochs}"
         if balance != "none":
             title += f", balance {result.balance}"
+        if freeze != "none":
+            title += f", frozen: {freeze}"
         stderr.print(accuracy_table(title, val_set.classes, result.best_accuracy, result.per_class))
     say(quiet, f"wrote {out}")
 

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from alfk_cli.data.imagefile import decode_pixels, open_image
 from alfk_cli.data.inputspec import InputSpec
-from alfk_cli.data.scan import ImageSet, decode_errors, unreadable
+from alfk_cli.data.scan import ImageSet, available_cores, decode_errors, unreadable
 from alfk_cli.util.reproducible import loader_generator
 
 DECODE_ERRORS = decode_errors()  # what PIL raises for a file it cannot decode
@@ -31,7 +32,10 @@ PRELOAD_LIMIT_BYTES = 1 << 30
 def load_image(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
     """Decode one image into a uint8 tensor [C, size, size] (no normalisation yet).
 
-    Raises one of ``DECODE_ERRORS`` when the file cannot be decoded; PIL's decompression-bomb
+    Decoded as ``data.imagefile.decode_pixels`` says (upright by its EXIF orientation, 16-bit grey
+    scaled to 8 bits, the first frame), from a regular file only (``data.imagefile.open_regular``:
+    a FIFO is refused, never waited on). Raises one of ``DECODE_ERRORS`` when the file cannot be
+    decoded (``data.imagefile.NotRegularFile`` is an OSError); PIL's decompression-bomb
     warning (an image between 1× and 2× its pixel limit, which still decodes) is not printed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -39,8 +43,8 @@ def load_image(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
 
 
 def _load_image(path: str | os.PathLike, spec: InputSpec) -> torch.Tensor:
-    with Image.open(path) as im:
-        im = im.convert("L" if spec.channels == 1 else "RGB")
+    with open_image(path) as raw:
+        im = decode_pixels(raw, "L" if spec.channels == 1 else "RGB")
         if im.size != (spec.size, spec.size):
             im = im.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
         arr = np.asarray(im, dtype=np.uint8)
@@ -85,22 +89,21 @@ class ImageDataset(torch.utils.data.Dataset):
         return img, int(self.images.labels[row]), row, ok
 
 
-def available_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask, e.g. a container's or
-    ``taskset``'s share), else the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
+def model_inputs(spec: InputSpec | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 image batches -> normalised float (``images.normalizer``); with ``spec`` None the
+    batches are already the network's inputs (cached activations) and pass unchanged."""
+    return normalizer(spec) if spec is not None else (lambda batch: batch)
 
 
 def loader_workers(workers: int | None, batches: int) -> int:
     """Decoding worker processes for a loader of ``batches`` batches: ``workers`` when given,
     else the available cores (at most ``MAX_AUTO_WORKERS``) but no more than there are batches,
-    and none for a single batch (starting a process costs more than decoding it). The images
-    and their order never depend on this: the loaders keep row order."""
+    and none for a single batch (starting a process costs more than decoding it); ``workers``
+    given: no more than there are batches either (each worker is a process started for nothing
+    once every batch has one; the command line also caps it at the cores). The images and their
+    order never depend on this: the loaders keep row order."""
     if workers is not None:
-        return max(0, workers)
+        return max(0, min(workers, batches))
     return min(available_cores(), MAX_AUTO_WORKERS, batches if batches > 1 else 0)
 
 
@@ -172,6 +175,7 @@ __all__ = [
     "image_bytes",
     "load_image",
     "loader_workers",
+    "model_inputs",
     "normalizer",
     "preload",
 ]

@@ -4,9 +4,10 @@ walking the folder, so a pool of millions of files is neither re-walked nor re-s
 One path per line, relative to the pool folder (an absolute path inside the pool folder is
 accepted); ``-`` reads the list from standard input. Lines end at ``\\n`` (a ``\\r`` before it is
 dropped), exactly as ``select`` prints paths; blank lines and lines starting with ``#`` are
-ignored (write ``./#name.png`` for such a file). The rules of the folder walk apply to what is
-listed (``images``): hidden files and folders are ignored, files that are not images or whose
-names cannot be carried (``names``) are skipped and listed, labels come from the first path
+ignored (write ``./#name.png`` for such a file). The list may be a pipe (``<(find ...)``), not
+a device or socket. The rules of the folder walk apply to what is listed (``data.scan``): hidden
+files and folders are ignored, files that are not images, that are not regular files (a FIFO:
+never opened), or whose names cannot be carried (``names``) are skipped and listed, labels come from the first path
 component when no listed file sits at the top level, and rows are in the walk's order whatever
 the list's order. A path outside the pool folder is an error; a path listed twice is skipped and
 listed the second time; paths in a labelled sub-folder (one holding ``data.scan.LABELS_MARKER``,
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alfk_cli.data.imagefile import check_named_file
 from alfk_cli.data.names import printable
 from alfk_cli.errors import AlfkError
 
@@ -52,12 +54,12 @@ def _describe(source: str | os.PathLike) -> str:
 
 def _read_text(source: str | os.PathLike) -> str:
     if str(source) == STDIN:
+        if sys.stdin is None or sys.stdin.closed:
+            raise AlfkError("the pool list is standard input, which is closed")
         data = sys.stdin.buffer.read()
     else:
         path = Path(source)
-        if not path.is_file():
-            what = "is a folder, not a file" if path.is_dir() else "does not exist"
-            raise AlfkError(f"pool list {path} {what}")
+        check_named_file(path, "pool list", pipe=True)  # a pipe: --pool-list <(find ...)
         try:
             data = path.read_bytes()
         except OSError as exc:

@@ -5,7 +5,8 @@ sub-folder is the class, images may sit at any depth below it); a folder with im
 level is *unlabelled* (images at any depth, label -1). Hidden files and folders are ignored, and
 so is a sub-folder holding :data:`LABELS_MARKER` (``alfk labels import``'s output: its images are
 labelled copies, never pool images), which is listed as skipped.
-Files that are not images, or that PIL cannot read (when asked to verify), are reported and
+Files that are not images, that are not regular files (a FIFO, socket or device, or a symlink to
+one: stat'ed, never opened), or that PIL cannot read (when asked to verify), are reported and
 skipped (``strict`` makes that an error).
 
 No torch here, and PIL only to verify: a run whose stores are up to date scans and stops
@@ -24,14 +25,25 @@ from pathlib import Path
 
 import numpy as np
 
+from alfk_cli.data.imagefile import NotRegularFile, open_image, special_file
 from alfk_cli.data.names import name_problem, printable
 from alfk_cli.errors import AlfkError
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+# GIF: its first frame (``data.imagefile``), like an animated PNG's or a multi-page TIFF's
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 #: The file ``alfk labels import`` leaves in its output folder; a scan never walks into a
 #: sub-folder holding it (the folder it starts from may hold it: ``train --data labeled/``).
 LABELS_MARKER = ".alfk-labels"
 LABELLED_FOLDER = f"a labelled folder (it holds {LABELS_MARKER}), not scanned"
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, e.g. a container's or
+    ``taskset``'s share), else the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def decode_errors() -> tuple[type[BaseException], ...]:
@@ -105,7 +117,7 @@ def _check(path: str | os.PathLike) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 im.verify()
     except Image.DecompressionBombError:
         return f"image too large (over PIL's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels)"
@@ -120,6 +132,8 @@ def unreadable(exc: BaseException) -> str:
 
     if isinstance(exc, FileNotFoundError):
         return "file disappeared during the run"
+    if isinstance(exc, NotRegularFile):
+        return str(exc)
     if isinstance(exc, Image.DecompressionBombError):
         return f"image too large (over PIL's limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels)"
     text = str(exc).splitlines()[0][:80] if str(exc) else ""
@@ -159,8 +173,11 @@ def _scan_chunk(
         except OSError as exc:
             out.append((f"unreadable ({exc.strerror})", 0, 0))
             continue
-        if os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
-            reason: str | None = "not an image file"
+        # a FIFO, socket or device is never opened: reading a FIFO waits for a writer forever
+        if (special := special_file(st.st_mode)) is not None:
+            reason: str | None = special
+        elif os.path.splitext(rel)[1].lower() not in IMAGE_EXTENSIONS:
+            reason = "not an image file"
         elif (bad_name := name_problem(rel)) is not None:
             reason = bad_name
         elif verify and trusted.get(rel) != (st.st_size, st.st_mtime_ns):

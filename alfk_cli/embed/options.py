@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from alfk_cli.data.imagefile import DECODE_VERSION
 from alfk_cli.features.estimators import get_estimator
 from alfk_cli.features.montecarlo import MCConfig
 
@@ -24,7 +25,8 @@ class EmbedOptions:
     that is not a readable image is an error instead of being skipped.
 
     Only ``taps``, ``pseudo_label``, ``mc`` (for the MC estimators) and ``seed`` decide a store's
-    contents (``fingerprint_dict``); the batch size, device and workers change only how fast (and,
+    contents (``fingerprint_dict``, with the decoding rule's ``data.imagefile.DECODE_VERSION``, so
+    stores decoded by an earlier rule are embedded again); the batch size, device and workers change only how fast (and,
     on a GPU, float round-off)."""
 
     taps: str | Sequence[str] | None = None
@@ -55,6 +57,7 @@ class EmbedOptions:
             "pseudo_label": self.pseudo_label,
             "mc": self.mc.params() if get_estimator(self.pseudo_label).uses_mc else None,
             "seed": int(self.seed),
+            "decode": DECODE_VERSION,
         }
 
 

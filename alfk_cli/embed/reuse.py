@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 
 from alfk_cli.errors import AlfkError
-from alfk_cli.store.reader import FeatureStore, open_store
+from alfk_cli.store.reader import FeatureStore, check_label_range, open_store
 from alfk_cli.store.writer import StoreHeader, StoreWriter
 from alfk_cli.util.atomic import partial_path
 
@@ -54,6 +54,7 @@ def up_to_date(
         with open_store(out) as existing:
             if existing.get_attr("fingerprint") != fingerprint:
                 return None
+            check_label_range(existing)  # a crafted or damaged store is embedded again
             f = existing.file
             failed = []
             if "skipped_paths" in f:
@@ -81,6 +82,12 @@ def reusable_rows(
     try:
         prev = open_store(reuse)
     except AlfkError as exc:
+        notes.append(f"nothing reused: {exc}")
+        return None, empty, empty
+    try:
+        check_label_range(prev)  # its rows would carry the bad labels into the new store
+    except AlfkError as exc:
+        prev.close()
         notes.append(f"nothing reused: {exc}")
         return None, empty, empty
     if (

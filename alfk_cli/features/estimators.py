@@ -55,8 +55,8 @@ class EstimatorBatch:
     """What an estimator may use for one batch of images."""
 
     model: TapNet
-    images: torch.Tensor  # uint8 [B, C, H, W] on the model's device
-    spec: InputSpec
+    images: torch.Tensor  # uint8 [B, C, H, W] on the model's device (spec None: model inputs)
+    spec: InputSpec | None
     taps: tuple[str, ...]
     labels: torch.Tensor | None = None  # the images' own labels, when known (simulation)
     reference: NearestReference | None = None  # the labelled validation set's z
@@ -147,6 +147,7 @@ class _MonteCarlo(Estimator):
         from alfk_cli.features.pseudolabels import image_keys, mc_labels
 
         keys = image_keys(batch.seed, batch.names)
+        assert batch.spec is not None, "Monte-Carlo labels perturb images, not activations"
         return mc_labels(
             self.name, batch.model, batch.images, batch.spec, batch.taps, keys, batch.mc
         )
@@ -165,7 +166,7 @@ class MCMutualInformation(_MonteCarlo):
 def describe_images(
     model: TapNet,
     images: torch.Tensor,
-    spec: InputSpec,
+    spec: InputSpec | None,
     taps: Sequence[str],
     method: str | Estimator,
     labels: torch.Tensor | None = None,
@@ -174,17 +175,21 @@ def describe_images(
     seed: int = 0,
     mc_cfg: MCConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z, g, logits and the labels g used, for one uint8 batch, with the estimator ``method``."""
+    """z, g, logits and the labels g used, for one uint8 batch, with the estimator ``method``.
+
+    With ``spec`` None the batch holds model inputs already (a frozen backbone's cached
+    activations, ``model`` the network after them): only estimators that do not perturb the
+    images (no ``uses_mc``) take them."""
     import torch
 
-    from alfk_cli.data.decode import normalizer
+    from alfk_cli.data.decode import model_inputs
     from alfk_cli.features.descriptors import describe_batch
 
     batch = EstimatorBatch(
         model, images, spec, tuple(taps), labels, reference, names, seed, mc_cfg or MCConfig()
     )
     how = get_estimator(method).labels(batch)
-    x = normalizer(spec)(images)
+    x = model_inputs(spec)(images)
     if isinstance(how, torch.Tensor):
         return describe_batch(model, x, taps, labels=how)
     return describe_batch(model, x, taps, label_fn=how)

@@ -84,13 +84,18 @@ def _rows(dst: np.ndarray, src: np.ndarray, dims: Sequence[int]) -> None:
                 raise AlfkError("non-finite values in the descriptors (NaN or inf)")
             d[...] = 0
             continue
-        mean = s.mean(axis=1, keepdims=True)
-        if not np.isfinite(mean).all():
-            raise AlfkError("non-finite values in the descriptors (NaN or inf)")
-        np.subtract(s, mean, out=d, casting="same_kind")
-        ss = np.einsum("ij,ij->i", d, d)
-        # Rows whose spread is at rounding level: zero them only if truly constant.
-        sus = np.flatnonzero(ss <= width * np.square(1e-4 * np.abs(mean[:, 0])))
+        # a crafted store's huge values (g = 3e38) overflow float32 here: one error, not
+        # numpy's RuntimeWarning as well
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean = s.mean(axis=1, keepdims=True)
+            if not np.isfinite(mean).all():
+                raise AlfkError("non-finite values in the descriptors (NaN or inf)")
+            np.subtract(s, mean, out=d, casting="same_kind")
+            ss = np.einsum("ij,ij->i", d, d)
+            if not np.isfinite(ss).all():
+                raise AlfkError("descriptor values too large for float32 (a damaged store)")
+            # Rows whose spread is at rounding level: zero them only if truly constant.
+            sus = np.flatnonzero(ss <= width * np.square(1e-4 * np.abs(mean[:, 0])))
         good = ss > 0
         if sus.size:
             raw = np.asarray(s[sus])

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from alfk_cli.data.imagefile import open_image
 from alfk_cli.data.scan import ImageSet, decode_errors
 from alfk_cli.errors import AlfkError
 from alfk_cli.models.archs import AUTO, get_arch
@@ -67,7 +68,7 @@ def look(images: ImageSet, sample: int = SAMPLE) -> FolderLook:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a decompression-bomb warning: size is enough
-                with Image.open(images.absolute(i)) as im:
+                with open_image(images.absolute(i)) as im:  # a FIFO: refused, not waited on
                     colour = colour or _is_colour(im)
                     sizes.append(max(im.size))
         except errors:

@@ -210,10 +210,11 @@ class Thumb:
 def thumbnail(path: str | os.PathLike) -> tuple[Thumb | None, str | None]:
     """The image downscaled to at most ``THUMB_PX`` px as a PNG data URI, or None and the reason
     it cannot be read (never raises for a bad image)."""
-    from PIL import Image
+    from alfk_cli.data.imagefile import decode_pixels, open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as raw:  # decoded as the model sees it (upright, 16-bit scaled)
+            im = decode_pixels(raw)
             im.thumbnail((THUMB_PX, THUMB_PX))
             if im.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
                 im = im.convert("RGBA" if "A" in im.getbands() else "RGB")

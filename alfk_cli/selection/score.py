@@ -22,7 +22,7 @@ from alfk_cli.errors import AlfkError
 from alfk_cli.search.exact import backend_choice
 from alfk_cli.selection.scoresfile import Scores, read_scores, write_scores
 from alfk_cli.selection.workdir import match_exclusions
-from alfk_cli.store.reader import FeatureStore, check_compatible, open_store
+from alfk_cli.store.reader import FeatureStore, check_compatible, check_label_range, open_store
 from alfk_cli.strategies import acquisition
 from alfk_cli.strategies.registry import Picked, RoundData, Strategy, checked_rows, make_strategy
 from alfk_cli.util import distributed
@@ -159,6 +159,8 @@ def _prepare(
 ) -> tuple[str, set[int], list[str]]:
     """Checks, the printed root, the rows left out before the ledger, and notes."""
     check_compatible(val, pool)
+    check_label_range(val)
+    check_label_range(pool)
     if (np.asarray(val.labels[:]) < 0).any():
         raise AlfkError(
             f"{val.path} has images without labels; the validation store needs class sub-folders"

@@ -4,6 +4,13 @@
 strategy asks for is computed here with the current model from the pool folder's images, held
 in memory or decoded batch by batch on demand (``simulate.data.Folder``). Each pass reads its
 rows in the same batches either way, so the numbers are the same.
+
+With ``frozen`` tables (``simulate --freeze``, :mod:`alfk_cli.simulate.activations`) the passes start
+from the cached outputs of the frozen stages instead of the images and run only the rest of the
+network (``freeze.tail_net``, which shares its weights with the model): training, probabilities
+and classifier inputs from the boundary, z and g from the cut. The frozen stages are in eval
+mode either way, so the numbers are those of the whole network on the images. The Monte-Carlo
+passes (MC dropout, the ``mc_*`` estimators) perturb the whole network and read the images.
 """
 
 from __future__ import annotations
@@ -15,13 +22,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from alfk_cli.data.decode import normalizer
+from alfk_cli.data.decode import model_inputs
 from alfk_cli.data.inputspec import InputSpec
 from alfk_cli.features.descriptors import concat_pooled
-from alfk_cli.features.estimators import Estimator, describe_images
+from alfk_cli.features.estimators import Estimator, describe_images, get_estimator
 from alfk_cli.features.montecarlo import MCConfig
 from alfk_cli.features.pseudolabels import NearestReference
+from alfk_cli.models.freeze import tail_net
 from alfk_cli.models.nets import TapNet
+from alfk_cli.simulate.activations import FrozenTables
 from alfk_cli.simulate.data import Folder
 from alfk_cli.strategies import baselines
 from alfk_cli.strategies.acquisition import Descriptors, Selection
@@ -70,13 +79,14 @@ def fit(
 def pooled_features(
     model: TapNet,
     batches: Iterable[torch.Tensor],
-    spec: InputSpec,
+    spec: InputSpec | None,
     taps: Sequence[str],
     device: torch.device,
 ) -> np.ndarray:
-    """z (concatenated pooled taps) of uint8 image batches, float32 numpy."""
+    """z (concatenated pooled taps) of uint8 image batches (``spec`` None: of model inputs),
+    float32 numpy."""
     model.eval().to(device)
-    norm = normalizer(spec)
+    norm = model_inputs(spec)
     out = []
     for x in batches:
         _, feats = model.forward_taps(norm(x.to(device)), taps)
@@ -86,12 +96,12 @@ def pooled_features(
 
 @torch.no_grad()
 def last_layer_of(
-    model: TapNet, batches: Iterable[torch.Tensor], spec: InputSpec, device: torch.device
+    model: TapNet, batches: Iterable[torch.Tensor], spec: InputSpec | None, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray]:
     """Eval-mode softmax probabilities and classifier inputs (``model.head`` of the last stage)
-    of uint8 image batches, float32 numpy."""
+    of uint8 image batches (``spec`` None: of model inputs), float32 numpy."""
     model.eval().to(device)
-    norm = normalizer(spec)
+    norm = model_inputs(spec)
     last = (model.stage_names[-1],)
     probs, feats = [], []
     for x in batches:
@@ -122,6 +132,7 @@ class FolderRound:
     mc_samples: int
     num_classes: int
     labelled: np.ndarray
+    frozen: FrozenTables | None = None  # cached activations of the frozen stages
 
     @property
     def available(self) -> np.ndarray:
@@ -131,15 +142,51 @@ class FolderRound:
     def n_val(self) -> int:
         return len(self.val)
 
+    @property
+    def net(self) -> TapNet:
+        """What trains and predicts: the model, or its part after the frozen boundary (fed
+        the cached activations; it shares the model's weights)."""
+        return self.model if self.frozen is None else tail_net(self.model, self.frozen.boundary)
+
     def source(self, rows: np.ndarray, hold: bool = False) -> ImageSource:
-        """The images of pool rows ``rows`` (see ``Folder.source``)."""
+        """``net``'s inputs for pool rows ``rows``: the images (see ``Folder.source``) or the
+        boundary's cached activations."""
+        if self.frozen is not None:
+            return self.frozen.pool.source(self.frozen.boundary, self.keep[rows])
         return self.pool.source(self.keep[rows], hold)
+
+    def val_source(self) -> ImageSource:
+        """``net``'s inputs for the validation images."""
+        if self.frozen is not None:
+            return self.frozen.val.source(self.frozen.boundary)
+        return self.val.source()
+
+    def test_source(self, test: Folder) -> ImageSource:
+        """``net``'s inputs for the test images."""
+        if self.frozen is not None:
+            return self.frozen.test.source(self.frozen.boundary)
+        return test.source()
 
     def _batches(self, rows: np.ndarray, size: int) -> Iterable[torch.Tensor]:
         return self.pool.batches(self.keep[rows], size)
 
+    def _inputs(
+        self, part: str, rows: np.ndarray | None, stage: str, method: str | Estimator = "true"
+    ) -> tuple[TapNet, Iterable[torch.Tensor], InputSpec | None]:
+        """(network, batches of ``DESCRIBE_BATCH``, spec) for rows of the validation folder
+        (``part`` "val", rows None) or of the pool: the cached outputs of ``stage`` ("cut" or
+        "boundary") and the network after it, or the images and the model (no cache, or an
+        estimator that perturbs the images)."""
+        folder = self.val if part == "val" else self.pool
+        at = None if rows is None else self.keep[rows]
+        if self.frozen is None or get_estimator(method).uses_mc:
+            return self.model, folder.batches(at, DESCRIBE_BATCH), self.spec
+        name = self.frozen.cut if stage == "cut" else self.frozen.boundary
+        acts = self.frozen.val if part == "val" else self.frozen.pool
+        return tail_net(self.model, name), acts.batches(name, at, DESCRIBE_BATCH), None
+
     def probs(self, rows: np.ndarray) -> np.ndarray:
-        logits = logits_of(self.model, self.source(rows), self.device)
+        logits = logits_of(self.net, self.source(rows), self.device)
         return torch.softmax(logits, 1).numpy()
 
     def mc_probs(self, rows: np.ndarray, samples: int, seed: int) -> np.ndarray:
@@ -149,45 +196,47 @@ class FolderRound:
         )  # fmt: skip
 
     def features(self) -> np.ndarray:
-        every = np.arange(len(self.keep))
-        batches = self._batches(every, DESCRIBE_BATCH)
-        return pooled_features(self.model, batches, self.spec, self.taps, self.device)
+        net, batches, spec = self._inputs("pool", np.arange(len(self.keep)), "cut")
+        return pooled_features(net, batches, spec, self.taps, self.device)
 
     @property
     def val_labels(self) -> np.ndarray:
         return self.val.y.numpy()
 
     def last_layer(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        batches = self._batches(rows, DESCRIBE_BATCH)
-        return last_layer_of(self.model, batches, self.spec, self.device)
+        net, batches, spec = self._inputs("pool", rows, "boundary")
+        return last_layer_of(net, batches, spec, self.device)
 
     def validation(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        batches = self.val.batches(None, DESCRIBE_BATCH)
-        probs, feats = last_layer_of(self.model, batches, self.spec, self.device)
+        net, batches, spec = self._inputs("val", None, "boundary")
+        probs, feats = last_layer_of(net, batches, spec, self.device)
         return probs, feats, self.val.y.numpy()
 
     def describe(
         self,
-        batches: Iterable[torch.Tensor],
+        part: str,
+        rows: np.ndarray | None,
         method: str | Estimator,
         labels: torch.Tensor | None = None,
         reference: NearestReference | None = None,
         names: Sequence[str] = (),
         seed: int = 0,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """z, g, logits and the labels g used, for uint8 batches of ``DESCRIBE_BATCH`` images
-        (``labels`` and ``names`` by image)."""
-        self.model.to(self.device)
+        """z, g, logits and the labels g used, for the validation images (``part`` "val") or
+        pool rows ``rows``, from the cut's cached activations when there are some (``labels``
+        and ``names`` by image)."""
+        net, batches, spec = self._inputs(part, rows, "cut", method)
+        net.to(self.device)
         mc_cfg = MCConfig(samples=self.mc_samples)
         parts: list[list[torch.Tensor]] = [[], [], [], []]
         s = 0
         for x in batches:
-            part = slice(s, s + len(x))
+            span = slice(s, s + len(x))
             s += len(x)
             out = describe_images(
-                self.model, x.to(self.device), self.spec, self.taps, method,
-                labels=labels[part].to(self.device) if labels is not None else None,
-                reference=reference, names=names[part], seed=seed, mc_cfg=mc_cfg,
+                net, x.to(self.device), spec, self.taps, method,
+                labels=labels[span].to(self.device) if labels is not None else None,
+                reference=reference, names=names[span], seed=seed, mc_cfg=mc_cfg,
             )  # fmt: skip
             for acc, t in zip(parts, out, strict=True):
                 acc.append(t.float().cpu() if t.is_floating_point() else t.cpu())
@@ -198,16 +247,14 @@ class FolderRound:
         self, estimator: Estimator, kernel: Kernel, P: int, seed: int, center_rule: str = "kcenter"
     ) -> tuple[Selection, float | None]:
         """Validation described with true labels, the available pool with the estimator."""
-        val_batches = self.val.batches(None, DESCRIBE_BATCH)
-        vz, vg, vl, _ = self.describe(val_batches, "true", labels=self.val.y)
+        vz, vg, vl, _ = self.describe("val", None, "true", labels=self.val.y)
         avail = np.flatnonzero(self.available)
         hidden = self.pool_y[torch.from_numpy(avail)]
         ref = None
         if estimator.needs_reference:
             ref = NearestReference(vz, self.val.y.numpy(), self.dims)
         names = [self.pool_names[i] for i in avail]
-        batches = self._batches(avail, DESCRIBE_BATCH)
-        pz, pg, _, used = self.describe(batches, estimator, hidden, ref, names, seed)
+        pz, pg, _, used = self.describe("pool", avail, estimator, hidden, ref, names, seed)
         pseudo_acc = float((used == hidden.numpy()).mean()) if len(avail) else None
         sel = fk_select(
             Descriptors(vz, vg, self.dims, vl, self.val.y.numpy()),

@@ -46,6 +46,7 @@ class SimulateOptions:
     batch_size: int | None = None  # the arch's; in config.json only when set (runs resume)
     lr: float | None = None  # likewise
     balance: str = "none"  # class balancing of each round's training (train/balance.py)
+    freeze: str = "none"  # stages that never train, their activations cached (models/freeze.py)
     imbalance: float | None = None
     rare: tuple[str | int, ...] = (5, 6, 7, 8, 9)
     mc_samples: int = 32
@@ -74,6 +75,10 @@ class SimulateOptions:
         if self.lr is not None and not self.lr > 0:
             raise AlfkError(f"lr must be positive, got {self.lr}")
         check_balance(self.balance)
+        if self.freeze != "none":
+            from alfk_cli.models.freeze import check_freeze
+
+            check_freeze(self.arch, self.freeze)
         if self.init not in INITS:
             raise AlfkError(f"init must be pretrain or random, not {self.init!r}")
         if self.init == "pretrain" and self.pretrain_epochs < 1:
@@ -102,6 +107,7 @@ class SimulateOptions:
             **({"batch_size": int(self.batch_size)} if self.batch_size is not None else {}),
             **({"lr": float(self.lr)} if self.lr is not None else {}),
             **({"balance": self.balance} if self.balance != "none" else {}),
+            **({"freeze": self.freeze} if self.freeze != "none" else {}),
             "imbalance": None
             if self.imbalance is None or self.imbalance == 1
             else float(self.imbalance),

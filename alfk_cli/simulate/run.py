@@ -43,7 +43,9 @@ from alfk_cli.data.inputspec import InputSpec
 from alfk_cli.data.names import printable
 from alfk_cli.errors import AlfkError
 from alfk_cli.models.archs import build_model, get_arch, resolve_taps, scale_dims
+from alfk_cli.models.freeze import frozen_names
 from alfk_cli.models.nets import TapNet
+from alfk_cli.simulate.activations import ActivationCache
 from alfk_cli.simulate.data import Folder, biased_rows, load_folder, resolve_rare
 from alfk_cli.simulate.folderround import FolderRound, fit, logits_of
 from alfk_cli.simulate.initmodel import FirstModel, initial_model
@@ -129,6 +131,10 @@ def simulate(options: SimulateOptions, *, progress: Progress | None = None) -> l
     out = Path(options.out)
     claim_folder(out, options.config(), NOT_COMPARED)
     data = _load(options, spec, dev, say)
+    cache = None
+    if options.freeze != "none":
+        frozen = frozen_names(list(get_arch(options.arch).tap_dims), options.freeze)
+        cache = ActivationCache(frozen, taps, data.spare, out / "cache", dev, say)
     for seed in options.seeds:
         keep = biased_rows(data.pool.y.numpy(), data.rare, options.imbalance, seed)
         if options.rounds * options.P > len(keep):
@@ -149,7 +155,7 @@ def simulate(options: SimulateOptions, *, progress: Progress | None = None) -> l
         make = partial(initial_model, options, data.classes, seed, data.pool, keep, hold, dev, say)
         first = FirstModel(make)
         for st in options.parsed:
-            _run_strategy(options, st, seed, keep, base, data, first, say)
+            _run_strategy(options, st, seed, keep, base, data, first, say, cache)
     rows = collect(out, options.parsed, options.seeds, options.rounds)
     write_results(out, rows)
     return rows
@@ -164,9 +170,11 @@ def _run_strategy(
     data: _Folders,
     first_model: Callable[[], TapNet],
     say: Progress,
+    cache: ActivationCache | None = None,
 ) -> None:
     """Every unfinished round of one strategy and seed, resuming after the last finished one.
-    ``base`` makes the seed's round data from a model and the labelled mask."""
+    ``base`` makes the seed's round data from a model and the labelled mask; ``cache`` holds
+    the frozen stages' activations (``--freeze``), made once per frozen model."""
     out = Path(options.out)
     run_dir = out / "runs" / st.dirname / str(seed)
     done = finished_rounds(run_dir, options.rounds)
@@ -187,7 +195,10 @@ def _run_strategy(
     else:
         model = first_model()
     run_dir.mkdir(parents=True, exist_ok=True)
-    rd = base(model=model, labelled=labelled)
+    tables = None
+    if cache is not None:
+        tables = cache.tables(model, data.val, data.test, data.pool, keep)
+    rd = base(model=model, labelled=labelled, frozen=tables)
     for b in range(done + 1, options.rounds + 1):
         row, picked = _one_round(options, st, seed, b, rd, order, data)
         with atomic_output(run_dir / f"round_{b}.pt") as tmp:
@@ -234,12 +245,12 @@ def _one_round(
         seed=rs,
         workers=options.workers,
         eval_every=options.eval_every,
-        balance=options.balance,
+        balance=options.balance, freeze=options.freeze,
         batch_size=options.batch_size, lr=options.lr,
     )  # fmt: skip
     t0 = time.perf_counter()
     train = rd.source(np.asarray(order, dtype=np.int64), data.hold(len(order)))
-    best_epoch, val_acc = fit(rd.model, train, data.val.source(), cfg, rd.device)
+    best_epoch, val_acc = fit(rd.net, train, rd.val_source(), cfg, rd.device)
     train_s = time.perf_counter() - t0
     row = {
         "strategy": st.name,
@@ -263,7 +274,7 @@ def _one_round(
 def _evaluate(rd: FolderRound, data: _Folders) -> dict[str, Any]:
     """Test accuracy: overall, on the rare classes, and per class."""
     test = data.test
-    hit = logits_of(rd.model, test.source(), rd.device).argmax(1) == test.y
+    hit = logits_of(rd.net, rd.test_source(test), rd.device).argmax(1) == test.y
     per_class = [
         hit[test.y == c].float().mean().item() if (test.y == c).any() else math.nan
         for c in range(rd.num_classes)

@@ -21,7 +21,8 @@ attrs ``scale_dims``        int64 array            length of each scale; they su
 
 Extra nodes (allowed by the schema): ``size`` and ``mtime_ns`` ([N] int64, each image's file size
 and modification time, for incremental reuse), attrs ``seed``, ``embed_config`` (JSON of what
-determined the contents), ``config_fingerprint`` (hash of that config) and ``fingerprint`` (hash
+determined the contents, ``decode`` among it: ``data.imagefile.DECODE_VERSION``, the rule that turned
+files into pixels), ``config_fingerprint`` (hash of that config) and ``fingerprint`` (hash
 of the config and the image list).
 
 Writing is atomic and resumable (``store.writer``). The writer works on ``atomic.partial_path(out)``

@@ -261,6 +261,22 @@ def check_compatible(val_store: FeatureStore, pool_store: FeatureStore) -> None:
         )
 
 
+def check_label_range(store: FeatureStore) -> None:
+    """A store's class indices must name its classes: ``labels`` in -1 (unlabelled) .. D-1 and
+    ``pseudo`` (the label g was computed with) in 0 .. D-1. alfk never writes anything else, so a
+    value out of range is a damaged or crafted file, refused in one line rather than scored."""
+    n_classes = len(store.classes)
+    for node, low in (("labels", -1), ("pseudo", 0)):
+        values = np.asarray(store.file[node][:])
+        bad = np.flatnonzero((values < low) | (values >= n_classes))
+        if bad.size:
+            row = int(bad[0])
+            raise AlfkError(
+                f"{store.path} is damaged: {node}[{row}] is {int(values[row])}, not a class index "
+                f"({low}..{n_classes - 1}); embed the images again"
+            )
+
+
 def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """ds[rows] for any row order (h5py wants strictly increasing fancy indices)."""
     if len(rows) == 0:
@@ -272,4 +288,12 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     return ds[uniq][inverse]
 
 
-__all__ = ["FeatureStore", "StorePaths", "check_compatible", "open_hdf5", "open_store", "read_rows"]
+__all__ = [
+    "FeatureStore",
+    "StorePaths",
+    "check_compatible",
+    "check_label_range",
+    "open_hdf5",
+    "open_store",
+    "read_rows",
+]

@@ -51,6 +51,9 @@ class TrainOptions:
     # why ``--arch auto`` chose ``arch`` (archauto's note): kept in the checkpoint's info as
     # ``arch_auto``; None for an explicit architecture (whose checkpoint bytes stay as they were)
     arch_auto: str | None = None
+    freeze: str = (
+        "none"  # stages ``train`` leaves as they are (models/freeze.py); pretraining ignores it
+    )
 
     def config(self, arch: str, milestones: tuple[float, ...] | None = None) -> TrainConfig:
         """The resolved configuration for ``arch``."""
@@ -65,6 +68,7 @@ class TrainOptions:
             workers=self.workers,
             milestones=milestones,
             balance=self.balance,
+            freeze=self.freeze,
         )
 
 
@@ -146,6 +150,8 @@ def train_checkpoint(
     }
     if options.arch_auto:
         info["arch_auto"] = options.arch_auto
+    if cfg.freeze != "none":  # only then: a checkpoint trained in full keeps its bytes
+        info["freeze"] = cfg.freeze
     # under torchrun (DDP) every rank holds the same weights; rank 0 writes them
     distributed.on_main(
         lambda: save_checkpoint(out, model.cpu(), arch, data.classes, "classifier", info)
@@ -172,7 +178,8 @@ def pretrain_checkpoint(
     arch = options.arch or (init.arch if init else "lenet")
     if init is not None and init.arch != arch:
         raise AlfkError(f"checkpoint {init.path} was made for {init.arch}, not {arch}")
-    cfg = dataclasses.replace(options.config(arch, milestones=ROTNET_MILESTONES), balance="none")
+    cfg = options.config(arch, milestones=ROTNET_MILESTONES)
+    cfg = dataclasses.replace(cfg, balance="none", freeze="none")
     model = build_model(arch, len(ROTATION_CLASSES), seed=cfg.seed)
     if init is not None:
         init_from(model, dataclasses.replace(init, head="backbone"))  # never its classifier

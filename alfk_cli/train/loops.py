@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from alfk_cli.data.decode import normalizer
+from alfk_cli.data.decode import model_inputs
 from alfk_cli.data.inputspec import InputSpec
 from alfk_cli.data.scan import ImageSet
 from alfk_cli.errors import AlfkError
+from alfk_cli.models.freeze import freeze_stages
 from alfk_cli.models.nets import TapNet
 from alfk_cli.train import balance
 from alfk_cli.train.sources import ImageSource
@@ -50,6 +51,8 @@ class TrainConfig:
     eval_every: int = 1
     # class balancing of the labelled set: none, reweight, sample or auto (train/balance.py)
     balance: str = "none"
+    # stages that do not train: none, backbone or a stage name (models/freeze.py)
+    freeze: str = "none"
 
 
 @dataclass
@@ -73,7 +76,7 @@ def predict(
 ) -> torch.Tensor:
     """Logits of every image of ``source`` in row order (float32, on the CPU)."""
     model.eval().to(device)
-    norm = normalizer(source.spec)
+    norm = model_inputs(source.spec)
     out = []
     for img, _ in source.batches(batch_size):
         with autocast(device):
@@ -110,6 +113,9 @@ def fit(
 
     ``cfg.balance`` balances the classes of ``train_src`` (:mod:`alfk_cli.train.balance`); ``auto``
     trains each way from the same weights and keeps the best on ``held_src``.
+
+    ``cfg.freeze`` (:mod:`alfk_cli.models.freeze`) leaves the stages it names out of the optimiser, with
+    ``requires_grad`` off, and in eval mode at every epoch (batch-norm statistics fixed).
 
     Dropout draws from torch's global RNG, so the loop runs under ``seeded(cfg.seed)``: the same
     seed gives the same weights whatever the caller drew before, and the caller's RNG is left as
@@ -152,16 +158,20 @@ def _fit_once(
         weight = balance.class_weights(train_src.labels, model.num_classes)
     elif cfg.balance == "sample":
         draw = balance.sample_weights(train_src.labels, model.num_classes)
+    frozen = freeze_stages(model, cfg.freeze)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise AlfkError("nothing to train: every parameter is frozen")
     with seeded(cfg.seed, device):
         model.to(device)
         opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+            trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         sched = torch.optim.lr_scheduler.MultiStepLR(
             opt, milestones(cfg.epochs, cfg.milestones), gamma=0.1
         )
         gen = torch.Generator().manual_seed(cfg.seed)
-        norm = normalizer(train_src.spec)
+        norm = model_inputs(train_src.spec)
         net = distributed.data_parallel(model, device)  # DDP under torchrun, else model
         share = math.ceil(len(train_src) / distributed.world())
         steps = math.ceil(share / cfg.batch_size)
@@ -172,6 +182,8 @@ def _fit_once(
         history = []
         for epoch in range(1, cfg.epochs + 1):
             model.train()
+            for module in frozen:
+                module.eval()
             total, n = 0.0, 0
             batches = train_src.batches(cfg.batch_size, True, gen, shard=True, weights=draw)
             for img, label in batches:
@@ -208,7 +220,7 @@ def evaluate(
 ) -> tuple[float, list[float]]:
     """Accuracy on ``source``; ``transform`` maps (x, y) batches as in training (rotations)."""
     model.eval()
-    norm = normalizer(source.spec)
+    norm = model_inputs(source.spec)
     logits, labels = [], []
     with torch.no_grad():
         for img, label in source.batches(256):
@@ -312,6 +324,7 @@ def default_config(
     milestones: tuple[float, ...] | None = None,
     eval_every: int = 1,
     balance: str = "none",
+    freeze: str = "none",
 ) -> TrainConfig:
     """A TrainConfig with the architecture's defaults for every value left as None."""
     from alfk_cli.models.archs import get_arch
@@ -327,5 +340,6 @@ def default_config(
         workers=workers,
         eval_every=eval_every,
         balance=balance,
+        freeze=freeze,
         **({} if milestones is None else {"milestones": milestones}),
     )

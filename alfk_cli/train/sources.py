@@ -2,7 +2,10 @@
 
 An :class:`ImageSource` is preloaded from an image set when it fits in memory, streamed from
 disk by a DataLoader otherwise (or always: ``streamed``), or made from tensors already decoded.
-Every kind yields the same batches for the same rows and order.
+Every kind yields the same batches for the same rows and order. A source made from tensors with
+``spec=None`` holds model inputs that need no normalisation: the cached activations of a frozen
+backbone (:mod:`alfk_cli.simulate.activations`); :func:`images.model_inputs` is the step from a batch to what
+the network eats either way.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class ImageSource:
     ):
         # None only from from_tensors, whose images are all in ``cache``
         self.images: ImageSet | None = images
-        self.spec, self.workers = spec, workers
+        self.spec: InputSpec | None = spec
+        self.workers = workers
         idx = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.cache: torch.Tensor | None = None
         self.take: torch.Tensor | None = None  # the cache rows read, when not all in order
@@ -61,6 +65,7 @@ class ImageSource:
 
     def _failure(self, images: ImageSet, i: int) -> tuple[str, str]:
         path = images.absolute(int(i))
+        assert self.spec is not None, "only a source of images fails to decode"
         return str(path), decode_failure(path, self.spec)
 
     @classmethod
@@ -85,11 +90,12 @@ class ImageSource:
         cls,
         images: torch.Tensor,
         labels: torch.Tensor,
-        spec: InputSpec,
+        spec: InputSpec | None,
         rows: torch.Tensor | None = None,
     ) -> ImageSource:
-        """A source over images already decoded into memory (uint8 [N, C, H, W]); ``rows``: only
-        these rows of ``images``, in this order (``labels`` are theirs), read without a copy."""
+        """A source over images already decoded into memory (uint8 [N, C, H, W]), or over model
+        inputs (``spec`` None: float activations, held or memory-mapped); ``rows``: only these
+        rows of ``images``, in this order (``labels`` are theirs), read without a copy."""
         src = cls.__new__(cls)
         src.images, src.spec, src.workers = None, spec, 0
         src.cache, src.take, src.bad, src.strict = images, rows, [], False
@@ -126,7 +132,7 @@ class ImageSource:
                 yield self.cache[idx if self.take is None else self.take[idx]], self.labels[idx]
             return
         images = self.images
-        assert images is not None, "a source without a cache reads from an ImageSet"
+        assert images is not None and self.spec is not None, "a cacheless source reads images"
         ds = ImageDataset(images, self.spec, self.rows[order.numpy()])
         loader = torch.utils.data.DataLoader(
             ds,

@@ -20,7 +20,7 @@ from PIL import Image
 
 from alfk_cli.models.archs import ROTATION_CLASSES, build_model
 from alfk_cli.models.checkpoint import save_checkpoint
-from conftest import make_labelled, write_images
+from conftest import fifo_deadline, make_labelled, write_images
 
 # file name -> what it is; each must be listed as skipped and never selected
 BAD_FILES = {
@@ -341,6 +341,9 @@ def test_invalid_option_values_are_usage_errors(cli, corpus, monkeypatch):
         ["--taps", "nonsense"],
         ["--workers", "-1"],
         ["--P", "0"],
+        ["--seed", "-1"],  # issue 19: these failed after embedding, with a traceback
+        ["--seed", "99999999999999999999"],
+        ["--seed", str(2**32)],
     ):
         r = cli(*base, *extra)
         assert_clean_failure(r, code=2)
@@ -357,6 +360,16 @@ def test_invalid_option_values_are_usage_errors(cli, corpus, monkeypatch):
         "-1",
     )
     assert_clean_failure(r, code=2)
+    for seeds in ("-1", "0,99999999999999999999"):
+        r = cli("simulate", "--pool", f"{d}/pool", "--val", f"{d}/val", "--test", f"{d}/val",
+                "--seeds", seeds, "--out", f"{d}/sim")  # fmt: skip
+        assert_clean_failure(r, code=2)
+        assert not (root / "sim").exists()
+    for freeze in ("layer4", "fc1,conv1", ""):  # lenet has conv1, conv2, fc1
+        r = cli("train", "--data", f"{d}/train", "--val", f"{d}/val", "--out", f"{d}/m.pt",
+                "--freeze", freeze)  # fmt: skip
+        assert_clean_failure(r, code=2)
+        assert not (root / "m.pt").exists()
 
 
 def test_damaged_work_files_do_not_block_the_next_run(cli, corpus):
@@ -441,6 +454,69 @@ def test_labels_import_files_only_pool_images_and_only_under_into(cli, corpus):
     assert {p: p.stat().st_nlink for p in links} == links
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_special_files_in_the_pool_are_listed_never_opened(cli, corpus):
+    """Issue 19: ``mkfifo pool/x.png`` hung select forever at "embed pool: 0/..."."""
+    root, _ = corpus
+    d = str(root)
+    os.mkfifo(root / "pool" / "x.png")
+    (root / "pool" / "to-fifo.png").symlink_to(root / "pool" / "x.png")
+    with fifo_deadline(60, root / "pool" / "x.png"):
+        r = cli("select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "3", "--model",
+                f"{d}/init.pt", "--device", "cpu", "--workers", "0", "--no-ledger")  # fmt: skip
+    assert_listed(r, ["x.png: not a regular file (a FIFO)", "to-fifo.png: not a regular file"])
+    assert "x.png" not in r.stdout and len(r.stdout.splitlines()) == 3
+
+
+def test_a_closed_standard_input_for_pool_list(cli, corpus, monkeypatch):
+    """Issue 19: ``--pool-list - <&-`` (Python's sys.stdin is then None) was a traceback."""
+    root, _ = corpus
+    d = str(root)
+    monkeypatch.setattr("sys.stdin", None)
+    r = cli("select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "3", "--model",
+            f"{d}/init.pt", "--pool-list", "-")  # fmt: skip
+    assert_clean_failure(r, code=2)
+    assert "standard input, which is closed" in r.stderr and not (root / ".alfk").exists()
+    r = cli("embed", "--model", f"{d}/init.pt", "--images", f"{d}/pool", "--out", f"{d}/p.h5",
+            "--pool-list", "-")  # fmt: skip
+    assert_clean_failure(r, code=2)
+    assert not (root / "p.h5").exists()
+
+
+def test_options_files_that_would_redirect_or_mislead(cli, corpus, monkeypatch, tmp_path):
+    """Issue 19: a work folder's alfk.toml moved the work folder (``workdir = "/etc"``);
+    ``P = true`` ran with P = 1; ``ALFK_CONFIG=/dev/zero`` said "does not exist"."""
+    root, _ = corpus
+    d = str(root)
+    work = root / ".alfk" / "pool"
+    work.mkdir(parents=True)
+    elsewhere = tmp_path / "moved"
+    select = ["select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--model", f"{d}/init.pt",
+              "--device", "cpu"]  # fmt: skip
+    for text, says in [
+        (f'[select]\nworkdir = "{elsewhere}"\n', "'workdir' chooses where alfk writes"),
+        (f'workdir = "{elsewhere}"\n', "'workdir' chooses where alfk writes"),
+        (f'[select]\nreport = "{elsewhere}/r.html"\n', "'report' chooses where alfk writes"),
+        ("[select]\nP = true\n", "P must be an integer, not true"),
+        ("[select]\nP = 2.5\n", "P must be an integer, not 2.5"),
+    ]:
+        (work / "alfk.toml").write_text(text)
+        r = cli(*select)
+        assert_clean_failure(r)
+        assert says in r.stderr and str(work / "alfk.toml") in r.stderr, r.stderr
+        assert not elsewhere.exists() and sorted(os.listdir(work)) == ["alfk.toml"]
+    (work / "alfk.toml").unlink()
+    (root / "mine.toml").write_text(f'[select]\nworkdir = "{elsewhere}"\nP = 2\n')
+    r = cli("--config", f"{d}/mine.toml", *select, "--no-ledger")  # the user's own file may
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+    assert (elsewhere / "pool.h5").exists()
+    for special, says in [("/dev/zero", "is not a regular file"), (d, "is a folder")]:
+        monkeypatch.setenv("ALFK_CONFIG", special)
+        r = cli(*select, "--P", "2")
+        assert_clean_failure(r)
+        assert f"options file {special} {says}" in r.stderr and "does not exist" not in r.stderr
+
+
 def test_a_busy_ledger_is_busy_not_damaged(cli, corpus, monkeypatch, tmp_path):
     """A ledger another process holds (issue 19): a bounded wait, then "busy", never the advice to
     move a healthy ledger aside; the holder named where the work folder's lock tells who."""
@@ -490,3 +566,70 @@ def test_a_busy_ledger_is_busy_not_damaged(cli, corpus, monkeypatch, tmp_path):
     r = cli("history", "--workdir", str(wd))
     assert_clean_failure(r)
     assert "ALFK_LEDGER_TIMEOUT='soon' is not a number of seconds" in r.stderr
+
+
+def test_crafted_store_values_are_one_error_and_select_embeds_again(cli, corpus):
+    """Issue 19: pseudo-labels 999 / -5 in a crafted store were scored silently; g = 3e38 leaked
+    numpy's "overflow encountered in reduce" RuntimeWarning before the error."""
+    import shutil
+    import warnings
+
+    root, _ = corpus
+    d = str(root)
+    assert _embed_val_and_pool(cli, d).exit_code == 0
+    cases = [
+        ("pool.h5", "pseudo", 0, 999, "pseudo[0] is 999, not a class index (0..2)"),
+        ("pool.h5", "pseudo", 1, -5, "pseudo[1] is -5, not a class index (0..2)"),
+        ("val.h5", "labels", 2, 999, "labels[2] is 999, not a class index (-1..2)"),
+        ("pool.h5", "g", 0, 3e38, "non-finite values in the descriptors"),
+        ("pool.h5", "g", 1, 1e37, "non-finite values in the descriptors"),
+        ("pool.h5", "g", 2, -3e38, "non-finite values in the descriptors"),
+    ]
+    for store, node, row, value, says in cases:
+        for name in ("val.h5", "pool.h5"):
+            shutil.copy(root / name, root / f"c-{name}")
+        with h5py.File(root / f"c-{store}", "r+") as f:
+            f[node][row] = value
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = cli("score", "--val", f"{d}/c-val.h5", "--pool", f"{d}/c-pool.h5", "--P", "3",
+                    "--out", f"{d}/s.h5")  # fmt: skip
+        assert_clean_failure(r)
+        assert says in r.stderr, (node, value, r.stderr)
+        assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+        assert not (root / "s.h5").exists()
+    # a work folder's store with a crafted pseudo-label: embedded again, nothing of it reused
+    select = ("select", "--val", f"{d}/val", "--pool", f"{d}/pool", "--P", "3", "--model",
+              f"{d}/init.pt", "--device", "cpu", "--workers", "0", "--no-ledger")  # fmt: skip
+    first = cli(*select)
+    assert first.exit_code == 0, first.stderr
+    pool_store = root / ".alfk" / "pool" / "pool.h5"
+    with h5py.File(pool_store, "r+") as f:
+        f["pseudo"][0] = 999
+    r = cli(*select)
+    assert r.exit_code == 0 and r.stdout == first.stdout, r.stderr
+    assert "nothing reused: " in r.stderr and "pseudo[0] is 999" in r.stderr
+    with h5py.File(pool_store) as f:
+        assert 0 <= int(f["pseudo"][0]) < 3
+
+
+def test_workers_beyond_the_cores_are_capped_with_a_note(cli, corpus, monkeypatch):
+    """Issue 19: an explicit ``--workers 1000`` started 1000 decoding processes (85 s for 100
+    images); it is capped at the cores this process may use, and says so."""
+    import alfk_cli.data.decode as images
+    import alfk_cli.data.scan as imagescan
+
+    root, _ = corpus
+    d = str(root)
+    monkeypatch.setattr(imagescan, "available_cores", lambda: 2)
+    asked = []
+    real = images.loader_workers
+    monkeypatch.setattr(images, "loader_workers", lambda w, b: asked.append(w) or real(w, b))
+    r = cli("embed", "--model", f"{d}/init.pt", "--images", f"{d}/val", "--out", f"{d}/v.h5",
+            "--device", "cpu", "--workers", "1000")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert "note: --workers 1000: using 2, the CPU cores this process may use" in r.stderr
+    assert asked and set(asked) == {2}
+    r = cli("embed", "--model", f"{d}/init.pt", "--images", f"{d}/val", "--out", f"{d}/w.h5",
+            "--device", "cpu", "--workers", "1000", "-q")  # fmt: skip
+    assert r.exit_code == 0 and "note:" not in r.stderr, r.stderr

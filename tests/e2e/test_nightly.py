@@ -170,7 +170,8 @@ def test_bad_results_and_simulation_folders(cli, tmp_path):
     r = cli("plot", "--results", str(tmp_path / "other.csv"), "--out", str(tmp_path / "c.png"))
     assert r.exit_code == 1 and r.stderr.startswith("error: ") and "not a results file" in r.stderr
     (tmp_path / "afile").write_text("x")
-    sim = ["simulate", "--pool", "p", "--val", "v", "--test", "t", "--no-plot"]
+    folder = str(make_labelled(tmp_path / "imgs", ["a", "b"], 2))  # --arch auto scans the pool
+    sim = ["simulate", "--pool", folder, "--val", folder, "--test", folder, "--no-plot"]
     r = cli(*sim, "--out", str(tmp_path / "afile"))
     assert r.exit_code == 1 and "is a file" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "res").mkdir()

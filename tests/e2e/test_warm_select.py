@@ -237,7 +237,8 @@ def test_stores_from_before_are_judged_by_the_fingerprint_they_were_written_with
     """The configuration a validation store's fingerprint hashes, key for key as alfk wrote it
     before a checkpoint could be read without torch (c028598, this world's checkpoint hash),
     and the fingerprint of that configuration and the image list: a store written then is up to
-    date now exactly when it was then."""
+    date now exactly when it was then. Since issue 19 the configuration also holds ``decode``
+    (the decoding rule's version): stores decoded by the earlier rule are embedded once more."""
     assert cli(*SELECT).exit_code == 0
     with h5py.File(WORK / "val.h5") as f:
         config = json.loads(f.attrs["embed_config"])
@@ -245,11 +246,36 @@ def test_stores_from_before_are_judged_by_the_fingerprint_they_were_written_with
         fingerprint = f.attrs["fingerprint"]
     assert config == {
         "alfk_version": "0.1.0", "arch": "lenet", "checkpoint_sha256": file_sha256("init.pt"),
-        "classes": ["a", "b", "c"], "mc": None, "pseudo_label": "true",
+        "classes": ["a", "b", "c"], "decode": 2, "mc": None, "pseudo_label": "true",
         "reference_data_sha256": None, "schema_version": 1, "seed": 0,
         "taps": ["conv1", "conv2", "fc1"],
     }  # fmt: skip
     assert fingerprint == content_fingerprint(config, *rows)
+
+
+def test_stores_decoded_by_the_earlier_rule_are_embedded_again_once(cli, world):
+    """Issue 19: EXIF orientation, 16-bit grey and first frames changed the pixels of some files;
+    a store written before (no ``decode`` in its configuration, fingerprints as alfk wrote them
+    then) is embedded again, in full and without an error, and is up to date after that."""
+    from alfk_cli.store.format import config_fingerprint
+
+    assert cli(*SELECT).exit_code == 0
+    for store in ("val.h5", "pool.h5"):
+        with h5py.File(WORK / store, "r+") as f:
+            config = json.loads(f.attrs["embed_config"])
+            del config["decode"]
+            rows = [f["paths"].asstr()[:].tolist(), f["labels"][:], f["size"][:], f["mtime_ns"][:]]
+            f.attrs["embed_config"] = json.dumps(config, sort_keys=True)
+            f.attrs["config_fingerprint"] = config_fingerprint(config)
+            f.attrs["fingerprint"] = content_fingerprint(config, *rows)
+    r = cli(*SELECT)
+    assert r.exit_code == 0 and "error" not in r.stderr, r.stderr
+    assert "12 computed, 0 reused" in _summary(r.stderr, "val.h5")
+    assert "30 computed, 0 reused" in _summary(r.stderr, "pool.h5")
+    assert "made with other options, checkpoint or reference" in r.stderr
+    r = cli(*SELECT)
+    assert "0 computed, 12 reused" in _summary(r.stderr, "val.h5")
+    assert "0 computed, 30 reused" in _summary(r.stderr, "pool.h5")
 
 
 def test_a_damaged_checkpoint_is_an_error_as_before(cli, world):

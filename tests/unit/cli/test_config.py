@@ -74,7 +74,7 @@ def test_config_option_and_variable_name_a_file(cli, world, monkeypatch):
         ("[selekt]\nP = 2\n", 1, "[selekt] is not an alfk command"),
         ("[select\n", 1, "is not valid TOML"),
         ('[select]\nkernel = "bogus"\n', 2, "'bogus' is not one of"),
-        ('[labels.import]\nrelabel = "yes please"\n', 2, "relabel"),
+        ('[labels.import]\nrelabel = "yes please"\n', 1, "relabel must be true or false"),
     ],
 )
 def test_a_bad_options_file_is_one_clear_error(cli, world, text, code, says):

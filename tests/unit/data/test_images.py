@@ -6,10 +6,11 @@ import torch
 from PIL import Image
 
 from alfk_cli.data.decode import ImageDataset, load_image
+from alfk_cli.data.inputspec import InputSpec
 from alfk_cli.data.scan import align_classes, scan_images
 from alfk_cli.errors import AlfkError
 from alfk_cli.models.archs import ARCHITECTURES
-from conftest import make_labelled, write_images
+from conftest import fifo_deadline, make_labelled, write_images
 
 
 def test_labelled_folder_gives_sorted_classes_and_labels(tmp_path):
@@ -128,3 +129,78 @@ def test_scan_records_size_and_mtime_and_keeps_order_across_chunks(tmp_path, thr
     stats = [os.stat(tmp_path / p) for p in s.paths]
     np.testing.assert_array_equal(s.sizes, [x.st_size for x in stats])
     np.testing.assert_array_equal(s.mtimes, [x.st_mtime_ns for x in stats])
+
+
+# issue 19: decoding as the annotators see the files (alfk_cli/data/imagefile.py)
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight_bits_not_clipped_to_white(tmp_path):
+    rng = np.random.default_rng(1)
+    deep = rng.integers(0, 65536, (28, 28), dtype=np.uint16)
+    deep[0, :4] = [0, 255, 256, 65535]  # the edges: 255 is black-ish, 65535 white
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")  # really a 16-bit file
+    want = (deep.astype(np.int64) // 256).astype(np.uint8)  # the high byte
+    assert want[0, :4].tolist() == [0, 0, 1, 255]
+    grey = load_image(tmp_path / "deep.png", ARCHITECTURES["lenet"].input)
+    assert np.array_equal(grey[0].numpy(), want)
+    rgb = load_image(tmp_path / "deep.png", InputSpec(28, 3, (0.0,) * 3, (1.0,) * 3))
+    assert all(np.array_equal(rgb[c].numpy(), want) for c in range(3))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """Orientation 6: the stored pixels are to be turned 90° clockwise to be seen upright."""
+    raw = np.zeros((28, 28), np.uint8)
+    raw[2:8, 3:20] = 250  # a bar near the top: not symmetric under any rotation
+    raw[10:26, 22:25] = 120
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(raw).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    with Image.open(tmp_path / "phone.jpg") as im:
+        stored = np.asarray(im.convert("L"))  # as the sensor wrote it
+    upright = np.rot90(stored, k=-1)  # 90° clockwise
+    got = load_image(tmp_path / "phone.jpg", ARCHITECTURES["lenet"].input)[0].numpy()
+    assert np.array_equal(got, upright) and not np.array_equal(got, stored)
+
+
+def test_embed_config_names_the_decoding_rule():
+    from alfk_cli.data.imagefile import DECODE_VERSION
+    from alfk_cli.embed.options import EmbedOptions
+
+    assert DECODE_VERSION >= 2  # 1 was PIL's plain convert, before issue 19
+    options = EmbedOptions(taps=("conv1",), pseudo_label="true")
+    assert options.fingerprint_dict()["decode"] == DECODE_VERSION
+
+
+def test_an_animated_gif_gives_its_first_frame(tmp_path):
+    frames = [Image.new("L", (28, 28), v) for v in (40, 200, 90)]
+    frames[0].paste(255, (0, 0, 10, 10))
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    s = scan_images(tmp_path)
+    assert s.paths == ["anim.gif"] and not s.skipped
+    with Image.open(tmp_path / "anim.gif") as im:
+        assert im.n_frames == 3
+        first = np.asarray(im.convert("L"))
+    assert np.array_equal(
+        load_image(tmp_path / "anim.gif", ARCHITECTURES["lenet"].input)[0].numpy(), first
+    )
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_is_never_opened_for_reading(tmp_path):
+    """Listed by the scan without opening it; refused at decode time without waiting for a
+    writer (a file replaced by a FIFO after the scan)."""
+    from alfk_cli.data.imagefile import NotRegularFile
+
+    write_images(tmp_path, 1)
+    os.mkfifo(tmp_path / "x.png")
+
+    with fifo_deadline(20, tmp_path / "x.png"):
+        s = scan_images(tmp_path, verify=True)
+        assert s.paths == ["img0000.png"]
+        assert s.skipped == [("x.png", "not a regular file (a FIFO)")]
+        with pytest.raises(NotRegularFile, match="a FIFO"):
+            load_image(
+                tmp_path / "x.png", ARCHITECTURES["lenet"].input
+            )  # blocks without O_NONBLOCK

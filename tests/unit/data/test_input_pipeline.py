@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 import alfk_cli.data.decode as images_mod
-from alfk_cli.data.decode import MAX_AUTO_WORKERS, available_cores, loader_workers
+from alfk_cli.data.decode import MAX_AUTO_WORKERS, loader_workers
+from alfk_cli.data.scan import available_cores
 from alfk_cli.embed.job import embed_folder
 from alfk_cli.errors import AlfkError
 from alfk_cli.models.archs import build_model
@@ -43,7 +44,7 @@ def _count_opens(monkeypatch) -> Counter:
     real_open = Image.open
 
     def counting(fp, *a, **k):
-        opened[Path(fp).name] += 1
+        opened[Path(getattr(fp, "name", fp)).name] += 1  # a path, or a file opened by imagefile
         return real_open(fp, *a, **k)
 
     monkeypatch.setattr(Image, "open", counting)
@@ -97,7 +98,8 @@ def test_workers_default_to_the_available_cores(monkeypatch):
     assert loader_workers(None, 100) == 3
     assert loader_workers(None, 2) == 2  # no more than there are batches
     assert loader_workers(None, 1) == 0  # one batch: decoded in the main process
-    assert loader_workers(0, 100) == 0 and loader_workers(7, 1) == 7  # given: as given
+    assert loader_workers(0, 100) == 0 and loader_workers(7, 100) == 7  # given: as given,
+    assert loader_workers(7, 2) == 2 and loader_workers(1000, 1) == 1  # but at most the batches
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     assert loader_workers(None, 1000) == MAX_AUTO_WORKERS
     monkeypatch.delattr(os, "sched_getaffinity")

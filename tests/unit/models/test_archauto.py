@@ -60,7 +60,11 @@ def test_the_sample_is_spread_and_deterministic(tmp_path, monkeypatch):
     images = scan_images(tmp_path / "f")
     opened: list[str] = []
     real = Image.open
-    monkeypatch.setattr(Image, "open", lambda p, *a: opened.append(Path(p).name) or real(p, *a))
+
+    def name(p) -> str:  # a path, or a file opened by imagefile
+        return Path(getattr(p, "name", p)).name
+
+    monkeypatch.setattr(Image, "open", lambda p, *a: opened.append(name(p)) or real(p, *a))
     look(images)
     first = list(opened)
     assert len(first) == SAMPLE and first[0] == "img0000.png" and first[-1] == "img0096.png"

@@ -77,9 +77,11 @@ def test_train_checkpoint_reports_and_prints_nothing(tmp_path, capsys):
     assert [c[0] for c in sink.calls].count("update") == 2
     assert report.arch == "lenet" and report.classes == ["a", "b"] and report.config.epochs == 2
     info = load_checkpoint(tmp_path / "m.pt").info
+    # no "freeze" key when nothing is frozen: a checkpoint trained in full keeps its bytes
     assert list(info) == [
         "task", "data", "val", "init", "init_sha256", "epochs", "lr", "momentum",
-        "weight_decay", "batch_size", "seed", "balance", "best_epoch", "val_accuracy", "train_images",
+        "weight_decay", "batch_size", "seed", "balance", "best_epoch", "val_accuracy",
+        "train_images",
     ]  # fmt: skip
     assert info["init"] == str(init) and info["data"] == str(tmp_path / "data")
     assert info["best_epoch"] == report.result.best_epoch
