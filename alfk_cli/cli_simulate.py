@@ -148,13 +148,17 @@ def simulate(
         raise typer.BadParameter("seeds must be integers", param_hint="--seeds") from None
     check_seeds(seed_list)
     from alfk_cli.archauto import pick_arch
+    from alfk_cli.archs import AUTO
     from alfk_cli.imagescan import scan_images
 
-    arch, said = pick_arch(arch, scan_images(pool))  # auto: from the pool's images
+    if freeze != "none" and arch != AUTO:  # a usage error before any work
+        check_freeze(arch, freeze)
+    chosen, said = pick_arch(arch, scan_images(pool))  # auto: from the pool's images
     if said:
         say_note(quiet, said)
-    if freeze != "none":  # a usage error once the architecture is known, before any decoding
-        check_freeze(arch, freeze)
+    if freeze != "none" and arch == AUTO:  # once auto has chosen, before any decoding
+        check_freeze(chosen, freeze)
+    arch = chosen
     options = SimulateOptions(
         pool=pool, val=val, test=test, out=out,
         strategies=tuple(csv_list(strategies, "strategies")), rounds=rounds, P=P,
