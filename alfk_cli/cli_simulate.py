@@ -151,7 +151,7 @@ def simulate(
     from alfk_cli.archs import AUTO
     from alfk_cli.imagescan import scan_images
 
-    if freeze != "none" and arch != AUTO:  # a usage error before any work
+    if freeze != "none" and arch and arch != AUTO:  # a usage error before any work
         check_freeze(arch, freeze)
     chosen, said = pick_arch(arch, scan_images(pool))  # auto: from the pool's images
     if said:

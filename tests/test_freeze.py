@@ -63,8 +63,19 @@ def test_a_bad_freeze_name_is_a_one_line_usage_error_before_any_work(
     monkeypatch.chdir(tmp_path)  # nothing exists: any work would fail otherwise
     args = {
         "train": ["train", "--data", "d", "--val", "v", "--out", "m.pt", "--arch", "resnet10"],
-        "simulate": ["simulate", "--pool", "p", "--val", "v", "--test", "t", "--out", "o",
-                     "--arch", "resnet10"],  # explicit: --arch auto must scan the pool first
+        "simulate": [
+            "simulate",
+            "--pool",
+            "p",
+            "--val",
+            "v",
+            "--test",
+            "t",
+            "--out",
+            "o",
+            "--arch",
+            "resnet10",
+        ],  # explicit: --arch auto must scan the pool first
     }[command]
     r = cli(*args, "--freeze", "layer9")
     assert r.exit_code == 2, r.stderr
