@@ -78,10 +78,13 @@ def test_tasks_follow_the_format_and_match_the_txt_output(cli, world):
     assert all(t["data"]["alfk_center"].startswith("val/") for t in doc)  # fk has centres
     assert all(math.isfinite(t["data"]["alfk_score"]) for t in doc)  # fk's kernel score
     jsonl = [
-        json.loads(line) for line in cli(*SELECT, "--P", "5", "--no-ledger", "-f", "jsonl").stdout.splitlines()
+        json.loads(line)
+        for line in cli(*SELECT, "--P", "5", "--no-ledger", "-f", "jsonl").stdout.splitlines()
     ]
     assert [t["data"]["alfk_score"] for t in doc] == [row["score"] for row in jsonl]
-    assert cli(*SELECT, "--P", "5", "--no-ledger").stdout == txt.stdout  # the txt output is unchanged
+    assert (
+        cli(*SELECT, "--P", "5", "--no-ledger").stdout == txt.stdout
+    )  # the txt output is unchanged
 
 
 def test_scores_file_gives_the_same_tasks(cli, world):
