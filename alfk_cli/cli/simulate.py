@@ -149,19 +149,23 @@ def simulate(
     check_seeds(seed_list)
     from alfk_cli.data.scan import scan_images
     from alfk_cli.models.archauto import pick_arch
+    from alfk_cli.models.archs import AUTO
     from alfk_cli.simulate.results import earlier_config
     from alfk_cli.strategies.registry import make_strategy
 
+    if freeze != "none" and arch and arch != AUTO:  # a usage error before any work
+        check_freeze(arch, freeze)
     # a bad results folder or strategy fails before the pool is scanned (for --arch auto)
     earlier_config(out)
     names = tuple(csv_list(strategies, "strategies"))
     for name in names:
         make_strategy(name)
-    arch, said = pick_arch(arch, scan_images(pool))  # auto: from the pool's images
+    chosen, said = pick_arch(arch, scan_images(pool))  # auto: from the pool's images
     if said:
         say_note(quiet, said)
-    if freeze != "none":  # a usage error once the architecture is known, before any decoding
-        check_freeze(arch, freeze)
+    if freeze != "none" and arch == AUTO:  # once auto has chosen, before any decoding
+        check_freeze(chosen, freeze)
+    arch = chosen
     options = SimulateOptions(
         pool=pool, val=val, test=test, out=out,
         strategies=names, rounds=rounds, P=P,

@@ -103,21 +103,24 @@ def train(
     """Train the task model on labelled images; keep the epoch with the best validation accuracy."""
     from alfk_cli.cli.console import make_progress
     from alfk_cli.data.scan import scan_images
+    from alfk_cli.models.archs import AUTO
     from alfk_cli.train.jobs import TrainOptions, train_checkpoint
     from alfk_cli.util.devices import resolve_device
 
     outputs_ok(out, data, val)  # --init may be --out: it is read first, the output is atomic
     dev = resolve_device(device)
     start = _load_start(init, arch)
+    known = start.arch if start else (None if arch in (None, AUTO) else arch)
+    if freeze != "none" and known:  # a usage error before any work
+        say(quiet, f"frozen (not trained): {', '.join(check_freeze(known, freeze))}")
     # decode failures are listed when the images are decoded; --strict checks them first
     data_set = scan_images(data, strict=strict, verify=strict)
     val_set = scan_images(val, strict=strict, verify=strict)
     for found, folder in ((data_set, data), (val_set, val)):
         report_skipped(found.skipped, folder, quiet)
     chosen, why = _choose_arch(arch, start, data_set, quiet)
-    if freeze != "none":  # a usage error, before any image is decoded (auto chose the stages)
-        frozen = check_freeze(chosen, freeze)
-        say(quiet, f"frozen (not trained): {', '.join(frozen)}")
+    if freeze != "none" and not known:  # --arch auto: a usage error once it has chosen
+        say(quiet, f"frozen (not trained): {', '.join(check_freeze(chosen, freeze))}")
     options = TrainOptions(
         arch=chosen, arch_auto=why, epochs=epochs, lr=lr, momentum=momentum,
         weight_decay=weight_decay, batch_size=batch_size, seed=seed, workers=workers,

@@ -124,7 +124,9 @@ def test_torchrun_embed_and_score_equal_one_process(world: Path, cli, monkeypatc
         r"pool\.h5: 30 images \((\d+) computed, 0 reused, (\d+) resumed\)", resumed.stderr
     )
     assert summary is not None, resumed.stderr
-    assert int(summary[2]) >= 16 and int(summary[1]) + int(summary[2]) == 31 - 1
+    # how far rank 0 got before torchrun stopped it depends on the machine's load: some rows
+    # were resumed, and together with the computed ones they are every good image, once
+    assert int(summary[2]) >= 1 and int(summary[1]) + int(summary[2]) == 31 - 1
     assert "img0026b.png" in resumed.stderr
     assert sorted(p.name for p in two.iterdir()) == ["pool.h5", "val.h5"]  # no partial, no shard
 

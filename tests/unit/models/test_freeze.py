@@ -64,7 +64,19 @@ def test_a_bad_freeze_name_is_a_one_line_usage_error_before_any_work(
     monkeypatch.chdir(tmp_path)  # nothing exists: any work would fail otherwise
     args = {
         "train": ["train", "--data", "d", "--val", "v", "--out", "m.pt", "--arch", "resnet10"],
-        "simulate": ["simulate", "--pool", "p", "--val", "v", "--test", "t", "--out", "o"],
+        "simulate": [
+            "simulate",
+            "--pool",
+            "p",
+            "--val",
+            "v",
+            "--test",
+            "t",
+            "--out",
+            "o",
+            "--arch",
+            "resnet10",
+        ],  # explicit: --arch auto must scan the pool first
     }[command]
     r = cli(*args, "--freeze", "layer9")
     assert r.exit_code == 2, r.stderr
@@ -226,3 +238,14 @@ def test_simulate_freeze_backbone_is_reproducible_and_never_moves_the_backbone(c
     (tmp_path / "a" / "runs" / "badge" / "1" / "round_2.json").unlink()
     again = _simulate(colour, tmp_path / "a")
     assert [{k: v for k, v in r.items() if k not in timing} for r in again] == rows[0]
+
+
+def test_a_bad_freeze_name_under_arch_auto_is_a_usage_error_once_it_has_chosen(
+    cli, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    make_labelled(Path("data"), CLASSES, 2)
+    make_labelled(Path("val"), CLASSES, 2, prefix="v")
+    r = cli("train", "--data", "data", "--val", "val", "--out", "m.pt", "--freeze", "layer9")
+    assert r.exit_code == 2 and "'layer9' is not a stage" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not Path("m.pt").exists()
