@@ -260,20 +260,7 @@ def test_unchanged_embed_leaves_the_store_untouched(cli, world):
 
 
 def test_scores_are_cached_until_an_input_changes(cli, world):
-    args = [
-        "select",
-        "--val",
-        "val",
-        "--pool",
-        "pool",
-        "--P",
-        "5",
-        "--model",
-        "init.pt",
-        "--device",
-        "cpu",
-        "--no-ledger",  # looks: a recorded run would leave the last one's images out
-    ]
+    args = [*SELECT_5, "--no-ledger"]  # looks: a recorded run would leave the last one's out
     assert cli(*args).exit_code == 0
     scores = world / ".alfk" / "pool" / "scores.h5"
     before = scores.stat().st_mtime_ns
